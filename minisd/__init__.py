@@ -1,0 +1,38 @@
+"""minisd: Stable Diffusion in plain NumPy / CuPy array code.
+
+Public names (see DESIGN.md): StableDiffusion, UNet2DConditionModel, UNet2DModel, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer, trace, MinisdError. Components are imported on first use so that
+``import minisd`` stays fast.
+"""
+
+from importlib import import_module
+
+from .errors import ConfigError, InputError, MinisdError, WeightsError
+from .trace import trace
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "StableDiffusion": "pipeline",
+    "UNet2DConditionModel": "unet",
+    "UNet2DModel": "unet2d",
+    "AutoencoderKL": "vae",
+    "CLIPTextModel": "clip",
+    "CLIPTokenizer": "tokenizer",
+}
+
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "MinisdError",
+    "WeightsError",
+    "trace",
+    "__version__",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'minisd' has no attribute {name!r}")

@@ -1,0 +1,258 @@
+"""Core array operations, written once for NumPy and CuPy.
+
+Every function takes arrays in PyTorch layouts (activations NCHW, Linear weights (out, in), conv
+weights (out, in, kh, kw)) and returns an array of the input's dtype: there are no silent float64
+upcasts. Where a statistic must be accumulated at higher precision (float16 inputs), it is said.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import array_module
+
+# --------------------------------------------------------------------------- linear / conv
+
+
+def linear(x, w, b=None):
+    """y = x W^T + b.  x (..., in), w (out, in), b (out,) -> (..., out)."""
+    y = x @ w.T  # (..., out)
+    if b is not None:
+        y += b
+    return y
+
+
+def _pads(padding):
+    """padding: int, (ph, pw) or (top, bottom, left, right)."""
+    if isinstance(padding, int):
+        return padding, padding, padding, padding
+    if len(padding) == 2:
+        return padding[0], padding[0], padding[1], padding[1]
+    return tuple(padding)
+
+
+def conv2d(x, w, b=None, *, stride=1, padding=0):
+    """2-D cross-correlation as torch.nn.functional.conv2d (groups=1, dilation=1).
+
+    x (N, Cin, H, W), w (Cout, Cin, kh, kw) -> (N, Cout, Ho, Wo). Built on GEMM: the input is
+    put channels-last once, then each of the kh*kw kernel taps is one (NHoWo, Cin) @ (Cin, Cout)
+    product accumulated into the output. A 1x1 stride-1 conv is a single GEMM.
+    """
+    xp = array_module(x)
+    n, cin, h, wd = x.shape
+    cout, cin_w, kh, kw = w.shape
+    if cin_w != cin:
+        raise ValueError(f"conv2d: input has {cin} channels, weight expects {cin_w}")
+    top, bottom, left, right = _pads(padding)
+    ho = (h + top + bottom - kh) // stride + 1
+    wo = (wd + left + right - kw) // stride + 1
+    if kh == kw == 1 and stride == 1 and not any((top, bottom, left, right)):
+        y = w.reshape(cout, cin) @ x.reshape(n, cin, h * wd)  # (N, Cout, HW)
+        y = y.reshape(n, cout, h, wd)  # (N, Cout, H, W)
+    else:
+        xh = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (N, H, W, Cin)
+        if top or bottom or left or right:
+            xh = xp.pad(xh, ((0, 0), (top, bottom), (left, right), (0, 0)))  # (N, Hp, Wp, Cin)
+        wt = w.transpose(2, 3, 1, 0)  # (kh, kw, Cin, Cout)
+        acc = None
+        for i in range(kh):
+            for j in range(kw):
+                tap = xh[
+                    :,
+                    i : i + stride * (ho - 1) + 1 : stride,
+                    j : j + stride * (wo - 1) + 1 : stride,
+                ]
+                part = tap.reshape(n * ho * wo, cin) @ wt[i, j]  # (N*Ho*Wo, Cout)
+                if acc is None:
+                    acc = part
+                else:
+                    acc += part
+        y = acc.reshape(n, ho, wo, cout).transpose(0, 3, 1, 2)  # (N, Cout, Ho, Wo)
+    if b is not None:
+        y = y + b.reshape(1, cout, 1, 1)
+    return xp.ascontiguousarray(y)
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def _stat_dtype(x):
+    """Statistics of float16 activations are accumulated in float32."""
+    return np.float32 if x.dtype == np.float16 else x.dtype
+
+
+def group_norm(x, w, b, *, groups, eps):
+    """GroupNorm (Wu & He 2018). x (N, C, *spatial); statistics over each group of C/groups
+    channels and all spatial positions; biased variance, as torch."""
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, -1).astype(_stat_dtype(x), copy=False)  # (N, G, C/G * HW)
+    mean = xg.mean(axis=-1, keepdims=True)  # (N, G, 1)
+    xc = xg - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (N, G, 1)
+    y = (xc / (var + eps) ** 0.5).astype(x.dtype, copy=False).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    return y * w.reshape(shape) + b.reshape(shape)
+
+
+def layer_norm(x, w, b, *, eps):
+    """LayerNorm over the last axis (Ba et al. 2016). x (..., D)."""
+    xs = x.astype(_stat_dtype(x), copy=False)
+    mean = xs.mean(axis=-1, keepdims=True)
+    xc = xs - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    y = (xc / (var + eps) ** 0.5).astype(x.dtype, copy=False)
+    return y * w + b
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def silu(x):
+    """x * sigmoid(x), written so exp never overflows."""
+    xp = array_module(x)
+    return x * _sigmoid(xp, x)
+
+
+def _sigmoid(xp, x):
+    e = xp.exp(-xp.abs(x))  # in (0, 1]
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def quick_gelu(x):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    xp = array_module(x)
+    return x * _sigmoid(xp, x * x.dtype.type(1.702))
+
+
+def gelu(x):
+    """Exact GELU, x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016)."""
+    return x * (0.5 * (1 + erf(x * x.dtype.type(1 / math.sqrt(2)))))
+
+
+def erf(x):
+    """Error function. float64 is accurate to a few ulp; float16/32 to ~1.5e-7 absolute.
+
+    float64: |x| < 1.5 sums the Maclaurin series 2/sqrt(pi) sum_n (-1)^n x^(2n+1) / (n! (2n+1));
+    |x| >= 1.5 uses the continued fraction of erfc (Abramowitz & Stegun 7.1.14),
+        erfc(x) = exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))),
+    evaluated bottom-up from depth 120 (converged to round-off for x >= 1.5).
+    float16/32: Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7, evaluated in the input dtype.
+    """
+    xp = array_module(x)
+    if x.dtype != np.float64:
+        return _erf_as7126(xp, x)
+    a = xp.abs(x)
+    small = xp.minimum(a, 1.5)
+    x2 = small * small
+    term = small.copy()
+    total = small.copy()
+    for n in range(1, 40):  # 1.5^(2n+1)/n! < 1e-17 beyond n = 40
+        term *= -x2 / n
+        total += term / (2 * n + 1)
+    series = (2 / math.sqrt(math.pi)) * total
+    big = xp.maximum(a, 1.5)
+    frac = xp.zeros_like(big)
+    for k in range(120, 0, -1):
+        frac = (k / 2) / (big + frac)
+    cf = 1 - xp.exp(-big * big) / (math.sqrt(math.pi) * (big + frac))
+    return xp.sign(x) * xp.where(a < 1.5, series, cf)
+
+
+_AS7126 = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
+
+
+def _erf_as7126(xp, x):
+    """erf(x) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-x^2), t = 1/(1 + p|x|)."""
+    one = x.dtype.type(1)
+    a = xp.abs(x)
+    t = one / (one + x.dtype.type(0.3275911) * a)
+    poly = xp.full_like(t, x.dtype.type(_AS7126[0]))
+    for c in _AS7126[1:]:
+        poly = poly * t + x.dtype.type(c)
+    y = one - poly * t * xp.exp(-(a * a))
+    return xp.copysign(y, x)
+
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax: exp(x - max) / sum."""
+    xp = array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(q, k, v, *, scale=None, chunk_size=None, upcast=False, mask=None):
+    """Scaled dot-product attention, softmax(q k^T * scale + mask) v (Vaswani et al. 2017).
+
+    q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv). ``mask`` is additive,
+    broadcastable to (B, H, Lq, Lk). Queries are processed ``chunk_size`` rows at a time so the
+    score tensor never exceeds (B, H, chunk_size, Lk). ``upcast``: scores and softmax in float32
+    for float16 inputs (diffusers' ``upcast_attention`` / ``upcast_softmax``).
+    """
+    xp = array_module(q)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    lq = q.shape[2]
+    step = lq if not chunk_size else int(chunk_size)
+    out = xp.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)  # (B, H, Lq, Dv)
+    acc = np.float32 if (upcast or q.dtype == np.float16) else q.dtype
+    kt = k.swapaxes(-1, -2).astype(acc, copy=False)  # (B, H, D, Lk)
+    for s in range(0, lq, step):
+        qs = q[:, :, s : s + step].astype(acc, copy=False)
+        scores = qs @ kt  # (B, H, chunk, Lk)
+        scores *= scores.dtype.type(scale)
+        if mask is not None:
+            m = mask if mask.shape[-2] == 1 else mask[..., s : s + step, :]
+            scores += m
+        probs = softmax(scores, axis=-1).astype(v.dtype, copy=False)
+        out[:, :, s : s + step] = probs @ v  # (B, H, chunk, Dv)
+    return out
+
+
+# --------------------------------------------------------------------------- resampling / time
+
+
+def upsample_nearest2x(x):
+    """Nearest-neighbour 2x upsampling. (N, C, H, W) -> (N, C, 2H, 2W)."""
+    xp = array_module(x)
+    n, c, h, w = x.shape
+    y = xp.broadcast_to(x[:, :, :, None, :, None], (n, c, h, 2, w, 2))  # (N, C, H, 2, W, 2)
+    return xp.ascontiguousarray(y).reshape(n, c, 2 * h, 2 * w)  # (N, C, 2H, 2W)
+
+
+def timestep_embedding(
+    timesteps,
+    dim,
+    *,
+    flip_sin_to_cos=False,
+    downscale_freq_shift=1.0,
+    scale=1.0,
+    max_period=10000,
+):
+    """Sinusoidal timestep embedding (Ho et al. 2020; Vaswani et al. 2017), as diffusers'
+    ``get_timestep_embedding``. timesteps (N,) -> (N, dim), always float32.
+
+    Precision island: diffusers computes this in float32 whatever the model dtype, so we do too
+    (frequencies, products and sin/cos in float32); callers cast the result to the model dtype.
+    sin/cos are evaluated in float64 and rounded, i.e. correctly rounded float32; torch's
+    vectorized float32 sin/cos differ from that by at most 1 ulp on some entries.
+    """
+    xp = array_module(timesteps)
+    half = dim // 2
+    exponent = (-math.log(max_period)) * xp.arange(half, dtype=np.float32)  # (half,)
+    exponent = exponent / np.float32(half - downscale_freq_shift)
+    freqs = xp.exp(exponent.astype(np.float64)).astype(np.float32)  # (half,)
+    args = timesteps.astype(np.float32)[:, None] * freqs[None, :]  # (N, half)
+    args = np.float32(scale) * args
+    a64 = args.astype(np.float64)
+    sin = xp.sin(a64).astype(np.float32)
+    cos = xp.cos(a64).astype(np.float32)
+    emb = xp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)  # (N, 2*half)
+    if dim % 2:
+        emb = xp.pad(emb, ((0, 0), (0, 1)))  # (N, dim)
+    return emb

@@ -1,0 +1,279 @@
+"""Safetensors weights: a validating, memory-mapped reader and writer; nested parameter dicts.
+
+The safetensors layout (https://github.com/huggingface/safetensors): an 8-byte little-endian
+header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, ...}``,
+then the raw little-endian tensor bytes. Offsets are relative to the end of the header.
+Nothing here ever unpickles: ``.ckpt`` / ``.pt`` / ``.bin`` files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .backend import get_xp, resolve_dtype
+from .errors import WeightsError
+
+# safetensors dtype tag -> (numpy dtype used to read the bytes, bytes per element)
+DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # no numpy bf16: read as uint16, widened to float32 on load
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+NP_TO_TAG = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def refuse_pickle(path) -> None:
+    """Raise for pickle-based checkpoints, which can run arbitrary code when loaded."""
+    if str(path).endswith(PICKLE_SUFFIXES):
+        raise WeightsError(
+            f"{path}: pickle checkpoints (.ckpt/.pt/.bin) are never loaded, since unpickling can "
+            "run arbitrary code. Convert it once, in an environment you trust, e.g. "
+            "`python -c \"import torch, safetensors.torch as st; sd = torch.load('in.ckpt', "
+            "weights_only=True)['state_dict']; st.save_file({k: v.contiguous() for k, v in "
+            "sd.items()}, 'out.safetensors')\"`, then load the .safetensors file."
+        )
+
+
+def read_header(path):
+    """Validate and return ``(tensors, metadata, data_start, file_size)`` of a safetensors file.
+
+    tensors: {name: (tag, shape, begin, end)} with absolute byte offsets.
+    """
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    size = path.stat().st_size
+    if size < 8:
+        raise WeightsError(f"{path}: file is empty or truncated ({size} bytes)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER or 8 + n > size:
+            raise WeightsError(f"{path}: header length {n} is beyond the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    tensors = {name: _check_entry(path, name, e, start, size) for name, e in header.items()}
+    _check_overlaps(path, tensors)
+    return tensors, meta, start, size
+
+
+def _check_entry(path, name, e, start, size):
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+        raise WeightsError(f"{path}: key {name!r}: entry needs dtype, shape and data_offsets")
+    tag, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+    if tag not in DTYPES:
+        raise WeightsError(f"{path}: key {name!r}: unsupported dtype {tag!r}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+        raise WeightsError(f"{path}: key {name!r}: data_offsets must be two integers")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise WeightsError(f"{path}: key {name!r}: bad shape {shape}")
+    begin, end = start + offs[0], start + offs[1]
+    if offs[0] < 0 or end < begin or end > size:
+        raise WeightsError(
+            f"{path}: key {name!r}: data offsets {offs} lie outside the file "
+            f"(data section is {size - start} bytes; the file may be truncated)"
+        )
+    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[tag].itemsize
+    if nbytes != end - begin:
+        raise WeightsError(
+            f"{path}: key {name!r}: shape {shape} x {tag} needs {nbytes} bytes, "
+            f"offsets give {end - begin}"
+        )
+    return tag, tuple(shape), begin, end
+
+
+def _check_overlaps(path, tensors):
+    spans = sorted((b, e, k) for k, (_, _, b, e) in tensors.items() if e > b)
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise WeightsError(f"{path}: tensors {k0!r} and {k1!r} overlap in the file")
+
+
+def load_file(path, *, dtype=None, device="cpu", keys=None):
+    """Read a safetensors file into a flat ``{name: array}`` dict.
+
+    On the CPU without a dtype change, arrays are read-only memory-mapped views (no copy until
+    used). bf16 is widened to float32. ``dtype`` casts floating tensors (e.g. "float64").
+    """
+    tensors, _, _, _ = read_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    target = resolve_dtype(dtype) if dtype is not None else None
+    xp = get_xp(device)
+    out = {}
+    for name in tensors if keys is None else keys:
+        if name not in tensors:
+            raise WeightsError(f"{path}: missing key {name!r}")
+        tag, shape, begin, end = tensors[name]
+        arr = mm[begin:end].view(DTYPES[tag]).reshape(shape)
+        if tag == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        if target is not None and arr.dtype.kind == "f" and arr.dtype != target:
+            arr = arr.astype(target)
+        out[name] = arr if xp is np else xp.asarray(arr)
+    return out
+
+
+def save_file(flat, path, metadata=None) -> None:
+    """Write ``{name: array}`` as safetensors, atomically (temp name, then rename).
+
+    Arrays whose dtype is a structured ``bf16`` marker are not supported; float64/32/16 and ints
+    are written as themselves.
+    """
+    path = Path(path)
+    header, offset = {}, 0
+    arrays = {}
+    for name in sorted(flat):
+        a = np.ascontiguousarray(np.asarray(flat[name]))
+        tag = NP_TO_TAG.get(a.dtype.name)
+        if tag is None:
+            raise WeightsError(f"{path}: key {name!r}: cannot write dtype {a.dtype}")
+        header[name] = {
+            "dtype": tag,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+        arrays[name] = a
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep data 8-byte aligned, as the reference writer does
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in sorted(arrays):
+            f.write(arrays[name].astype(arrays[name].dtype.newbyteorder("<"), copy=False).data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- nested params
+
+
+def nest(flat):
+    """``{"a.0.b": x}`` -> ``{"a": {0: {"b": x}}}``; digit segments become int keys."""
+    root = {}
+    for name, value in flat.items():
+        node = root
+        parts = [int(p) if p.isdigit() else p for p in name.split(".")]
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return root
+
+
+def flatten(nested, prefix=""):
+    """Inverse of :func:`nest`."""
+    out = {}
+    for k, v in nested.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+class RecordingDict(dict):
+    """A nested params dict that records the full name of every leaf read through it.
+
+    Used by tests to prove every checkpoint key is used by a forward pass.
+    """
+
+    def __init__(self, data, reads=None, prefix=""):
+        super().__init__(data)
+        self.reads = set() if reads is None else reads
+        self.prefix = prefix
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        name = f"{self.prefix}{key}"
+        if isinstance(value, dict):
+            return RecordingDict(value, self.reads, name + ".")
+        self.reads.add(name)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def check_keys(flat, expected, source):
+    """Compare loaded keys/shapes with ``expected`` {name: shape}; raise naming the first problem."""
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        raise WeightsError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
+    unexpected = sorted(set(flat) - set(expected))
+    if unexpected:
+        raise WeightsError(
+            f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)"
+        )
+    for name, shape in expected.items():
+        if tuple(flat[name].shape) != tuple(shape):
+            raise WeightsError(
+                f"{source}: key {name!r} has shape {tuple(flat[name].shape)}, "
+                f"expected {tuple(shape)}"
+            )
+
+
+def find_weights(folder, names=("diffusion_pytorch_model.safetensors", "model.safetensors")):
+    """The weights file in a diffusers/transformers component folder (fp16 variants allowed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: no such model folder")
+    for name in names:
+        stem = name[: -len(".safetensors")]
+        for cand in (name, f"{stem}.fp16.safetensors"):
+            if (folder / cand).is_file():
+                return folder / cand
+    pickles = [p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        refuse_pickle(folder / pickles[0])
+    raise WeightsError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+def read_config(path):
+    """Read a JSON config file, with errors that name it."""
+    path = Path(path)
+    from .errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_params(path, *, dtype=None, device="cpu"):
+    """Nested params from a safetensors file (see :func:`nest`)."""
+    return nest(load_file(path, dtype=dtype, device=device))

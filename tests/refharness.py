@@ -1,0 +1,149 @@
+"""Reference harness: helpers to compare minisd against diffusers / transformers.
+
+Import torch / diffusers / transformers only through :func:`need`, which skips the test when
+they are missing, or fails it when ``MINISD_REQUIRE_REFERENCE=1`` (as CI sets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+REQUIRE = os.environ.get("MINISD_REQUIRE_REFERENCE") == "1"
+# Relative error bounds of the project (DESIGN.md): max |ours - ref| / max |ref|.
+TOL = {"float64": 1e-10, "float32": 1e-4}
+OP_TOL = {"float64": 1e-12, "float32": 1e-5}  # single ops are held tighter
+
+
+def need(*names):
+    """Import reference packages; skip (or fail in CI) when one is missing."""
+    mods = []
+    for name in names:
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError as e:
+            msg = f"reference package {name!r} is not installed ({e})"
+            if REQUIRE:
+                pytest.fail(msg + " and MINISD_REQUIRE_REFERENCE=1", pytrace=False)
+            pytest.skip(msg)
+    if "torch" in names:
+        mods[names.index("torch")].set_num_threads(max(1, os.cpu_count() or 1))
+    return mods[0] if len(mods) == 1 else mods
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref|, computed in float64 on the CPU."""
+    from minisd.backend import to_numpy
+
+    a = to_numpy(ours).astype(np.float64)
+    b = to_numpy(ref).astype(np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != reference shape {b.shape}"
+    scale = np.abs(b).max()
+    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
+
+
+def assert_rel(ours, ref, tol, what=""):
+    err = rel_err(ours, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+    return err
+
+
+def compare_traces(ours: dict, ref: dict, tol: float, names=None):
+    """Compare named activations in reference (module) order; report the first divergence."""
+    names = list(ref) if names is None else list(names)
+    missing = [n for n in names if n not in ours]
+    assert not missing, f"minisd did not record {missing[:5]} ({len(missing)} missing)"
+    errs = {n: rel_err(ours[n], ref[n]) for n in names}
+    bad = [n for n in names if not errs[n] <= tol]
+    assert not bad, (
+        f"first diverging layer: {bad[0]} (rel. error {errs[bad[0]]:.3e} > {tol:.0e}); "
+        f"{len(bad)} of {len(names)} layers over the bound"
+    )
+    return errs
+
+
+def torch_dtype(name):
+    torch = need("torch")
+    return {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}[name]
+
+
+def to_torch(a, dtype=None):
+    torch = need("torch")
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if dtype is None else t.to(torch_dtype(dtype) if isinstance(dtype, str) else dtype)
+
+
+def to_np(t):
+    return t.detach().cpu().numpy()
+
+
+def randomize_(module, seed=0):
+    """Give every floating parameter and buffer of a torch module a random value.
+
+    Matrices/kernels: N(0, 1/fan_in); 1-D scales named ``weight`` (norms): U(0.5, 1.5);
+    other 1-D tensors (biases): N(0, 0.1^2). Nothing keeps its default 1 or 0, so a swapped or
+    missing scale/bias shows up in the comparison.
+    """
+    torch = need("torch")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if not p.is_floating_point():
+                continue
+            if p.ndim >= 2:
+                fan_in = max(1, p[0].numel())
+                v = torch.randn(p.shape, generator=g, dtype=torch.float64) / fan_in**0.5
+            elif name.endswith("weight"):
+                v = 0.5 + torch.rand(p.shape, generator=g, dtype=torch.float64)
+            else:
+                v = 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.copy_(v.to(p.dtype))
+    return module
+
+
+def _first_tensor(out):
+    torch = need("torch")
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+        return None
+    if hasattr(out, "to_tuple"):  # diffusers / transformers ModelOutput
+        return _first_tensor(out.to_tuple())
+    return None
+
+
+@contextlib.contextmanager
+def collect_outputs(module, names=None):
+    """Forward hooks on every named submodule; yields {name: numpy output} (first tensor)."""
+    acts = {}
+    keep = None if names is None else set(names)
+    handles = []
+    for name, sub in module.named_modules():
+        if not name or (keep is not None and name not in keep):
+            continue
+
+        def hook(_m, _inp, out, name=name):
+            t = _first_tensor(out)
+            if t is not None:
+                acts[name] = to_np(t).copy()
+
+        handles.append(sub.register_forward_hook(hook))
+    try:
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def save_pretrained(model, folder):
+    """Save a diffusers / transformers model as safetensors (config.json + weights)."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
