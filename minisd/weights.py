@@ -114,7 +114,7 @@ def _check_entry(path, name, e, start, size):
 
 def _check_overlaps(path, tensors):
     spans = sorted((b, e, k) for k, (_, _, b, e) in tensors.items() if e > b)
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise WeightsError(f"{path}: tensors {k0!r} and {k1!r} overlap in the file")
 
@@ -228,7 +228,7 @@ class RecordingDict(dict):
 
 
 def check_keys(flat, expected, source):
-    """Compare loaded keys/shapes with ``expected`` {name: shape}; raise naming the first problem."""
+    """Compare loaded keys/shapes with ``expected`` {name: shape}; raise on the first problem."""
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise WeightsError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
