@@ -8,7 +8,7 @@ CLIPTextModel, CLIPTokenizer, trace, MinisdError. Components are imported on fir
 from importlib import import_module
 
 from .errors import ConfigError, InputError, MinisdError, WeightsError
-from .trace import trace
+from . import trace  # a callable module: `with minisd.trace() as acts:`
 
 __version__ = "0.1.0"
 

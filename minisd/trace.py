@@ -12,6 +12,8 @@ active, ``record`` is a single attribute check and ``scope`` a shared no-op cont
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 
 _state = {"acts": None, "prefix": [], "filter": None, "copy": True}
 _NULL = contextlib.nullcontext()
@@ -69,3 +71,14 @@ def scope(prefix):
     if _state["acts"] is None:
         return _NULL
     return _push(prefix)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``minisd.trace`` be this module (``trace.record``, ``trace.scope``) and also the
+    context manager itself (``with minisd.trace() as acts``)."""
+
+    def __call__(self, names=None, *, copy=True):
+        return trace(names, copy=copy)
+
+
+sys.modules[__name__].__class__ = _CallableModule
