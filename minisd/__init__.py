@@ -7,8 +7,8 @@ CLIPTextModel, CLIPTokenizer, trace, MinisdError. Components are imported on fir
 
 from importlib import import_module
 
-from .errors import ConfigError, InputError, MinisdError, WeightsError
 from . import trace  # a callable module: `with minisd.trace() as acts:`
+from .errors import ConfigError, InputError, MinisdError, WeightsError
 
 __version__ = "0.1.0"
 
