@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
+from . import ops, trace
 from .backend import array_module
 
 
@@ -26,6 +26,11 @@ def lin(x, p):
 def gn(x, p, *, groups, eps):
     """A GroupNorm module's forward."""
     return ops.group_norm(x, p["weight"], p["bias"], groups=groups, eps=eps)
+
+
+# Submodule outputs are recorded for minisd.trace() under their diffusers names ("norm1",
+# "to_q", ...), relative to the scope the caller opened; free when no trace is active.
+_rec = trace.record
 
 
 def ln(x, p, *, eps=1e-5):
@@ -53,21 +58,23 @@ def resnet_block(
     x (N, Cin, H, W), temb (N, T) or None -> (N, Cout, H, W).
     """
     groups_out = groups if groups_out is None else groups_out
-    h = conv(ops.silu(gn(x, p["norm1"], groups=groups, eps=eps)), p["conv1"], padding=1)
+    h = _rec("norm1", gn(x, p["norm1"], groups=groups, eps=eps))
+    h = _rec("conv1", conv(ops.silu(h), p["conv1"], padding=1))  # (N, Cout, H, W)
     t = None
     if temb is not None and "time_emb_proj" in p:
-        t = lin(ops.silu(temb), p["time_emb_proj"])[:, :, None, None]  # (N, Cout or 2Cout, 1, 1)
+        t = _rec("time_emb_proj", lin(ops.silu(temb), p["time_emb_proj"]))  # (N, Cout or 2Cout)
+        t = t[:, :, None, None]  # (N, Cout or 2Cout, 1, 1)
     if time_norm == "scale_shift":
         c = h.shape[1]
-        h = gn(h, p["norm2"], groups=groups_out, eps=eps)
+        h = _rec("norm2", gn(h, p["norm2"], groups=groups_out, eps=eps))
         h = h * (1 + t[:, :c]) + t[:, c:]
     else:
         if t is not None:
             h = h + t
-        h = gn(h, p["norm2"], groups=groups_out, eps=eps)
-    h = conv(ops.silu(h), p["conv2"], padding=1)  # (N, Cout, H, W)
+        h = _rec("norm2", gn(h, p["norm2"], groups=groups_out, eps=eps))
+    h = _rec("conv2", conv(ops.silu(h), p["conv2"], padding=1))  # (N, Cout, H, W)
     if "conv_shortcut" in p:
-        x = conv(x, p["conv_shortcut"])  # (N, Cout, H, W)
+        x = _rec("conv_shortcut", conv(x, p["conv_shortcut"]))  # (N, Cout, H, W)
     out = x + h
     if output_scale_factor != 1.0:
         out = out / output_scale_factor
@@ -86,7 +93,7 @@ def downsample(x, p, *, padding=1):
             .mean(axis=(3, 5))
         )  # (N, C, H/2, W/2)
     pad = (0, 1, 0, 1) if padding == 0 else padding
-    return conv(x, p["conv"], stride=2, padding=pad)  # (N, C', Ho, Wo)
+    return _rec("conv", conv(x, p["conv"], stride=2, padding=pad))  # (N, C', Ho, Wo)
 
 
 def upsample_nearest(x, size=None):
@@ -106,7 +113,7 @@ def upsample(x, p, *, size=None):
     """diffusers' Upsample2D: nearest 2x (or to ``size``), then a 3x3 conv if present."""
     x = upsample_nearest(x, size)  # (N, C, 2H, 2W)
     if p is not None and "conv" in p:
-        x = conv(x, p["conv"], padding=1)
+        x = _rec("conv", conv(x, p["conv"], padding=1))
     return x
 
 
@@ -137,11 +144,12 @@ def attention(
         x = x.reshape(b, c, h * w).swapaxes(1, 2)  # (B, HW, C)
     inp = x
     if groups is not None:
-        x = gn(x.swapaxes(1, 2), p["group_norm"], groups=groups, eps=eps).swapaxes(1, 2)
+        x = _rec("group_norm", gn(x.swapaxes(1, 2), p["group_norm"], groups=groups, eps=eps))
+        x = x.swapaxes(1, 2)  # (B, HW, C)
     ctx = x if context is None else context
-    q = lin(x, p["to_q"])  # (B, L, inner)
-    k = lin(ctx, p["to_k"])  # (B, Lk, inner)
-    v = lin(ctx, p["to_v"])  # (B, Lk, inner)
+    q = _rec("to_q", lin(x, p["to_q"]))  # (B, L, inner)
+    k = _rec("to_k", lin(ctx, p["to_k"]))  # (B, Lk, inner)
+    v = _rec("to_v", lin(ctx, p["to_v"]))  # (B, Lk, inner)
     bsz, lq, inner = q.shape
     d = inner // heads
     q = q.reshape(bsz, lq, heads, d).swapaxes(1, 2)  # (B, heads, L, d)
@@ -149,7 +157,7 @@ def attention(
     v = v.reshape(bsz, -1, heads, d).swapaxes(1, 2)  # (B, heads, Lk, d)
     o = ops.attention(q, k, v, chunk_size=chunk_size, upcast=upcast, mask=mask)
     o = o.swapaxes(1, 2).reshape(bsz, lq, inner)  # (B, L, inner)
-    out = lin(o, p["to_out"][0])  # (B, L, C)
+    out = _rec("to_out.0", lin(o, p["to_out"][0]))  # (B, L, C)
     if image:
         out = out.swapaxes(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
         inp = inp.swapaxes(1, 2).reshape(b, c, h, w)
