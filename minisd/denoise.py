@@ -1,0 +1,196 @@
+"""The denoising run behind StableDiffusion.__call__: prepare latents, then the sampling loop.
+
+Each branch mirrors the matching diffusers pipeline, including where it draws random numbers:
+- txt2img: latents ~ N(0, I) * init_noise_sigma                        (1 draw)
+- img2img: z0 = VAE posterior sample (draw 1); z_t = add_noise(z0, eps, t_start) (draw 2)
+- inpaint: image latents (draw 1, when needed), noise (draw 2), masked-image latents (draw 3)
+then one draw per step for stochastic samplers (DDPM, DDIM with eta > 0, Euler ancestral).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from tqdm.auto import tqdm
+
+from . import image as imageproc
+from .blocks import upsample_nearest
+from .pipeline_steps import (
+    draw,
+    encode_image_latents,
+    encode_prompt,
+    guide,
+    img2img_timesteps,
+    tile_to,
+)
+
+
+def run(
+    pipe,
+    *,
+    prompts,
+    negative,
+    steps,
+    guidance_scale,
+    height,
+    width,
+    scheduler,
+    nipp,
+    latents,
+    image,
+    strength,
+    mask_image,
+    clip_skip,
+    eta,
+    callback,
+    rng,
+    progress,
+):
+    cfg = guidance_scale > 1.0
+    ctx = encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip)  # (2B or B, 77, D)
+    sched = pipe.make_scheduler(scheduler)
+    sched.set_timesteps(steps)
+    f = pipe.vae_scale_factor
+    batch = len(prompts) * nipp
+    shape = (batch, pipe.vae.config.latent_channels, height // f, width // f)
+    state = {"timesteps": sched.timesteps}
+    if image is None:
+        lat = _txt2img_latents(pipe, sched, shape, latents, rng)
+    elif mask_image is None:
+        lat = _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng)
+    else:
+        lat = _inpaint_latents(
+            pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
+        )
+    return _loop(pipe, sched, state, lat, ctx, cfg, guidance_scale, eta, rng, callback, progress)
+
+
+def _txt2img_latents(pipe, sched, shape, latents, rng):
+    if latents is None:
+        lat = draw(pipe, rng, shape)  # (B, 4, h, w)
+    else:
+        lat = pipe.xp.asarray(latents).astype(pipe.dtype)
+        if tuple(lat.shape) != shape:
+            from .errors import InputError
+
+            raise InputError(f"latents: shape {tuple(lat.shape)}, expected {shape}")
+    return lat * sched.init_noise_sigma
+
+
+def _start(sched, state, steps, strength):
+    """Cut the schedule for strength < 1 and tell the scheduler where it begins."""
+    order = getattr(sched, "order", 1)
+    ts, begin, _ = img2img_timesteps(state["timesteps"], order, steps, strength)
+    if len(ts) == 0:
+        from .errors import InputError
+
+        raise InputError(f"strength={strength}: leaves no denoising step of {steps}")
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(begin)
+    state["timesteps"] = ts
+    return ts
+
+
+def _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng):
+    xp = pipe.xp
+    ts = _start(sched, state, steps, strength)
+    init = xp.asarray(
+        imageproc.preprocess(
+            image, height=shape[2] * pipe.vae_scale_factor, width=shape[3] * pipe.vae_scale_factor
+        )
+    )
+    z0 = encode_image_latents(pipe, init.astype(pipe.dtype), rng)  # (n, 4, h, w)  draw 1
+    z0 = tile_to(z0, shape[0], "image")  # (B, 4, h, w)
+    noise = draw(pipe, rng, shape)  # draw 2
+    t0 = xp.asarray([ts[0]] * shape[0])
+    return sched.add_noise(z0, noise, t0)  # (B, 4, h, w)
+
+
+def _inpaint_latents(
+    pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
+):
+    """diffusers' StableDiffusionInpaintPipeline: 9-channel UNets get [z, mask, masked-image
+    latents] as input; 4-channel UNets keep the unmasked region by re-noising the image latents
+    to the next timestep after every step and blending with the mask."""
+    xp, dt = pipe.xp, pipe.dtype
+    ts = _start(sched, state, steps, strength)
+    hw = (shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor)
+    init = xp.asarray(imageproc.preprocess(image, height=hw[0], width=hw[1])).astype(dt)
+    mask_c = xp.asarray(imageproc.preprocess_mask(mask_image, height=hw[0], width=hw[1]))
+    nine = pipe.unet.config.in_channels == 9
+    strength_max = strength == 1.0
+    z_img = None
+    if not nine or (latents is None and not strength_max):
+        z_img = tile_to(encode_image_latents(pipe, init, rng), shape[0], "image")  # draw 1
+    if latents is None:
+        noise = draw(pipe, rng, shape)  # draw 2
+        lat = (
+            noise * sched.init_noise_sigma
+            if strength_max
+            else sched.add_noise(z_img, noise, xp.asarray([ts[0]] * shape[0]))
+        )
+    else:
+        noise = xp.asarray(latents).astype(dt)
+        lat = noise * sched.init_noise_sigma
+    masked = init * (mask_c < 0.5)  # (n, 3, H, W)
+    mask = upsample_nearest(mask_c.astype(dt), shape[2:])  # (n, 1, h, w)
+    z_masked = encode_image_latents(pipe, masked, rng)  # draw 3
+    mask = tile_to(mask, shape[0], "mask_image")
+    z_masked = tile_to(z_masked, shape[0], "image")
+    state.update(
+        nine=nine,
+        mask=mask,
+        z_img=z_img,
+        noise=noise,
+        cond=(xp.concatenate([mask] * 2), xp.concatenate([z_masked] * 2))
+        if cfg
+        else (mask, z_masked),
+    )
+    return lat
+
+
+def _step_kwargs(sched, eta, rng):
+    params = inspect.signature(sched.step).parameters
+    kw = {}
+    if "eta" in params:
+        kw["eta"] = eta
+    if "rng" in params:
+        kw["rng"] = rng
+    return kw
+
+
+def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress):
+    xp = pipe.xp
+    ts = state["timesteps"]
+    kw = _step_kwargs(sched, eta, rng)
+
+    def model(x, t):
+        """Guided eps (or v) prediction for latents x at timestep t."""
+        x_in = xp.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
+        x_in = sched.scale_model_input(x_in, t)
+        if state.get("nine"):
+            x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
+        return guide(pipe.unet(x_in, t, ctx), cfg, scale)  # (B, 4, h, w)
+
+    for i, t in enumerate(tqdm(ts, desc="denoising", disable=not progress, leave=False)):
+        lat = sched.step(model(lat, t), t, lat, **kw).prev_sample
+        if "nine" in state and not state["nine"]:
+            lat = _blend(sched, state, lat, ts, i)
+        if callback is not None:
+            callback(i, t, lat)
+    return lat
+
+
+def _blend(sched, state, lat, ts, i):
+    """Keep the known region: image latents noised to the next timestep outside the mask."""
+    keep = state["z_img"]
+    if i < len(ts) - 1:
+        keep = sched.add_noise(keep, state["noise"], pipe_array(lat, [ts[i + 1]]))
+    mask = state["mask"]
+    return (1 - mask) * keep + mask * lat
+
+
+def pipe_array(like, values):
+    from .backend import array_module
+
+    return array_module(like).asarray(values)

@@ -1,0 +1,210 @@
+"""StableDiffusion: txt2img, img2img and inpainting over minisd's components.
+
+    pipe = minisd.StableDiffusion.from_pretrained("path/to/folder_or_file.safetensors")
+    images = pipe("a photo of a cat", num_inference_steps=30, seed=0)
+
+Semantics follow diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline step by step, so that the
+same inputs (or the same seed, through minisd.rng's torch-compatible generator) give the same
+images. The steps themselves live in ``pipeline_steps.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import image as imageproc
+from . import pipeline_steps as steps
+from .backend import get_xp, resolve_dtype, to_numpy
+from .errors import ConfigError, WeightsError
+from .weights import read_config, refuse_pickle
+
+# diffusers scheduler class -> minisd scheduler name (for the checkpoint's default scheduler)
+_CLASS_TO_NAME = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "LMSDiscreteScheduler": "lms",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+class StableDiffusion:
+    """A loaded Stable Diffusion model: tokenizer, text_encoder, unet, vae and scheduler."""
+
+    def __init__(
+        self, *, tokenizer, text_encoder, unet, vae, scheduler_config, dtype="float32", device="cpu"
+    ):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.scheduler_config = dict(scheduler_config)
+        self.dtype = resolve_dtype(dtype)
+        self.device = device
+        self.xp = get_xp(device)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        name = _CLASS_TO_NAME.get(self.scheduler_config.get("_class_name"), "pndm")
+        self.scheduler = self.make_scheduler(name)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls, path, dtype="float32", device="cpu", *, config=None, prediction_type=None
+    ):
+        """Load a diffusers folder (model_index.json + component subfolders) or a single
+        original-layout ``.safetensors`` checkpoint (converted in memory, no temp files).
+        ``config``: a diffusers folder whose configs override the inferred architecture."""
+        path = Path(path)
+        refuse_pickle(path)
+        if path.is_dir():
+            return cls._from_folder(path, dtype, device)
+        if path.suffix == ".safetensors" and path.is_file():
+            return cls._from_single_file(path, dtype, device, config, prediction_type)
+        if not path.exists():
+            raise WeightsError(f"{path}: no such model folder or file")
+        raise WeightsError(f"{path}: expected a diffusers folder or a .safetensors file")
+
+    @classmethod
+    def _from_folder(cls, folder, dtype, device):
+        from .clip import CLIPTextModel
+        from .tokenizer import CLIPTokenizer
+        from .unet import UNet2DConditionModel
+        from .vae import AutoencoderKL
+
+        if not (folder / "model_index.json").is_file():
+            raise ConfigError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        kw = {"dtype": dtype, "device": device}
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw),
+            unet=UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
+            vae=AutoencoderKL.from_pretrained(folder / "vae", **kw),
+            scheduler_config=read_config(folder / "scheduler" / "scheduler_config.json"),
+            **kw,
+        )
+
+    @classmethod
+    def _from_single_file(cls, path, dtype, device, config, prediction_type):
+        from weights_tools.convert import load_single_file
+
+        parts = load_single_file(path, config=config, prediction_type=prediction_type)
+        return cls._from_parts(parts, dtype, device)
+
+    @classmethod
+    def _from_parts(cls, parts, dtype, device):
+        """Build from {"unet": (config, flat), "vae": ..., "text_encoder": ..., "scheduler":
+        config, "tokenizer": folder or None}."""
+        from .clip import CLIPTextModel
+        from .tokenizer import CLIPTokenizer
+        from .unet import UNet2DConditionModel
+        from .vae import AutoencoderKL
+
+        kw = {"dtype": dtype, "device": device}
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(parts.get("tokenizer")),
+            text_encoder=CLIPTextModel.from_params(*parts["text_encoder"], **kw),
+            unet=UNet2DConditionModel.from_params(*parts["unet"], **kw),
+            vae=AutoencoderKL.from_params(*parts["vae"], **kw),
+            scheduler_config=parts["scheduler"],
+            **kw,
+        )
+
+    def make_scheduler(self, name):
+        """A fresh scheduler ``name`` configured from the checkpoint's scheduler_config.json."""
+        from .schedulers import get_scheduler
+
+        return get_scheduler(name, self.scheduler_config)
+
+    # ------------------------------------------------------------------ generation
+
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_inference_steps=50,
+        guidance_scale=7.5,
+        height=None,
+        width=None,
+        seed=0,
+        scheduler="pndm",
+        num_images_per_prompt=1,
+        latents=None,
+        image=None,
+        strength=0.8,
+        mask_image=None,
+        clip_skip=None,
+        eta=0.0,
+        callback=None,
+        output_type="pil",
+        rng=None,
+        progress=True,
+    ):
+        """Generate images. See DESIGN.md for the arguments; ``rng`` overrides ``seed`` with any
+        generator that has ``standard_normal(shape, dtype)`` (minisd.rng.TorchGenerator by
+        default, which draws exactly what torch.Generator().manual_seed(seed) draws)."""
+        prompts = steps.as_prompt_list(prompt)
+        negative = None
+        if negative_prompt is not None:
+            negative = steps.as_prompt_list(negative_prompt, "negative_prompt")
+            if isinstance(negative_prompt, str):
+                negative = negative * len(prompts)
+        height, width = self._resolve_size(height, width, image)
+        steps.validate(
+            prompts=prompts,
+            negative=negative,
+            height=height,
+            width=width,
+            steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            strength=strength,
+            image=image,
+            mask_image=mask_image,
+            scheduler=scheduler,
+            output_type=output_type,
+            num_images_per_prompt=num_images_per_prompt,
+        )
+        if rng is None:
+            from .rng import make_rng
+
+            rng = make_rng(seed)
+        from .denoise import run
+
+        lat = run(
+            self,
+            prompts=prompts,
+            negative=negative,
+            steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+            nipp=num_images_per_prompt,
+            latents=latents,
+            image=image,
+            strength=strength,
+            mask_image=mask_image,
+            clip_skip=clip_skip,
+            eta=eta,
+            callback=callback,
+            rng=rng,
+            progress=progress,
+        )
+        if output_type == "latent":
+            return to_numpy(lat)
+        decoded = self.vae.decode(lat / self.vae.config.scaling_factor)  # (N, 3, H, W)
+        return imageproc.postprocess(to_numpy(decoded), output_type=output_type)
+
+    def _resolve_size(self, height, width, image):
+        """Defaults as diffusers: txt2img uses unet.sample_size * 8 (512 for SD1.x, 768 for
+        SD2.x-v); img2img / inpainting use the input image's size floored to a multiple of 8."""
+        f = self.vae_scale_factor
+        if image is not None:
+            h, w = steps.image_size(image)
+            dh, dw = int(h) // f * f, int(w) // f * f
+        else:
+            size = self.unet.config.sample_size
+            dh, dw = (size, size) if isinstance(size, int) else size
+            dh, dw = dh * f, dw * f
+        return (dh if height is None else height), (dw if width is None else width)

@@ -1,0 +1,153 @@
+"""The steps of a Stable Diffusion run, as plain functions over the pipeline's components.
+
+Rombach et al. 2022 (latent diffusion) with classifier-free guidance (Ho & Salimans 2022):
+    eps = eps_uncond + s * (eps_text - eps_uncond)
+The order of random draws is diffusers': initial latents; img2img: the VAE posterior sample, then
+the forward-process noise; inpainting: see ``prepare_inpaint``; then one draw per stochastic step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+SCHEDULERS = (
+    "ddpm",
+    "ddim",
+    "pndm",
+    "plms",
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+)
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def as_prompt_list(prompt, name="prompt"):
+    """A str or a list of str -> list of str; an empty list is an error."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        if not prompt:
+            raise InputError(f"{name}: empty prompt list")
+        return list(prompt)
+    raise InputError(f"{name}: expected a string or a list of strings, got {type(prompt).__name__}")
+
+
+def validate(
+    *,
+    prompts,
+    negative,
+    height,
+    width,
+    steps,
+    guidance_scale,
+    strength,
+    image,
+    mask_image,
+    scheduler,
+    output_type,
+    num_images_per_prompt,
+):
+    """Check every argument up front, before any heavy work; raise InputError naming it."""
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, (int, np.integer)) or v <= 0 or v % 8:
+            raise InputError(f"{name}={v!r}: must be a positive multiple of 8")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InputError(f"num_inference_steps={steps!r}: must be an integer >= 1")
+    if guidance_scale < 0:
+        raise InputError(f"guidance_scale={guidance_scale!r}: must be >= 0")
+    if image is not None and not 0 < strength <= 1:
+        raise InputError(f"strength={strength!r}: must be in (0, 1]")
+    if num_images_per_prompt < 1:
+        raise InputError(f"num_images_per_prompt={num_images_per_prompt!r}: must be >= 1")
+    if negative is not None and len(negative) != len(prompts):
+        raise InputError(
+            f"negative_prompt: {len(negative)} negative prompt(s) for {len(prompts)} prompt(s); "
+            "give one string (used for every prompt) or one per prompt"
+        )
+    if mask_image is not None and image is None:
+        raise InputError("mask_image: inpainting needs `image` too")
+    if scheduler not in SCHEDULERS:
+        raise InputError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+    if output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+
+
+def image_size(img):
+    """(height, width) of a PIL image, an HWC / NHWC array or an NCHW array in [-1, 1]."""
+    if hasattr(img, "size") and not hasattr(img, "shape"):
+        w, h = img.size
+        return h, w
+    if isinstance(img, (list, tuple)):
+        return image_size(img[0])
+    a = np.asarray(img) if not hasattr(img, "shape") else img
+    if a.ndim == 4 and a.shape[1] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        return a.shape[2], a.shape[3]
+    return (a.shape[1], a.shape[2]) if a.ndim == 4 else (a.shape[0], a.shape[1])
+
+
+def encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip):
+    """Text -> conditioning (2N*nipp, 77, D) for CFG as [negative; positive], else (N*nipp, ...).
+
+    As diffusers: ``clip_skip`` applies to the positive prompts only; each embedding is repeated
+    ``num_images_per_prompt`` times in place (prompt 0, prompt 0, prompt 1, ...).
+    """
+    xp = pipe.xp
+    ids = pipe.tokenizer(prompts)  # (N, 77)
+    emb = pipe.text_encoder.encode(xp.asarray(ids), clip_skip=clip_skip)  # (N, 77, D)
+    emb = xp.repeat(emb, nipp, axis=0)  # (N*nipp, 77, D)
+    if not cfg:
+        return emb
+    neg = [""] * len(prompts) if negative is None else negative
+    nids = pipe.tokenizer(neg)  # (N, 77)
+    nemb = pipe.text_encoder.encode(xp.asarray(nids), clip_skip=None)  # (N, 77, D)
+    nemb = xp.repeat(nemb, nipp, axis=0)  # (N*nipp, 77, D)
+    return xp.concatenate([nemb, emb], axis=0)  # (2*N*nipp, 77, D)
+
+
+def draw(pipe, rng, shape):
+    """One standard-normal tensor in the model dtype, drawn on the CPU, moved to the device."""
+    return pipe.xp.asarray(rng.standard_normal(tuple(shape), dtype=pipe.dtype))
+
+
+def img2img_timesteps(timesteps, order, steps, strength):
+    """diffusers' get_timesteps: skip the first (1 - strength) of the schedule."""
+    init = min(int(steps * strength), steps)
+    start = max(steps - init, 0)
+    return timesteps[start * order :], start * order, steps - start
+
+
+def encode_image_latents(pipe, image, rng):
+    """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents, sampling the VAE posterior with ``rng``."""
+    dist = pipe.vae.encode(image)
+    return pipe.vae.config.scaling_factor * dist.sample(rng)  # (N, 4, H/8, W/8)
+
+
+def tile_to(x, batch, what):
+    """Repeat a batch of images/latents to ``batch`` items (diffusers concatenates copies)."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0]:
+        raise InputError(f"{what}: {x.shape[0]} item(s) do not divide the batch of {batch}")
+    return pipe_concat([x] * (batch // x.shape[0]))
+
+
+def pipe_concat(items):
+    from .backend import array_module
+
+    return array_module(items[0]).concatenate(items, axis=0)
+
+
+def guide(eps, cfg, scale):
+    """Classifier-free guidance: split [uncond; text] and extrapolate."""
+    if not cfg:
+        return eps
+    n = eps.shape[0] // 2
+    uncond, text = eps[:n], eps[n:]
+    return uncond + scale * (text - uncond)
