@@ -1,26 +1,303 @@
-"""The ``minisd`` command."""
+"""The ``minisd`` command: demo, generate, trace, selfcheck (and parity, with the test extra)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
+
+from .errors import InputError, MinisdError
+
+SCHEDULER_HELP = (
+    "ddpm, ddim, pndm, plms, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, unipc"
+)
+REAL_MODEL_HINT = (
+    'With real weights: minisd generate "a photo of an astronaut riding a horse" '
+    "--model path/to/stable-diffusion-v1-5 (a diffusers folder or a single .safetensors file)"
+)
+
+
+def _size(text):
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        msg = f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512"
+        raise argparse.ArgumentTypeError(msg) from None
+    return w, h
+
+
+def _add_sampling(p, steps, size):
+    p.add_argument("--negative", default=None, help="negative prompt (what to steer away from)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale; <= 1 disables guidance (default 7.5)",
+    )
+    p.add_argument("--scheduler", default="pndm", help=f"sampler: {SCHEDULER_HELP} (default pndm)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the torch-compatible RNG: same seed, same image as diffusers (CPU)",
+    )
+    p.add_argument(
+        "--size",
+        type=_size,
+        default=size,
+        help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)",
+    )
+    p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--clip-skip", type=int, default=None, help="skip the last k CLIP layers")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float16 or float64")
+    p.add_argument("--device", default="cpu", help="cpu (NumPy, default) or cuda (CuPy)")
+    p.add_argument("--out", default=None, help="output PNG path (default: minisd-<seed>.png)")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion in plain array code.")
-    sub = p.add_subparsers(dest="command")
+    p = argparse.ArgumentParser(
+        prog="minisd",
+        description="Stable Diffusion in plain array code (NumPy on the CPU, CuPy on the GPU).",
+        epilog=REAL_MODEL_HINT,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser(
+        "demo",
+        help="run txt2img on a small random-weight demo model (no download)",
+        description="Builds (once, cached) a tiny randomly initialized SD1-like "
+        "model with weights_tools.make_tiny and runs the whole txt2img pipeline "
+        "on it. The picture is noise-like: the weights are random; it shows the "
+        "pipeline works end to end. " + REAL_MODEL_HINT,
+    )
+    d.add_argument(
+        "prompt",
+        nargs="?",
+        default="a watercolor painting of a lighthouse",
+        help="prompt (default: a watercolor painting of a lighthouse)",
+    )
+    _add_sampling(d, steps=10, size=None)
+    d.add_argument("--family", default="sd1", help="demo model family: sd1, sd2 or inpaint")
+    d.add_argument(
+        "--cache",
+        default=None,
+        help="folder for the demo model (default $MINISD_CACHE or ~/.cache/minisd)",
+    )
+    g = sub.add_parser(
+        "generate",
+        help="txt2img / img2img / inpainting with a real model",
+        description="Generate images with a Stable Diffusion checkpoint.",
+    )
+    g.add_argument("prompt", help="the text prompt")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="diffusers folder, single-file .safetensors, or a Hugging Face repo id "
+        "(needs huggingface_hub; downloads safetensors/configs only)",
+    )
+    _add_sampling(g, steps=30, size=None)
+    g.add_argument("--init-image", default=None, help="input image for img2img / inpainting")
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=0.8,
+        help="img2img/inpaint: how much of the schedule to run, in (0, 1] (default 0.8)",
+    )
+    g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
+    g.add_argument(
+        "--config",
+        default=None,
+        help="single-file: a diffusers folder whose configs override the inferred architecture",
+    )
+    g.add_argument(
+        "--prediction-type",
+        default=None,
+        help="single-file SD2: epsilon or v_prediction (can't be seen from the weights)",
+    )
+    t = sub.add_parser(
+        "trace",
+        help="dump a named intermediate tensor of one UNet call to .npy",
+        description="Runs the text encoder and one UNet call on random latents "
+        "and saves the output of the module named --module (a diffusers path, "
+        "e.g. down_blocks.1.attentions.0) as .npy. --list prints all names.",
+    )
+    t.add_argument("--model", required=True, help="diffusers folder or .safetensors file")
+    t.add_argument("--module", default=None, help="module path, e.g. mid_block.attentions.0")
+    t.add_argument("--prompt", default="a photo of a cat", help="prompt for the text encoder")
+    t.add_argument("--timestep", type=int, default=500, help="UNet timestep (default 500)")
+    t.add_argument(
+        "--size", type=_size, default=(64, 64), help="WIDTHxHEIGHT pixels (default 64x64)"
+    )
+    t.add_argument("--list", action="store_true", help="list every traced module name")
+    t.add_argument("--out", default="trace.npy", help="output .npy file (default trace.npy)")
+    par = sub.add_parser(
+        "parity",
+        help="per-layer comparison with diffusers (needs the test extra)",
+        description="Runs one UNet, VAE and text-encoder pass in minisd and in "
+        "diffusers/transformers on the same inputs and prints a per-layer table "
+        "naming the first layer that diverges. Needs torch, diffusers and "
+        "transformers (pip install 'minisd[test]').",
+    )
+    par.add_argument("--model", required=True, help="diffusers folder")
+    par.add_argument("--dtype", default="float32", help="float64, float32 or float16")
+    par.add_argument("--tol", type=float, default=None, help="divergence bound (default by dtype)")
     sub.add_parser("selfcheck", help="print the version and check the core ops")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in (None, "selfcheck"):
-        from . import __version__, selfcheck
-
-        print(f"minisd {__version__}: core ops self-check")
-        return 0 if selfcheck.run() else 1
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in (None, "selfcheck"):
+            return _selfcheck()
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "trace":
+            return _trace(args)
+        if args.command == "parity":
+            return _parity(args)
+    except MinisdError as e:
+        print(f"minisd: error: {e}", file=sys.stderr)
+        return 2
+    parser.print_help()
     return 0
+
+
+def _selfcheck():
+    from . import __version__, selfcheck
+
+    print(f"minisd {__version__}: core ops self-check")
+    return 0 if selfcheck.run() else 1
+
+
+def cache_dir(arg=None):
+    return Path(arg or os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd")
+
+
+def _demo(args):
+    from weights_tools import make_tiny
+
+    folder = cache_dir(args.cache) / f"demo-{args.family}"
+    if not (folder / "model_index.json").is_file():
+        print(f"building the random-weight demo model in {folder} (once) ...")
+        make_tiny(folder, family=args.family, seed=0)
+    print(
+        "RANDOM-WEIGHT DEMO: the weights are random, so the image is not a picture of the "
+        "prompt; it shows the whole pipeline (CLIP, UNet, scheduler, VAE) running."
+    )
+    out = _run(args, str(folder), image=None, mask=None)
+    print(REAL_MODEL_HINT)
+    return out
+
+
+def _generate(args):
+    return _run(args, _resolve_model(args.model), image=args.init_image, mask=args.mask)
+
+
+def _resolve_model(model):
+    if Path(model).exists() or "/" not in model or model.startswith((".", "/")):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise InputError(
+            f"--model {model!r}: no such path (install huggingface_hub to use a "
+            "Hugging Face repo id)"
+        ) from None
+    return snapshot_download(
+        model,
+        allow_patterns=["*.json", "*.txt", "*.safetensors"],
+        ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
+    )
+
+
+def _open_image(path):
+    if path is None:
+        return None
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such image file")
+    return Image.open(path).convert("RGB")
+
+
+def _run(args, model, image, mask):
+    from .pipeline import StableDiffusion
+
+    kw = {} if getattr(args, "config", None) is None else {"config": args.config}
+    if getattr(args, "prediction_type", None):
+        kw["prediction_type"] = args.prediction_type
+    t0 = time.perf_counter()
+    pipe = StableDiffusion.from_pretrained(model, dtype=args.dtype, device=args.device, **kw)
+    w, h = args.size if args.size else (None, None)
+    t1 = time.perf_counter()
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=h,
+        width=w,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        num_images_per_prompt=args.n,
+        image=_open_image(image),
+        strength=getattr(args, "strength", 0.8),
+        mask_image=_open_image(mask),
+        clip_skip=args.clip_skip,
+        eta=args.eta,
+    )
+    t2 = time.perf_counter()
+    out = Path(args.out or f"minisd-{args.seed}.png")
+    for k, img in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
+        _save_png(img, path, _parameters(args, model, img.size))
+        print(f"wrote {path} ({img.size[0]}x{img.size[1]})")
+    print(f"loaded in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s")
+    return 0
+
+
+def _parameters(args, model, size):
+    """A1111-style generation parameters, stored as the PNG's "parameters" text chunk."""
+    lines = [args.prompt]
+    if args.negative:
+        lines.append(f"Negative prompt: {args.negative}")
+    lines.append(
+        f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, "
+        f"Seed: {args.seed}, Size: {size[0]}x{size[1]}, Model: {Path(model).name}"
+        + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")
+        + ", Generator: minisd"
+    )
+    return "\n".join(lines)
+
+
+def _save_png(img, path, parameters):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    img.save(path, pnginfo=info)
+
+
+def _trace(args):
+    from .tracecmd import run_trace
+
+    return run_trace(args)
+
+
+def _parity(args):
+    try:
+        from minisd_parity import run_parity
+    except ImportError as e:
+        msg = f"minisd parity needs the test extra (pip install 'minisd[test]'): {e}"
+        raise InputError(msg) from None
+    return run_parity(args)
 
 
 if __name__ == "__main__":

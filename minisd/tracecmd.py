@@ -1,0 +1,35 @@
+"""``minisd trace``: run the text encoder and one UNet call, dump a named intermediate tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import trace
+from .errors import InputError
+
+
+def run_trace(args):
+    from .pipeline import StableDiffusion
+    from .rng import make_rng
+
+    pipe = StableDiffusion.from_pretrained(args.model)
+    ids = pipe.tokenizer([args.prompt])  # (1, 77)
+    w, h = args.size
+    f = pipe.vae_scale_factor
+    if h % f or w % f:
+        raise InputError(f"--size {w}x{h}: must be multiples of {f}")
+    shape = (1, pipe.unet.config.in_channels, h // f, w // f)
+    latents = make_rng(0).standard_normal(shape, dtype=np.float32)  # (1, C, h, w)
+    with trace() as acts:
+        ctx = pipe.text_encoder.encode(pipe.xp.asarray(ids))  # (1, 77, D)
+        pipe.unet(pipe.xp.asarray(latents), args.timestep, ctx)
+    if args.list or args.module is None:
+        for name, value in acts.items():
+            print(f"{name:<70} {tuple(value.shape)}")
+        return 0
+    if args.module not in acts:
+        close = [n for n in acts if args.module in n][:10]
+        raise InputError(f"--module {args.module!r}: not traced; similar names: {close}")
+    np.save(args.out, np.asarray(acts[args.module]))
+    print(f"wrote {args.out}: {args.module} {tuple(acts[args.module].shape)}")
+    return 0
