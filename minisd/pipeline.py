@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import image as imageproc
 from . import pipeline_steps as steps
-from .backend import get_xp, resolve_dtype, to_numpy
+from .backend import get_xp, resolve_dtype, to_device, to_numpy
 from .errors import ConfigError, WeightsError
 from .weights import read_config, refuse_pickle
 
@@ -95,18 +95,20 @@ class StableDiffusion:
     @classmethod
     def _from_parts(cls, parts, dtype, device):
         """Build from {"unet": (config, flat), "vae": ..., "text_encoder": ..., "scheduler":
-        config, "tokenizer": folder or None}."""
+        config, "tokenizer": folder or None, "source": file name for error messages}."""
         from .clip import CLIPTextModel
         from .tokenizer import CLIPTokenizer
         from .unet import UNet2DConditionModel
         from .vae import AutoencoderKL
 
         kw = {"dtype": dtype, "device": device}
+        te_cfg, te_flat = parts["text_encoder"]
+        te_flat = {k: to_device(v, device, dtype) for k, v in te_flat.items()}
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(parts.get("tokenizer")),
-            text_encoder=CLIPTextModel.from_params(*parts["text_encoder"], **kw),
-            unet=UNet2DConditionModel.from_params(*parts["unet"], **kw),
-            vae=AutoencoderKL.from_params(*parts["vae"], **kw),
+            text_encoder=CLIPTextModel.from_state_dict(te_flat, te_cfg, source=parts["source"]),
+            unet=UNet2DConditionModel(*parts["unet"], source=parts["source"], **kw),
+            vae=AutoencoderKL(*parts["vae"], source=parts["source"], **kw),
             scheduler_config=parts["scheduler"],
             **kw,
         )

@@ -6,12 +6,13 @@ they are missing, or fails it when ``MINISD_REQUIRE_REFERENCE=1`` (as CI sets).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
 import numpy as np
 import pytest
+
+from minisd_parity.compare import collect_outputs, rel_err  # noqa: F401 (re-exported)
 
 REQUIRE = os.environ.get("MINISD_REQUIRE_REFERENCE") == "1"
 # Relative error bounds of the project (DESIGN.md): max |ours - ref| / max |ref|.
@@ -33,17 +34,6 @@ def need(*names):
     if "torch" in names:
         mods[names.index("torch")].set_num_threads(max(1, os.cpu_count() or 1))
     return mods[0] if len(mods) == 1 else mods
-
-
-def rel_err(ours, ref) -> float:
-    """max |ours - ref| / max |ref|, computed in float64 on the CPU."""
-    from minisd.backend import to_numpy
-
-    a = to_numpy(ours).astype(np.float64)
-    b = to_numpy(ref).astype(np.float64)
-    assert a.shape == b.shape, f"shape {a.shape} != reference shape {b.shape}"
-    scale = np.abs(b).max()
-    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
 
 
 def assert_rel(ours, ref, tol, what=""):
@@ -103,44 +93,6 @@ def randomize_(module, seed=0):
                 v = 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
             p.copy_(v.to(p.dtype))
     return module
-
-
-def _first_tensor(out):
-    torch = need("torch")
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-        return None
-    if hasattr(out, "to_tuple"):  # diffusers / transformers ModelOutput
-        return _first_tensor(out.to_tuple())
-    return None
-
-
-@contextlib.contextmanager
-def collect_outputs(module, names=None):
-    """Forward hooks on every named submodule; yields {name: numpy output} (first tensor)."""
-    acts = {}
-    keep = None if names is None else set(names)
-    handles = []
-    for name, sub in module.named_modules():
-        if not name or (keep is not None and name not in keep):
-            continue
-
-        def hook(_m, _inp, out, name=name):
-            t = _first_tensor(out)
-            if t is not None:
-                acts[name] = to_np(t).copy()
-
-        handles.append(sub.register_forward_hook(hook))
-    try:
-        yield acts
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def save_pretrained(model, folder):

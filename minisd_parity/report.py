@@ -1,0 +1,81 @@
+"""``minisd parity --model FOLDER``: per-layer tables of minisd vs diffusers / transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .compare import collect_outputs, layer_table
+
+DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2}
+
+
+def _print_table(title, rows, first, tol, limit=400):
+    print(f"\n== {title}: {len(rows)} layers, bound {tol:.0e} (relative = max-abs / max|ref|)")
+    print(f"{'layer':<64} {'shape':<20} {'max-abs':>10} {'relative':>10} {'cosine':>12}")
+    for name, shape, diff, rel, cos, ok in rows[:limit]:
+        mark = "" if ok else "  <-- over"
+        print(f"{name:<64} {str(tuple(shape)):<20} {diff:10.2e} {rel:10.2e} {cos:12.9f}{mark}")
+    print(f"first diverging layer: {first}" if first else "all layers within the bound")
+
+
+def _torch_inputs(torch, dtype, rng, shape):
+    return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
+
+
+def run_parity(args):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    import minisd
+    from minisd import trace
+
+    ours_dtype = args.dtype
+    ref_name = "float64" if ours_dtype == "float16" else ours_dtype  # fp16: drift vs float64
+    tdt = {"float64": torch.float64, "float32": torch.float32}[ref_name]
+    tol = args.tol or DEFAULT_TOL[ours_dtype]
+    folder = args.model
+    pipe = minisd.StableDiffusion.from_pretrained(folder, dtype=ours_dtype)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=tdt).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=tdt).eval()
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=tdt).eval()
+    firsts = {}
+    ids = pipe.tokenizer(["a photo of an astronaut riding a horse"])  # (1, 77)
+    with torch.no_grad(), collect_outputs(te) as ref_acts:
+        ctx = te(torch.from_numpy(ids))[0]
+    with trace() as acts:
+        pipe.text_encoder(ids)
+    rows, firsts["text_encoder"] = layer_table(acts, ref_acts, tol)
+    _print_table("text encoder", rows, firsts["text_encoder"], tol)
+
+    rng = np.random.default_rng(0)
+    x = _torch_inputs(torch, tdt, rng, (1, unet.config.in_channels, 8, 8))
+    t = 500
+    with trace() as acts:
+        pipe.unet(x.numpy().astype(ours_dtype), t, ctx.numpy().astype(ours_dtype))
+    island = None
+    if "time_proj" in acts:  # float32 island: feed the reference our embedding (see ops.py)
+        emb = torch.from_numpy(np.asarray(acts["time_proj"], dtype=np.float32))
+        island = unet.time_proj.register_forward_hook(lambda m, i, o: emb.to(o.dtype))
+    with torch.no_grad(), collect_outputs(unet) as ref_acts:
+        unet(x, t, ctx)
+    if island is not None:
+        island.remove()
+    rows, firsts["unet"] = layer_table(acts, ref_acts, tol)
+    _print_table("UNet (8x8 latents, t=500)", rows, firsts["unet"], tol)
+
+    z = _torch_inputs(torch, tdt, rng, (1, vae.config.latent_channels, 8, 8))
+    with torch.no_grad(), collect_outputs(vae) as ref_acts:
+        vae.decode(z)
+    with trace() as acts:
+        pipe.vae.decode(z.numpy().astype(ours_dtype))
+    rows, firsts["vae"] = layer_table(acts, ref_acts, tol)
+    _print_table("VAE decode (8x8 latents)", rows, firsts["vae"], tol)
+    bad = {k: v for k, v in firsts.items() if v}
+    print(
+        "\nsummary:",
+        "all components within the bound"
+        if not bad
+        else "; ".join(f"{k}: first diverging layer {v}" for k, v in bad.items()),
+    )
+    return 1 if bad else 0
