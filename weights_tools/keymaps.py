@@ -1,8 +1,23 @@
 """Rename tables between checkpoint layouts, and nothing else.
 
 minisd's internal names are diffusers' safetensors names. Every other layout is renamed here,
-once, at load time.
+once, at load time:
+
+- the original CompVis / Stability AI single-file layout ("ldm"): ``model.diffusion_model.*``
+  (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*`` (SD1,
+  OpenAI CLIP) or ``cond_stage_model.model.*`` (SD2, OpenCLIP with fused q/k/v);
+- the legacy diffusers VAE attention names (``query/key/value/proj_attn``).
+
+The UNet and VAE tables are generated from the architecture (block count, layers per block,
+which blocks have attention), so small test models convert exactly as full-size ones do. The
+same tables drive both directions (diffusers <-> original). Semantics follow diffusers'
+``loaders/single_file_utils.py`` (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+convert_open_clip_checkpoint).
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 # Older diffusers VAE files name the attention projections of the mid-block attention as below.
 LEGACY_VAE_ATTENTION = {
@@ -22,3 +37,254 @@ def rename_legacy_vae_attention(flat):
             name = ".".join(parts[:-2] + [LEGACY_VAE_ATTENTION[parts[-2]], parts[-1]])
         out[name] = value
     return out
+
+
+# ------------------------------------------------------------------------- key prefixes
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1.x: OpenAI CLIP ViT-L/14
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP ViT-H/14
+EMA_PREFIX = "model_ema."  # full checkpoints: EMA copy of the UNet, dots removed from names
+# Second layout of diffusers' CLIP text encoder files (transformers < 5.6 saved this prefix).
+TEXT_MODEL_PREFIX = "text_model."
+
+# Keys of original checkpoints that no diffusers model uses: DDPM schedule buffers of the
+# LatentDiffusion module, EMA bookkeeping, CLIP's position_ids buffer, OpenCLIP's contrastive head.
+UNUSED_ORIGINAL = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+    "model_ema.decay",
+    "model_ema.num_updates",
+    CLIP_PREFIX + "embeddings.position_ids",
+    OPENCLIP_PREFIX + "text_projection",
+    OPENCLIP_PREFIX + "logit_scale",
+)
+
+# ------------------------------------------------------------------------- UNet
+
+# diffusers name -> original name, at the top level of the UNet.
+UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+# Inside a ResnetBlock2D (diffusers) / ResBlock (ldm).
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+# Transformer2DModel (diffusers) and SpatialTransformer (ldm) share every inner name.
+
+
+@dataclass(frozen=True)
+class UNetArch:
+    """What the UNet tables depend on. down_attn[b] / up_attn[b]: block b has attention."""
+
+    layers_per_block: int
+    down_attn: tuple
+    up_attn: tuple
+    mid_attn: bool = True
+
+    @property
+    def blocks(self):
+        return len(self.down_attn)
+
+
+def unet_modules(arch: UNetArch):
+    """{diffusers module: (original module, inner table)} for a UNet2DConditionModel.
+
+    ldm numbers its input blocks 0 (conv_in), then for down block b, layer l:
+    ``1 + b (L + 1) + l``, with the downsampler at ``l = L`` (all blocks but the last). Output
+    blocks: ``b (L + 1) + l`` for l in 0..L; the upsampler follows the resnet (``.1``) or the
+    attention (``.2``). The middle block is resnet ``.0``, attention ``.1``, resnet ``.2``.
+    """
+    L, n = arch.layers_per_block, arch.blocks
+    table = {d: (o, None) for d, o in UNET_TOP.items()}
+    for b in range(n):
+        for l in range(L):
+            i = 1 + b * (L + 1) + l
+            table[f"down_blocks.{b}.resnets.{l}"] = (f"input_blocks.{i}.0", UNET_RESNET)
+            if arch.down_attn[b]:
+                table[f"down_blocks.{b}.attentions.{l}"] = (f"input_blocks.{i}.1", None)
+        if b < n - 1:
+            i = 1 + b * (L + 1) + L
+            table[f"down_blocks.{b}.downsamplers.0.conv"] = (f"input_blocks.{i}.0.op", None)
+    table["mid_block.resnets.0"] = ("middle_block.0", UNET_RESNET)
+    if arch.mid_attn:
+        table["mid_block.attentions.0"] = ("middle_block.1", None)
+        table["mid_block.resnets.1"] = ("middle_block.2", UNET_RESNET)
+    else:
+        table["mid_block.resnets.1"] = ("middle_block.1", UNET_RESNET)
+    for b in range(n):
+        for l in range(L + 1):
+            i = b * (L + 1) + l
+            table[f"up_blocks.{b}.resnets.{l}"] = (f"output_blocks.{i}.0", UNET_RESNET)
+            if arch.up_attn[b]:
+                table[f"up_blocks.{b}.attentions.{l}"] = (f"output_blocks.{i}.1", None)
+        if b < n - 1:
+            i = b * (L + 1) + L
+            slot = 2 if arch.up_attn[b] else 1
+            table[f"up_blocks.{b}.upsamplers.0.conv"] = (f"output_blocks.{i}.{slot}.conv", None)
+    return table
+
+
+# ------------------------------------------------------------------------- VAE
+
+VAE_TOP = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "encoder.conv_out": "encoder.conv_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    "decoder.conv_out": "decoder.conv_out",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
+VAE_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+# The mid-block attention: diffusers Attention (linear, 2-D weights) vs ldm AttnBlock (1x1 conv,
+# 4-D weights (C, C, 1, 1)); the weights are reshaped at conversion, as diffusers does.
+VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+VAE_ATTENTION_CONV = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+
+
+@dataclass(frozen=True)
+class VAEArch:
+    blocks: int
+    layers_per_block: int
+
+
+def vae_modules(arch: VAEArch):
+    """{diffusers module: (original module, inner table)} for AutoencoderKL.
+
+    The encoder has L resnets per level, the decoder L + 1; ldm numbers decoder levels from the
+    lowest resolution up in reverse: diffusers ``up_blocks.i`` is ldm ``up.{n - 1 - i}``.
+    """
+    n, L = arch.blocks, arch.layers_per_block
+    table = {d: (o, None) for d, o in VAE_TOP.items()}
+    for i in range(n):
+        for j in range(L):
+            table[f"encoder.down_blocks.{i}.resnets.{j}"] = (
+                f"encoder.down.{i}.block.{j}",
+                VAE_RESNET,
+            )
+        if i < n - 1:
+            table[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (
+                f"encoder.down.{i}.downsample.conv",
+                None,
+            )
+        for j in range(L + 1):
+            table[f"decoder.up_blocks.{i}.resnets.{j}"] = (
+                f"decoder.up.{n - 1 - i}.block.{j}",
+                VAE_RESNET,
+            )
+        if i < n - 1:
+            table[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (
+                f"decoder.up.{n - 1 - i}.upsample.conv",
+                None,
+            )
+    for part in ("encoder", "decoder"):
+        for k in range(2):
+            table[f"{part}.mid_block.resnets.{k}"] = (f"{part}.mid.block_{k + 1}", VAE_RESNET)
+        table[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", VAE_ATTENTION)
+    return table
+
+
+# ------------------------------------------------------------------------- OpenCLIP (SD2)
+
+OPENCLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+# q, k, v projections are one fused (3D, D) ``in_proj_weight`` / (3D,) ``in_proj_bias`` in
+# OpenCLIP (torch.nn.MultiheadAttention), stacked in this order along dim 0.
+OPENCLIP_QKV = ("q_proj", "k_proj", "v_proj")
+OPENCLIP_FUSED = {"weight": "attn.in_proj_weight", "bias": "attn.in_proj_bias"}
+
+
+def openclip_modules(layers: int):
+    """{diffusers module: (original module, None)}: the unfused names of the OpenCLIP text
+    transformer (``encoder.layers.i`` <-> ``transformer.resblocks.i``)."""
+    table = {}
+    for i in range(layers):
+        for d, o in OPENCLIP_LAYER.items():
+            table[f"encoder.layers.{i}.{d}"] = (f"transformer.resblocks.{i}.{o}", None)
+    return table
+
+
+# ------------------------------------------------------------------------- renaming
+
+
+def invert(table):
+    """Invert a module table: {original: (diffusers, inverted inner table)}."""
+    out = {}
+    for d, (o, inner) in table.items():
+        out[o] = (d, None if inner is None else {v: k for k, v in inner.items()})
+    return out
+
+
+def rename(key, table):
+    """Rename one parameter name through a module table (longest module prefix wins).
+
+    Returns None when no module of the table holds ``key``.
+    """
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in table:
+            target, inner = table[module]
+            rest = ".".join(parts[cut:])
+            if inner is not None:
+                rest = _rename_inner(rest, inner)
+                if rest is None:
+                    return None
+            return f"{target}.{rest}"
+    return None
+
+
+def _rename_inner(rest, inner):
+    """``conv_shortcut.weight`` -> ``skip_connection.weight`` (longest inner prefix wins)."""
+    parts = rest.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:cut])
+        if head in inner:
+            return ".".join([inner[head], *parts[cut:]])
+    return None

@@ -1,0 +1,475 @@
+"""Architecture from tensor shapes: diffusers config dicts for an original single-file checkpoint.
+
+What the weights show: channel counts, block and layer counts, which blocks have attention,
+conv vs linear projection (SD1 vs SD2), the text encoder's size and layout (OpenAI CLIP vs
+OpenCLIP). What they do not show, and where the defaults come from:
+
+- ``prediction_type``: SD2.x 768-v checkpoints predict v, SD2.x-base predicts epsilon, with the
+  same tensors. As diffusers does (single_file_utils._legacy_load_scheduler), an SD2 checkpoint is
+  assumed to be v-prediction unless told otherwise (``prediction_type=`` or ``config=``).
+- head counts: SD1 uses 8 heads per attention (diffusers' misnamed ``attention_head_dim=8``),
+  SD2 64-channel heads; CLIP 64-channel heads.
+- ``norm_num_groups`` (32), ``scaling_factor`` (0.18215), sample sizes (512 / 768 px),
+  ``upcast_attention`` (True for SD2.x-v, as the SD2.1 repository configures it).
+
+Files written by :func:`weights_tools.to_original` carry the configs of their folder in the
+safetensors metadata (key ``minisd_configs``); they are used as hints when they fit the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+from minisd.errors import ConfigError, WeightsError
+
+from .keymaps import (
+    CLIP_PREFIX,
+    EMA_PREFIX,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    UNUSED_ORIGINAL,
+    VAE_PREFIX,
+    UNetArch,
+    VAEArch,
+)
+
+HINTS_KEY = "minisd_configs"
+DIFFUSERS_VERSION = "0.42.0"
+SCHEDULER_BASE = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Structural fields: seen in the tensors, so a config given by the user must agree with them.
+STRUCTURE = {
+    "unet": (
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "up_block_types",
+        "cross_attention_dim",
+        "use_linear_projection",
+    ),
+    "vae": ("in_channels", "out_channels", "block_out_channels", "latent_channels"),
+    "text_encoder": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"),
+}
+
+
+def shapes_of(flat):
+    """{name: shape tuple} of a flat dict of arrays (or of shapes)."""
+    return {
+        k: tuple(v) if isinstance(v, (tuple, list)) else tuple(v.shape) for k, v in flat.items()
+    }
+
+
+def component_of(key):
+    """Which part of an original single-file checkpoint a key belongs to."""
+    if key in UNUSED_ORIGINAL:
+        return "unused"
+    for prefix, part in (
+        (UNET_PREFIX, "unet"),
+        (VAE_PREFIX, "vae"),
+        (CLIP_PREFIX, "text_encoder"),
+        (OPENCLIP_PREFIX, "text_encoder"),
+        (EMA_PREFIX, "ema"),
+    ):
+        if key.startswith(prefix):
+            return part
+    return "unknown"
+
+
+def indices(keys, prefix):
+    """Sorted integers ``i`` of the keys starting with ``prefix + "i."``."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
+
+
+def _need(shapes, key, source="checkpoint"):
+    if key not in shapes:
+        raise WeightsError(f"{source}: missing key {key!r}, needed to infer the architecture")
+    return shapes[key]
+
+
+# ------------------------------------------------------------------------- architectures
+
+
+def unet_arch_original(shapes):
+    """UNetArch from original-layout keys (``model.diffusion_model.`` prefix)."""
+    p = UNET_PREFIX
+    keys = [k for k in shapes if k.startswith(p)]
+    inputs = [i for i in indices(keys, p + "input_blocks.") if i > 0]
+    downs = [i for i in inputs if p + f"input_blocks.{i}.0.op.weight" in shapes]
+    n = len(downs) + 1
+    L, rem = divmod(len(inputs) - len(downs), n)
+    if not inputs or rem or L < 1:
+        raise WeightsError(
+            f"checkpoint: cannot read the UNet block layout from {len(inputs)} inputs"
+        )
+    down_attn = tuple(
+        p + f"input_blocks.{1 + b * (L + 1)}.1.norm.weight" in shapes for b in range(n)
+    )
+    up_attn = tuple(p + f"output_blocks.{b * (L + 1)}.1.norm.weight" in shapes for b in range(n))
+    mid_attn = p + "middle_block.1.norm.weight" in shapes
+    return UNetArch(L, down_attn, up_attn, mid_attn)
+
+
+def unet_arch_diffusers(shapes):
+    """UNetArch from diffusers-layout keys."""
+    n = len(indices(shapes, "down_blocks."))
+    L = len(indices(shapes, "down_blocks.0.resnets."))
+    if n < 1 or L < 1:
+        raise WeightsError("UNet weights: no down_blocks.*.resnets.* keys")
+    down_attn = tuple(bool(indices(shapes, f"down_blocks.{b}.attentions.")) for b in range(n))
+    up_attn = tuple(bool(indices(shapes, f"up_blocks.{b}.attentions.")) for b in range(n))
+    return UNetArch(L, down_attn, up_attn, "mid_block.attentions.0.norm.weight" in shapes)
+
+
+def vae_arch_original(shapes):
+    n = len(indices(shapes, VAE_PREFIX + "encoder.down."))
+    L = len(indices(shapes, VAE_PREFIX + "encoder.down.0.block."))
+    if n < 1 or L < 1:
+        raise WeightsError("checkpoint: no first_stage_model.encoder.down.*.block.* keys (VAE)")
+    return VAEArch(n, L)
+
+
+def vae_arch_diffusers(shapes):
+    n = len(indices(shapes, "encoder.down_blocks."))
+    L = len(indices(shapes, "encoder.down_blocks.0.resnets."))
+    if n < 1 or L < 1:
+        raise WeightsError("VAE weights: no encoder.down_blocks.*.resnets.* keys")
+    return VAEArch(n, L)
+
+
+def text_layout(shapes):
+    """ "clip" (SD1), "openclip" (SD2) or None, for original-layout keys."""
+    if CLIP_PREFIX + "embeddings.token_embedding.weight" in shapes:
+        return "clip"
+    if OPENCLIP_PREFIX + "token_embedding.weight" in shapes:
+        return "openclip"
+    return None
+
+
+def openclip_used_layers(shapes):
+    """Blocks of the OpenCLIP text transformer that SD2 uses.
+
+    SD2 conditions on the penultimate layer, so the file's last block is unused: diffusers drops
+    ``resblocks.23`` (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE). A full OpenCLIP dump is recognised by its
+    ``text_projection`` or by the 24 blocks of ViT-H; files written by to_original hold exactly
+    the used blocks.
+    """
+    n = len(indices(shapes, OPENCLIP_PREFIX + "transformer.resblocks."))
+    full = OPENCLIP_PREFIX + "text_projection" in shapes or n == 24
+    return n - 1 if full else n
+
+
+# ------------------------------------------------------------------------- config dicts
+
+
+def unet_config(**fields):
+    """A complete UNet2DConditionModel config.json dict (diffusers' defaults + ``fields``)."""
+    cfg = {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
+        "class_embed_type": None,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_attention_heads": None,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "out_channels": 4,
+        "resnet_time_scale_shift": "default",
+        "sample_size": 64,
+        "time_embedding_type": "positional",
+        "transformer_layers_per_block": 1,
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "upcast_attention": False,
+        "use_linear_projection": False,
+    }
+    cfg.update(fields)
+    return cfg
+
+
+def vae_config(**fields):
+    """A complete AutoencoderKL config.json dict."""
+    cfg = {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
+    cfg.update(fields)
+    n = len(cfg["block_out_channels"])
+    cfg["down_block_types"] = ["DownEncoderBlock2D"] * n
+    cfg["up_block_types"] = ["UpDecoderBlock2D"] * n
+    return cfg
+
+
+def text_encoder_config(**fields):
+    """A complete CLIPTextModel config.json dict (SD1.5's values unless overridden)."""
+    cfg = {
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "pad_token_id": 1,
+        "projection_dim": 768,
+        "torch_dtype": "float32",
+        "vocab_size": 49408,
+    }
+    cfg.update(fields)
+    return cfg
+
+
+def scheduler_config(prediction_type="epsilon", class_name=None):
+    """Stable Diffusion's scheduler_config.json: PNDM (SD1.x, SD2-base) or DDIM (SD2.x-v)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}"
+        )
+    if class_name is None:
+        class_name = "DDIMScheduler" if prediction_type == "v_prediction" else "PNDMScheduler"
+    cfg = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **SCHEDULER_BASE}
+    cfg["prediction_type"] = prediction_type
+    return cfg
+
+
+def model_index(scheduler_class="PNDMScheduler", inpaint=False):
+    """model_index.json of a StableDiffusion(Inpaint)Pipeline folder without safety checker."""
+    return {
+        "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def family_of(unet_cfg, text_cfg, prediction_type):
+    """sd1, sd2, sd2-v, inpaint, sd2-inpaint, instruct-pix2pix, from configs."""
+    sd2 = text_cfg.get("hidden_act") == "gelu" or bool(unet_cfg.get("use_linear_projection"))
+    in_ch = unet_cfg.get("in_channels", 4)
+    if in_ch == 9:
+        return "sd2-inpaint" if sd2 else "inpaint"
+    if in_ch == 8:
+        return "instruct-pix2pix"
+    if sd2:
+        return "sd2-v" if prediction_type == "v_prediction" else "sd2"
+    return "sd1"
+
+
+# ------------------------------------------------------------------------- inference
+
+
+def _unet_from_shapes(shapes, sd2):
+    p, arch = UNET_PREFIX, unet_arch_original(shapes)
+    L, n = arch.layers_per_block, arch.blocks
+    if any(k.startswith(p + "label_emb.") for k in shapes):
+        raise ConfigError("checkpoint: class/size-conditioned UNet (label_emb): not SD1.x/SD2.x")
+    conv_in = _need(shapes, p + "input_blocks.0.0.weight")  # (C0, in, 3, 3)
+    blocks = [
+        _need(shapes, p + f"input_blocks.{1 + b * (L + 1)}.0.out_layers.3.weight")[0]
+        for b in range(n)
+    ]
+    cross = [s for k, s in shapes.items() if k.startswith(p) and k.endswith("attn2.to_k.weight")]
+    proj = [s for k, s in shapes.items() if k.startswith(p) and k.endswith(".proj_in.weight")]
+    if not cross or not proj:
+        raise ConfigError("checkpoint: the UNet has no cross-attention (not a text-to-image model)")
+    linear = len(proj[0]) == 2
+    depths = {
+        len(indices(shapes, p + f"input_blocks.{1 + b * (L + 1)}.1.transformer_blocks."))
+        for b in range(n)
+        if arch.down_attn[b]
+    }
+    heads = [max(1, c // 64) for c in blocks] if linear or sd2 else 8
+    return unet_config(
+        in_channels=conv_in[1],
+        out_channels=_need(shapes, p + "out.2.weight")[0],
+        block_out_channels=blocks,
+        layers_per_block=L,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in arch.down_attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in arch.up_attn],
+        mid_block_type="UNetMidBlock2DCrossAttn" if arch.mid_attn else "UNetMidBlock2D",
+        cross_attention_dim=cross[0][1],
+        use_linear_projection=linear,
+        attention_head_dim=heads,
+        transformer_layers_per_block=depths.pop() if len(depths) == 1 else 1,
+    )
+
+
+def _vae_from_shapes(shapes):
+    p, arch = VAE_PREFIX, vae_arch_original(shapes)
+    return vae_config(
+        in_channels=_need(shapes, p + "encoder.conv_in.weight")[1],
+        out_channels=_need(shapes, p + "decoder.conv_out.weight")[0],
+        block_out_channels=[
+            _need(shapes, p + f"encoder.down.{i}.block.0.conv2.weight")[0]
+            for i in range(arch.blocks)
+        ],
+        latent_channels=_need(shapes, p + "decoder.conv_in.weight")[1],
+        layers_per_block=arch.layers_per_block,
+    )
+
+
+def _text_from_shapes(shapes, layout):
+    if layout == "clip":
+        p = CLIP_PREFIX
+        tok, pos = (
+            p + "embeddings.token_embedding.weight",
+            p + "embeddings.position_embedding.weight",
+        )
+        layers = len(indices(shapes, p + "encoder.layers."))
+        fc1, act, proj = p + "encoder.layers.0.mlp.fc1.weight", "quick_gelu", 768
+    else:
+        p = OPENCLIP_PREFIX
+        tok, pos = p + "token_embedding.weight", p + "positional_embedding"
+        layers = openclip_used_layers(shapes)
+        fc1, act, proj = p + "transformer.resblocks.0.mlp.c_fc.weight", "gelu", 512
+    vocab, hidden = _need(shapes, tok)
+    return text_encoder_config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        max_position_embeddings=_need(shapes, pos)[0],
+        num_hidden_layers=layers,
+        intermediate_size=_need(shapes, fc1)[0],
+        num_attention_heads=max(1, hidden // 64),
+        hidden_act=act,
+        projection_dim=proj,
+    )
+
+
+def infer_configs(flat, *, config=None, prediction_type=None, hints=None):
+    """Diffusers configs for an original-layout checkpoint (``flat``: {name: array or shape}).
+
+    Returns {"family", "unet", "vae", "text_encoder", "scheduler", "tokenizer": {"pad_token"},
+    "model_index", "text_layout", "source"}. ``config``: a diffusers folder whose configs are used
+    (they must agree with the tensors); ``hints``: configs stored by to_original in the file's
+    metadata (a dict, or the metadata dict holding ``minisd_configs``); ``prediction_type``
+    overrides the scheduler's.
+    """
+    shapes = shapes_of(flat)
+    layout = text_layout(shapes)
+    if layout is None:
+        raise WeightsError("checkpoint: no text encoder (cond_stage_model.*) keys")
+    sd2 = layout == "openclip"
+    out = {
+        "unet": _unet_from_shapes(shapes, sd2),
+        "vae": _vae_from_shapes(shapes),
+        "text_encoder": _text_from_shapes(shapes, layout),
+    }
+    given, source = _given_configs(config, hints), "inferred"
+    if given:
+        source = "config" if config is not None else "hints"
+        for part in STRUCTURE:
+            if part in given:
+                out[part] = _checked(out[part], given[part], part, source, config)
+    pred = prediction_type or given.get("scheduler", {}).get("prediction_type")
+    if pred is None:
+        pred = "v_prediction" if sd2 else "epsilon"
+        if sd2:
+            warnings.warn(
+                "SD2.x checkpoint: v-prediction (768-v) vs epsilon (512-base) cannot be seen in "
+                "the weights; assuming prediction_type='v_prediction' as diffusers does. Pass "
+                "prediction_type='epsilon' (or config=<diffusers folder>) for SD2-base models.",
+                stacklevel=2,
+            )
+    if "scheduler" in given:
+        out["scheduler"] = {**given["scheduler"], "prediction_type": pred}
+    else:
+        out["scheduler"] = scheduler_config(pred)
+    if source == "inferred" and pred == "v_prediction":
+        out["unet"].update(sample_size=96, upcast_attention=True)
+        out["vae"]["sample_size"] = 768
+    inpaint = out["unet"]["in_channels"] == 9
+    out["model_index"] = given.get("model_index") or model_index(
+        out["scheduler"]["_class_name"], inpaint
+    )
+    out["tokenizer"] = given.get("tokenizer") or {"pad_token": "!" if sd2 else "<|endoftext|>"}
+    out["family"] = family_of(out["unet"], out["text_encoder"], pred)
+    out["text_layout"], out["source"] = layout, source
+    return out
+
+
+def _given_configs(config, hints):
+    if config is not None:
+        from .folders import read_folder_configs
+
+        return read_folder_configs(config)
+    if isinstance(hints, dict) and HINTS_KEY in hints:
+        try:
+            hints = json.loads(hints[HINTS_KEY])
+        except (TypeError, json.JSONDecodeError):
+            warnings.warn(
+                f"checkpoint metadata: {HINTS_KEY} is not valid JSON; ignored", stacklevel=3
+            )
+            return {}
+    return dict(hints) if isinstance(hints, dict) else {}
+
+
+def _checked(inferred, given, part, source, config):
+    """The given config, after checking it agrees with the tensors on structural fields."""
+    for field in STRUCTURE[part]:
+        want, have = inferred.get(field), given.get(field)
+        if isinstance(want, list) and isinstance(have, (list, tuple)):
+            have = list(have)
+        if have != want:
+            msg = (
+                f"{part}: {field}={have!r} in the {source} config does not fit the "
+                f"checkpoint's tensors, which say {want!r}"
+            )
+            if source == "config":
+                raise ConfigError(f"{config}: {msg}")
+            warnings.warn(msg + "; hints ignored", stacklevel=3)
+            return inferred
+    return dict(given)

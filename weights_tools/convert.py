@@ -1,0 +1,179 @@
+"""Single-file (original CompVis / SAI layout) <-> diffusers folder conversion.
+
+Streaming: the source is memory-mapped, the output header is planned from names and shapes,
+and tensors are written one at a time (their source pages released after use), so converting a
+4 GB checkpoint needs about one tensor of memory on top of the interpreter. Output files appear
+under their final names only when complete. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from minisd.errors import WeightsError
+from minisd.weights import check_keys, load_file, read_header
+
+from . import plan as pl
+from .configs import HINTS_KEY, infer_configs
+from .folders import COMPONENTS, read_folder_configs, text_prefix_of, weights_paths, write_configs
+from .schema import component_shapes
+from .stream import FLOAT_TAGS, LazyFile, cast_array, target_tag, write_tensors
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def _text_prefix(config):
+    """Key layout of the text encoder: follow the config folder's file, else transformers' current
+    layout (no "text_model." prefix)."""
+    if config is None:
+        return ""
+    try:
+        return text_prefix_of(weights_paths(config)["text_encoder"])
+    except WeightsError:
+        return ""
+
+
+def _plan(shapes, configs, extract_ema, text_prefix, source):
+    """Plans per component, checked against the configs' expected shapes."""
+    plans, skipped = pl.from_original(
+        shapes,
+        configs["text_encoder"]["num_hidden_layers"]
+        if configs["text_layout"] == "openclip"
+        else None,
+        extract_ema=extract_ema,
+        text_prefix=text_prefix,
+    )
+    if skipped["unknown"]:
+        unknown = skipped["unknown"]
+        warnings.warn(
+            f"{source}: {len(unknown)} unknown keys ignored, e.g. {unknown[0]!r}", stacklevel=3
+        )
+    src_shapes = {("file", k): s for k, s in shapes.items()}
+    for part, moves in plans.items():
+        got = {m.dst: pl.out_shape(m, src_shapes) for m in moves}
+        want = component_shapes(part, configs[part], text_prefix)
+        check_keys(_Shaped(got), want, f"{source} ({part})")
+    return plans, skipped
+
+
+class _Shaped(dict):
+    """{name: shape} presented as {name: object with .shape} for minisd.weights.check_keys."""
+
+    class _S:
+        def __init__(self, shape):
+            self.shape = shape
+
+    def __getitem__(self, key):
+        return self._S(super().__getitem__(key))
+
+
+def original_to_diffusers(flat, configs=None, *, extract_ema=False, text_prefix=""):
+    """In memory: {original name: array} -> {"unet": flat, "vae": flat, "text_encoder": flat}.
+
+    ``configs``: from :func:`weights_tools.configs.infer_configs` (inferred when None). Arrays
+    are views of the inputs where possible (renames, reshapes and q/k/v row slices copy nothing).
+    """
+    shapes = {k: tuple(v.shape) for k, v in flat.items()}
+    configs = configs or infer_configs(shapes)
+    plans, _ = _plan(shapes, configs, extract_ema, text_prefix, "checkpoint")
+    return {
+        part: {m.dst: pl.apply(m, [flat[k] for _, k in m.src]) for m in moves}
+        for part, moves in plans.items()
+    }
+
+
+def load_single_file(path, config=None, prediction_type=None, extract_ema=False):
+    """What StableDiffusion.from_pretrained(single_file) needs, converted in memory.
+
+    Returns {"unet": (config, flat), "vae": (config, flat), "text_encoder": (config, flat),
+    "scheduler": config, "tokenizer": tokenizer folder or None, "pad_token": str, "family": str}.
+    Arrays come from minisd.weights.load_file (memory-mapped; bf16 widened to float32).
+    """
+    path = Path(path)
+    _, meta, _, _ = read_header(path)
+    flat = load_file(path)
+    configs = infer_configs(flat, config=config, prediction_type=prediction_type, hints=meta)
+    parts = original_to_diffusers(flat, configs, extract_ema=extract_ema)
+    out = {part: (configs[part], parts[part]) for part in PARTS}
+    tok = Path(config) / "tokenizer" if config is not None else None
+    out.update(
+        scheduler=configs["scheduler"],
+        family=configs["family"],
+        tokenizer=tok if tok is not None and tok.is_dir() else None,
+        pad_token=configs["tokenizer"]["pad_token"],
+    )
+    return out
+
+
+def to_diffusers(
+    single_file, out_folder, config=None, prediction_type=None, *, extract_ema=False, dtype=None
+):
+    """Convert an original-layout .safetensors checkpoint into a diffusers pipeline folder.
+
+    The architecture is inferred from tensor shapes (see weights_tools.configs), or taken from
+    ``config`` (a diffusers folder; its tokenizer and scheduler are copied). SD2 v-prediction is
+    not visible in the weights: pass ``prediction_type`` (a warning says what was assumed).
+    ``extract_ema``: take the UNet from the EMA copy of a full training checkpoint.
+    ``dtype``: optionally cast floats (fp32 / fp16 / bf16). Returns the configs used.
+    """
+    src = LazyFile(single_file)
+    shapes = {k: src.shape(k) for k in src.tensors}
+    configs = infer_configs(
+        shapes, config=config, prediction_type=prediction_type, hints=src.metadata
+    )
+    text_prefix = _text_prefix(config)
+    plans, _ = _plan(shapes, configs, extract_ema, text_prefix, src.path)
+    tag = target_tag(dtype) if dtype is not None else None
+    out = Path(out_folder)
+    for part, moves in plans.items():
+        sub, name = COMPONENTS[part]
+        items = [_item(src, m, tag) for m in moves]
+        write_tensors(out / sub / name, items, metadata={"format": "pt"})
+    write_configs(out, configs, Path(config) / "tokenizer" if config is not None else None)
+    return configs
+
+
+def _item(src, move, tag):
+    """(name, tag, shape, producer) for one planned tensor whose sources all lie in ``src``."""
+    keys = [k for _, k in move.src]
+    source_tag = src.tag(keys[0])
+    out_tag = source_tag if tag is None or source_tag not in FLOAT_TAGS else tag
+    shape = pl.out_shape(move, {s: src.shape(s[1]) for s in move.src})
+
+    def produce():
+        arr = pl.apply(move, [src.raw(k) for k in keys])
+        arr, _ = cast_array(arr, source_tag, tag, move.dst, src.path)
+        for k in keys:
+            src.release(k)
+        return arr
+
+    return move.dst, out_tag, shape, produce
+
+
+def to_original(folder, out_file, dtype=None):
+    """Convert a diffusers pipeline folder into one original-layout .safetensors file.
+
+    SD1 text encoders (quick_gelu) are written in OpenAI CLIP layout, SD2 ones (gelu) in
+    OpenCLIP layout with fused q/k/v. The folder's configs are stored in the file's metadata
+    (``minisd_configs``) so that to_diffusers can restore them exactly; other tools ignore it.
+    """
+    folder = Path(folder)
+    paths = weights_paths(folder)
+    configs = read_folder_configs(folder)
+    srcs = {part: LazyFile(p) for part, p in paths.items()}
+    shapes = {part: {k: f.shape(k) for k in f.tensors} for part, f in srcs.items()}
+    layout = "openclip" if configs["text_encoder"].get("hidden_act") == "gelu" else "clip"
+    moves, unknown = pl.to_original(shapes, layout)
+    if unknown:
+        raise WeightsError(f"{folder}: {len(unknown)} keys fit no known layout, e.g. {unknown[0]}")
+    tag = target_tag(dtype) if dtype is not None else None
+    items = [_item(srcs[m.src[0][0]], m, tag) for m in moves]
+    hints = {k: configs[k] for k in ("unet", "vae", "text_encoder", "scheduler", "model_index")}
+    hints["tokenizer"] = configs.get("tokenizer") or {
+        "pad_token": "!" if layout == "openclip" else "<|endoftext|>"
+    }
+    meta = {"format": "pt", HINTS_KEY: json.dumps(hints, sort_keys=True)}
+    write_tensors(out_file, items, metadata=meta)
+    return Path(out_file)

@@ -1,0 +1,156 @@
+"""make_tiny: small random Stable Diffusion pipeline folders, numpy only, deterministic by seed.
+
+Families: "sd1" (conv projections, 8-style head count, quick_gelu CLIP, PNDM, pads with EOS),
+"sd2" (linear projections, per-block head counts, upcast attention, gelu text encoder, v-
+prediction with DDIM, pads with "!"), "inpaint" (sd1 with a 9-channel UNet input). The folder is
+laid out as diffusers' save_pretrained writes it: model_index.json, unet/ vae/ text_encoder/
+(config.json + safetensors), tokenizer/ (the real CLIP vocabulary: 49408 tokens) and scheduler/.
+SD's real topology is kept (4 UNet / VAE levels, 3 cross-attention blocks) at small widths.
+
+Also: full-size configs and original-layout shape tables, for tests and benchmarks that need
+the real architecture without real weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from minisd.errors import InputError
+
+from . import configs as C
+from . import plan as pl
+from .folders import COMPONENTS, write_configs
+from .keymaps import OPENCLIP_PREFIX
+from .schema import component_shapes
+from .stream import write_tensors
+
+FAMILIES = ("sd1", "sd2", "inpaint")
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def tiny_configs(family="sd1"):
+    """Configs (as infer_configs returns them) of the tiny model of ``family``."""
+    if family not in FAMILIES:
+        raise InputError(f"family={family!r}: expected one of {FAMILIES}")
+    sd2 = family == "sd2"
+    blocks = [32, 32, 64, 64]
+    unet = C.unet_config(
+        block_out_channels=blocks,
+        layers_per_block=1,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        sample_size=8,
+        in_channels=9 if family == "inpaint" else 4,
+        attention_head_dim=[c // 16 for c in blocks] if sd2 else 4,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+    )
+    vae = C.vae_config(
+        block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64
+    )
+    text = C.text_encoder_config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3 if sd2 else 2,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=32,
+    )
+    pred = "v_prediction" if sd2 else "epsilon"
+    sched = C.scheduler_config(pred)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text,
+        "scheduler": sched,
+        "model_index": C.model_index(sched["_class_name"], inpaint=family == "inpaint"),
+        "tokenizer": {"pad_token": "!" if sd2 else "<|endoftext|>"},
+        "family": "sd2-v" if sd2 else family,
+    }
+
+
+def full_size_configs(family="sd1"):
+    """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"."""
+    if family not in ("sd1", "sd2-v", "inpaint"):
+        raise InputError(f"family={family!r}: expected sd1, sd2-v or inpaint")
+    sd2 = family == "sd2-v"
+    unet = C.unet_config(in_channels=9 if family == "inpaint" else 4)
+    text = C.text_encoder_config()
+    vae = C.vae_config()
+    if sd2:
+        unet.update(
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            sample_size=96,
+            attention_head_dim=[5, 10, 20, 20],
+            upcast_attention=True,
+        )
+        text.update(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=23,
+            hidden_act="gelu",
+            projection_dim=512,
+        )
+        vae["sample_size"] = 768
+    sched = C.scheduler_config("v_prediction" if sd2 else "epsilon")
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
+
+
+def original_shapes(configs):
+    """{original-layout key: shape} of the model ``configs`` describe. SD2 files get OpenCLIP's
+    unused last block and contrastive head, as real SD2 checkpoints have them."""
+    shapes = {part: component_shapes(part, configs[part]) for part in PARTS}
+    openclip = configs["text_encoder"].get("hidden_act") == "gelu"
+    moves, _ = pl.to_original(shapes, "openclip" if openclip else "clip")
+    src = {(part, k): s for part, d in shapes.items() for k, s in d.items()}
+    out = {m.dst: pl.out_shape(m, src) for m in moves}
+    if openclip:
+        D, n = configs["text_encoder"]["hidden_size"], configs["text_encoder"]["num_hidden_layers"]
+        last = {k: s for k, s in out.items() if ".transformer.resblocks.0." in k}
+        out.update({k.replace(".resblocks.0.", f".resblocks.{n}."): s for k, s in last.items()})
+        out.update(
+            {OPENCLIP_PREFIX + "text_projection": (D, D), OPENCLIP_PREFIX + "logit_scale": ()}
+        )
+    return out
+
+
+def random_tensor(name, shape, rng, dtype=np.float32):
+    """A random parameter that keeps activations of the random model in a sane range.
+
+    Matrices and kernels: N(0, 1/fan_in) (variance-preserving); embeddings: N(0, 0.02^2);
+    norm scales: 1 + N(0, 0.05^2); biases: N(0, 0.02^2). Residual-branch outputs are halved so
+    that the residual stream grows slowly with depth.
+    """
+    if name.endswith("embedding.weight"):
+        return (0.02 * rng.standard_normal(shape)).astype(dtype)
+    if len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        scale = 1.0 / math.sqrt(fan_in)
+        if name.endswith(
+            ("conv2.weight", "to_out.0.weight", "ff.net.2.weight", "proj_out.weight", "fc2.weight")
+        ):
+            scale *= 0.5
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+    if name.endswith("weight"):
+        return (1.0 + 0.05 * rng.standard_normal(shape)).astype(dtype)
+    return (0.02 * rng.standard_normal(shape)).astype(dtype)
+
+
+def make_tiny(out_folder, family="sd1", seed=0):
+    """Write a small random pipeline folder of ``family`` ("sd1", "sd2", "inpaint") into
+    ``out_folder``; the same seed gives the same bytes. Returns the configs written."""
+    configs = tiny_configs(family)
+    out = Path(out_folder)
+    for index, part in enumerate(PARTS):
+        rng = np.random.default_rng([seed, index])
+        shapes = component_shapes(part, configs[part])
+        items = [(k, "F32", s, random_tensor(k, s, rng)) for k, s in sorted(shapes.items())]
+        sub, name = COMPONENTS[part]
+        write_tensors(out / sub / name, items, metadata={"format": "pt"})
+    write_configs(out, configs)
+    return configs
