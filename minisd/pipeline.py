@@ -90,6 +90,7 @@ class StableDiffusion:
         from weights_tools.convert import load_single_file
 
         parts = load_single_file(path, config=config, prediction_type=prediction_type)
+        parts["source"] = str(path)
         return cls._from_parts(parts, dtype, device)
 
     @classmethod
@@ -97,7 +98,6 @@ class StableDiffusion:
         """Build from {"unet": (config, flat), "vae": ..., "text_encoder": ..., "scheduler":
         config, "tokenizer": folder or None, "source": file name for error messages}."""
         from .clip import CLIPTextModel
-        from .tokenizer import CLIPTokenizer
         from .unet import UNet2DConditionModel
         from .vae import AutoencoderKL
 
@@ -105,7 +105,7 @@ class StableDiffusion:
         te_cfg, te_flat = parts["text_encoder"]
         te_flat = {k: to_device(v, device, dtype) for k, v in te_flat.items()}
         return cls(
-            tokenizer=CLIPTokenizer.from_pretrained(parts.get("tokenizer")),
+            tokenizer=_tokenizer(parts),
             text_encoder=CLIPTextModel.from_state_dict(te_flat, te_cfg, source=parts["source"]),
             unet=UNet2DConditionModel(*parts["unet"], source=parts["source"], **kw),
             vae=AutoencoderKL(*parts["vae"], source=parts["source"], **kw),
@@ -210,3 +210,15 @@ class StableDiffusion:
             dh, dw = (size, size) if isinstance(size, int) else size
             dh, dw = dh * f, dw * f
         return (dh if height is None else height), (dw if width is None else width)
+
+
+def _tokenizer(parts):
+    """The checkpoint's tokenizer folder if given, else the bundled CLIP vocabulary with the
+    family's padding (SD1.x pads with <|endoftext|>, SD2.x with "!")."""
+    from .tokenizer import CLIPTokenizer, bundled_vocab
+
+    if parts.get("tokenizer") is not None:
+        return CLIPTokenizer.from_pretrained(parts["tokenizer"])
+    if parts.get("pad_token"):
+        return CLIPTokenizer(*bundled_vocab(), pad_token=parts["pad_token"])
+    return CLIPTokenizer.from_pretrained(None)
