@@ -1,0 +1,437 @@
+"""AutoencoderKL: the KL-regularized autoencoder of latent diffusion (Rombach et al. 2022, sec. 3).
+
+    image (N, 3, H, W) in [-1, 1] --encoder--> moments (N, 2L, H/f, W/f) --quant_conv-->
+    DiagonalGaussian(mean, logvar) --sample / mode--> z (N, L, H/f, W/f)
+    z --post_quant_conv--> --decoder--> image (N, 3, H, W)
+
+with f = 2^(len(block_out_channels) - 1) (8 for Stable Diffusion) and L = latent_channels (4).
+Module and parameter names are diffusers' (``encoder.down_blocks.0.resnets.1.conv2.weight``), as
+are the names ``minisd.trace()`` records (``decoder.up_blocks.2``, ``quant_conv``, ...).
+
+The diffusion model works on *scaled* latents ``z * scaling_factor`` (sec. 4.3.2 / D.1 of the
+paper). ``encode`` and ``decode`` do not scale: as in diffusers, the caller multiplies after
+sampling and divides before decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import blocks, ops, trace, vae_tiling
+from .backend import array_module, device_of, resolve_dtype, to_device
+from .errors import ConfigError, InputError, WeightsError
+from .weights import check_keys, find_weights, flatten, load_file, nest, read_config
+
+# Largest attention score block (elements) of the mid-block attention: queries are processed in
+# chunks so that a 2048^2 decode (65536 tokens) never builds a 65536 x 65536 matrix.
+ATTENTION_SCORES_LIMIT = 1 << 24
+EPS = 1e-6  # every GroupNorm of the VAE (resnets, attention, conv_norm_out) uses eps = 1e-6
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers' AutoencoderKL config (config.json), with diffusers' defaults."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """Build from a config.json dict; unknown keys (``_class_name``, ...) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in dict(d).items() if k in known}
+        for k in ("down_block_types", "up_block_types", "block_out_channels"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        for k in ("latents_mean", "latents_std"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        if isinstance(kw.get("sample_size"), (list, tuple)):  # diffusers tiles with the first
+            kw["sample_size"] = int(kw["sample_size"][0])
+        cfg = cls(**kw)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source="config"):
+        n = len(self.block_out_channels)
+        if n == 0:
+            raise ConfigError(f"{source}: block_out_channels is empty")
+        for key, kind in (
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ):
+            types = getattr(self, key)
+            if len(types) != n:
+                raise ConfigError(f"{source}: {key} has {len(types)} entries, expected {n}")
+            if any(t != kind for t in types):
+                raise ConfigError(f"{source}: {key}={list(types)}: only {kind} is supported")
+        if self.act_fn not in ("silu", "swish"):
+            raise ConfigError(f"{source}: act_fn={self.act_fn!r}: only 'silu' is supported")
+        g = self.norm_num_groups
+        if any(c % g for c in self.block_out_channels):
+            raise ConfigError(
+                f"{source}: norm_num_groups={g} does not divide block_out_channels="
+                f"{list(self.block_out_channels)}"
+            )
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel along each axis: 2^(number of blocks - 1)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+# --------------------------------------------------------------------------- expected keys
+
+
+def expected_shapes(cfg: VAEConfig) -> dict:
+    """{parameter name: shape} of a diffusers AutoencoderKL checkpoint with this config."""
+    s = {}
+
+    def conv(name, cin, cout, k=3):
+        s[f"{name}.weight"], s[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        s[f"{name}.weight"], s[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name, cin, cout):
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cin, cout)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout)
+        if cin != cout:
+            conv(f"{name}.conv_shortcut", cin, cout, 1)
+
+    def mid(name, c):
+        resnet(f"{name}.resnets.0", c, c)
+        if cfg.mid_block_add_attention:
+            norm(f"{name}.attentions.0.group_norm", c)
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                s[f"{name}.attentions.0.{proj}.weight"] = (c, c)
+                s[f"{name}.attentions.0.{proj}.bias"] = (c,)
+        resnet(f"{name}.resnets.1", c, c)
+
+    ch, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
+    conv("encoder.conv_in", cfg.in_channels, ch[0])
+    for i in range(n):
+        cin = ch[max(i - 1, 0)]
+        for j in range(layers):
+            resnet(f"encoder.down_blocks.{i}.resnets.{j}", cin if j == 0 else ch[i], ch[i])
+        if i < n - 1:
+            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", ch[i], ch[i])
+    mid("encoder.mid_block", ch[-1])
+    norm("encoder.conv_norm_out", ch[-1])
+    conv("encoder.conv_out", ch[-1], 2 * cfg.latent_channels)
+    rev = ch[::-1]
+    conv("decoder.conv_in", cfg.latent_channels, rev[0])
+    mid("decoder.mid_block", rev[0])
+    for i in range(n):
+        cin = rev[max(i - 1, 0)]
+        for j in range(layers + 1):
+            resnet(f"decoder.up_blocks.{i}.resnets.{j}", cin if j == 0 else rev[i], rev[i])
+        if i < n - 1:
+            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", rev[i], rev[i])
+    norm("decoder.conv_norm_out", ch[0])
+    conv("decoder.conv_out", ch[0], cfg.out_channels)
+    if cfg.use_quant_conv:
+        conv("quant_conv", 2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+    if cfg.use_post_quant_conv:
+        conv("post_quant_conv", cfg.latent_channels, cfg.latent_channels, 1)
+    return s
+
+
+_ATTN_PROJ = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+
+
+def fix_legacy_keys(flat: dict) -> dict:
+    """Older VAE files: ``query/key/value/proj_attn`` names (renamed by weights_tools.keymaps)
+    and attention projections stored as 1x1 conv kernels (out, in, 1, 1) or (out, in, 1).
+    The kernels become (out, in) matrices, as diffusers' single-file converter
+    (``conv_attn_to_linear``) does; a squeeze is the same numbers."""
+    from weights_tools.keymaps import rename_legacy_vae_attention
+
+    out = rename_legacy_vae_attention(flat)
+    for name, w in out.items():
+        if ".attentions." in name and name.endswith(_ATTN_PROJ) and w.ndim > 2:
+            if any(d != 1 for d in w.shape[2:]):
+                raise WeightsError(f"key {name!r}: attention kernel {w.shape} is not 1x1")
+            out[name] = w.reshape(w.shape[:2])  # (out, in)
+    return out
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _attention_chunk(tokens: int) -> int | None:
+    """Query rows per chunk so a score block stays under ATTENTION_SCORES_LIMIT elements."""
+    return None if tokens * tokens <= ATTENTION_SCORES_LIMIT else ATTENTION_SCORES_LIMIT // tokens
+
+
+def _resnet(name, h, p, groups):
+    """ResnetBlock2D ``name`` without a time embedding (temb_channels=None in the VAE)."""
+    with trace.scope(name):
+        h = blocks.resnet_block(h, None, p, groups=groups, eps=EPS)
+    return trace.record(name, h)
+
+
+def mid_block(h, p, cfg: VAEConfig):
+    """UNetMidBlock2D: ResNet, single-head self-attention with GroupNorm and a residual
+    (Attention(heads=1, dim_head=C, upcast_softmax=True)), ResNet. (N, C, h, w) -> same."""
+    g = cfg.norm_num_groups
+    h = _resnet("resnets.0", h, p["resnets"][0], g)
+    if cfg.mid_block_add_attention:
+        chunk = _attention_chunk(h.shape[2] * h.shape[3])
+        with trace.scope("attentions.0"):
+            h = blocks.attention(
+                h, p["attentions"][0], heads=1, groups=g, eps=EPS, residual=True, chunk_size=chunk
+            )  # upcast_softmax: ops.attention already scores float16 inputs in float32
+        trace.record("attentions.0", h)
+    return _resnet("resnets.1", h, p["resnets"][1], g)
+
+
+def _out(h, p, groups):
+    """conv_norm_out -> conv_act (SiLU) -> conv_out, shared by encoder and decoder."""
+    h = trace.record("conv_norm_out", blocks.gn(h, p["conv_norm_out"], groups=groups, eps=EPS))
+    h = trace.record("conv_act", ops.silu(h))
+    return trace.record("conv_out", blocks.conv(h, p["conv_out"], padding=1))  # (N, Cout, H, W)
+
+
+def encoder(x, p, cfg: VAEConfig):
+    """diffusers' Encoder (double_z=True). (N, 3, H, W) -> moments (N, 2L, H/f, W/f)."""
+    g = cfg.norm_num_groups
+    h = trace.record("conv_in", blocks.conv(x, p["conv_in"], padding=1))  # (N, C0, H, W)
+    for i in range(len(cfg.block_out_channels)):  # DownEncoderBlock2D
+        pb, name = p["down_blocks"][i], f"down_blocks.{i}"
+        with trace.scope(name):
+            for j in range(cfg.layers_per_block):
+                h = _resnet(f"resnets.{j}", h, pb["resnets"][j], g)  # (N, Ci, ., .)
+            if "downsamplers" in pb:  # 3x3 stride 2 after padding right/bottom by one
+                with trace.scope("downsamplers.0"):
+                    h = blocks.downsample(h, pb["downsamplers"][0], padding=0)  # (N, Ci, h', w')
+                trace.record("downsamplers.0", h)
+        trace.record(name, h)
+    with trace.scope("mid_block"):
+        h = mid_block(h, p["mid_block"], cfg)
+    trace.record("mid_block", h)
+    return _out(h, p, g)  # (N, 2L, H/f, W/f)
+
+
+def decoder(z, p, cfg: VAEConfig):
+    """diffusers' Decoder (norm_type="group"). (N, L, h, w) -> (N, 3, f h, f w)."""
+    g = cfg.norm_num_groups
+    h = trace.record("conv_in", blocks.conv(z, p["conv_in"], padding=1))  # (N, C_last, h, w)
+    with trace.scope("mid_block"):
+        h = mid_block(h, p["mid_block"], cfg)
+    trace.record("mid_block", h)
+    for i in range(len(cfg.block_out_channels)):  # UpDecoderBlock2D
+        pb, name = p["up_blocks"][i], f"up_blocks.{i}"
+        with trace.scope(name):
+            for j in range(cfg.layers_per_block + 1):
+                h = _resnet(f"resnets.{j}", h, pb["resnets"][j], g)  # (N, Ci, ., .)
+            if "upsamplers" in pb:  # nearest 2x, then a 3x3 conv
+                with trace.scope("upsamplers.0"):
+                    h = blocks.upsample(h, pb["upsamplers"][0])  # (N, Ci, 2h, 2w)
+                trace.record("upsamplers.0", h)
+        trace.record(name, h)
+    return _out(h, p, g)  # (N, 3, H, W)
+
+
+# --------------------------------------------------------------------------- distribution
+
+
+class DiagonalGaussian:
+    """N(mean, diag(exp(logvar))) from encoder moments (N, 2L, h, w), as diffusers'
+    DiagonalGaussianDistribution: the first L channels are the mean, the last L the log
+    variance, clamped to [-30, 20]; std = exp(logvar / 2), var = exp(logvar)."""
+
+    def __init__(self, moments, deterministic=False):
+        xp = array_module(moments)
+        self.parameters = moments
+        c = moments.shape[1] // 2
+        self.mean = moments[:, :c]  # (N, L, h, w)
+        self.logvar = xp.clip(moments[:, c:], -30.0, 20.0)  # (N, L, h, w)
+        self.deterministic = deterministic
+        self.std = xp.exp(0.5 * self.logvar)
+        self.var = xp.exp(self.logvar)
+        if deterministic:
+            self.std = xp.zeros_like(self.mean)
+            self.var = xp.zeros_like(self.mean)
+
+    def sample(self, rng=None, noise=None):
+        """mean + std * noise. ``noise`` (same shape as mean) is used as given; otherwise it is
+        drawn from ``rng``: an int seed or numpy Generator (numpy's normal), or any object with
+        ``randn(shape)`` (e.g. a torch-compatible generator from minisd.rng)."""
+        xp = array_module(self.mean)
+        if noise is None:
+            noise = _draw_normal(rng, self.mean.shape)
+        noise = xp.asarray(noise).astype(self.mean.dtype, copy=False)
+        if noise.shape != self.mean.shape:
+            raise InputError(f"noise: shape {noise.shape}, expected {self.mean.shape}")
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+    def kl(self, other=None):
+        """KL(self || other), other = N(0, I) by default; summed over (L, h, w) -> (N,)."""
+        if other is None:
+            t = self.mean**2 + self.var - 1.0 - self.logvar
+        else:
+            t = (self.mean - other.mean) ** 2 / other.var + self.var / other.var
+            t = t - 1.0 - self.logvar + other.logvar
+        return 0.5 * t.sum(axis=(1, 2, 3))  # (N,)
+
+    def nll(self, sample, dims=(1, 2, 3)):
+        """Negative log-likelihood of ``sample``, summed over ``dims``."""
+        t = np.log(2.0 * np.pi) + self.logvar + (sample - self.mean) ** 2 / self.var
+        return 0.5 * t.sum(axis=tuple(dims))
+
+
+def _draw_normal(rng, shape):
+    if rng is None or isinstance(rng, (int, np.integer)):
+        rng = np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng.standard_normal(shape)
+    if callable(getattr(rng, "randn", None)):
+        return rng.randn(shape)
+    raise InputError(f"rng={rng!r}: expected None, an int seed, a numpy Generator or .randn")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class AutoencoderKL:
+    """The Stable Diffusion VAE. ``AutoencoderKL(config, params)`` or ``from_pretrained``."""
+
+    def __init__(self, config, params, *, dtype=None, device=None, source="params"):
+        self.config = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
+        flat = fix_legacy_keys(flatten(params))
+        check_keys(flat, expected_shapes(self.config), source)
+        first = flat["encoder.conv_in.weight"]
+        self.dtype = resolve_dtype(dtype) if dtype is not None else np.dtype(first.dtype)
+        self.device = device or device_of(first)
+        flat = {k: to_device(v, self.device, self.dtype) for k, v in flat.items()}
+        self.params = nest(flat)
+        self.use_tiling = False
+        self.use_slicing = False
+        self.tile_sample_min_size = self.config.sample_size
+        self.tile_overlap_factor = 0.25
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype="float32", device="cpu"):
+        """Load a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors);
+        a pipeline folder with a ``vae/`` subfolder also works."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+            folder = folder / "vae"
+        cfg = VAEConfig.from_dict(read_config(folder / "config.json"), folder / "config.json")
+        path = find_weights(folder)
+        return cls(cfg, load_file(path, dtype=dtype), dtype=dtype, device=device, source=path)
+
+    @property
+    def tile_latent_min_size(self) -> int:
+        return int(self.tile_sample_min_size / self.config.vae_scale_factor)
+
+    # ----------------------------------------------------------------- options
+
+    def enable_tiling(self, tile_sample_size=None, overlap_factor=0.25):
+        """Encode / decode large inputs tile by tile (see vae_tiling.py): tiles of
+        ``tile_sample_size`` pixels (default config.sample_size, as diffusers)."""
+        self.use_tiling = True
+        if tile_sample_size is not None:
+            self.tile_sample_min_size = int(tile_sample_size)
+        self.tile_overlap_factor = float(overlap_factor)
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def enable_slicing(self):
+        """Run a batch one image at a time (lower peak memory, same result)."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    # ----------------------------------------------------------------- forward
+
+    def _input(self, x, channels, what):
+        x = to_device(x, self.device, self.dtype)
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise InputError(f"{what}: expected shape (N, {channels}, H, W), got {x.shape}")
+        return x
+
+    def _moments(self, x):
+        """Encoder + quant_conv for one batch. (N, 3, H, W) -> (N, 2L, h, w)."""
+        if self.use_tiling and max(x.shape[2:]) > self.tile_sample_min_size:
+            return vae_tiling.tiled_moments(self, x)
+        with trace.scope("encoder"):
+            h = encoder(x, self.params["encoder"], self.config)
+        trace.record("encoder", h)
+        if self.config.use_quant_conv:
+            h = trace.record("quant_conv", blocks.conv(h, self.params["quant_conv"]))
+        return h
+
+    def encode(self, images) -> DiagonalGaussian:
+        """images (N, 3, H, W) in [-1, 1] -> DiagonalGaussian over latents (N, L, h, w)."""
+        x = self._input(images, self.config.in_channels, "encode(images)")
+        xp = array_module(x)
+        if self.use_slicing and x.shape[0] > 1:
+            moments = xp.concatenate([self._moments(x[i : i + 1]) for i in range(x.shape[0])])
+        else:
+            moments = self._moments(x)
+        return DiagonalGaussian(moments)
+
+    def _decode(self, z):
+        if self.use_tiling and max(z.shape[2:]) > self.tile_latent_min_size:
+            return vae_tiling.tiled_decode(self, z)
+        if self.config.use_post_quant_conv:
+            z = trace.record("post_quant_conv", blocks.conv(z, self.params["post_quant_conv"]))
+        with trace.scope("decoder"):
+            out = decoder(z, self.params["decoder"], self.config)
+        return trace.record("decoder", out)
+
+    def decode(self, latents):
+        """latents (N, L, h, w), NOT scaled (divide by config.scaling_factor first) ->
+        images (N, 3, f h, f w), roughly in [-1, 1]."""
+        z = self._input(latents, self.config.latent_channels, "decode(latents)")
+        xp = array_module(z)
+        if self.use_slicing and z.shape[0] > 1:
+            return xp.concatenate([self._decode(z[i : i + 1]) for i in range(z.shape[0])])
+        return self._decode(z)
+
+    # ----------------------------------------------------------------- tiling
+
+    def tiled_encode(self, images) -> DiagonalGaussian:
+        """Encode tile by tile whatever the image size (see vae_tiling.py for the seams)."""
+        x = self._input(images, self.config.in_channels, "tiled_encode(images)")
+        return DiagonalGaussian(vae_tiling.tiled_moments(self, x))
+
+    def tiled_decode(self, latents):
+        """Decode tile by tile whatever the latent size: bounded memory for large images."""
+        z = self._input(latents, self.config.latent_channels, "tiled_decode(latents)")
+        return vae_tiling.tiled_decode(self, z)
+
+    def __call__(self, images, sample_posterior=False, rng=None):
+        """Reconstruct: decode(encode(images).mode()), or a posterior sample."""
+        dist = self.encode(images)
+        z = dist.sample(rng) if sample_posterior else dist.mode()
+        return self.decode(z)
