@@ -82,7 +82,8 @@ def cast_array(raw, source_tag, tag=None, name="", path=""):
     values = bf16_bits_to_float32(raw) if source_tag == "BF16" else np.asarray(raw)
     if tag == "BF16":  # float64 goes through float32 first (a double rounding, < 1 bf16 ulp)
         return float32_to_bf16_bits(values.astype(np.float32, copy=False)), "BF16"
-    out = values.astype(DTYPES[tag])
+    with np.errstate(over="ignore"):  # float16 overflow is reported below, by key
+        out = values.astype(DTYPES[tag])
     if tag == "F16":
         big = int(np.count_nonzero(np.isfinite(values) & (np.abs(values) >= FP16_INF)))
         if big:
@@ -172,7 +173,8 @@ class SafetensorsWriter:
         if self.next >= len(self.entries) or self.entries[self.next][0] != name:
             raise WeightsError(f"{self.path}: tensor {name!r} written out of order")
         _, tag, shape = self.entries[self.next]
-        a = np.ascontiguousarray(array)
+        a = np.asarray(array)
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
         if a.dtype != DTYPES[tag] or a.shape != tuple(shape):
             raise WeightsError(
                 f"{self.path}: key {name!r}: got {a.dtype} {a.shape}, header says {tag} {shape}"
