@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from . import conv_fast
 from .backend import array_module
 
 # --------------------------------------------------------------------------- linear / conv
@@ -35,6 +36,30 @@ def _pads(padding):
 
 def conv2d(x, w, b=None, *, stride=1, padding=0):
     """2-D cross-correlation as torch.nn.functional.conv2d (groups=1, dilation=1).
+
+    x (N, Cin, H, W), w (Cout, Cin, kh, kw), b (Cout,) or None -> (N, Cout, Ho, Wo); padding is
+    an int, (ph, pw) or (top, bottom, left, right). Dispatches to the fast paths of
+    ``conv_fast`` (GEMM on shifted slices; Winograd F(4x4, 3x3) / F(2x2, 3x3) for float32 3x3
+    stride-1 NumPy convolutions with enough channels); ``conv2d_reference`` is the readable version.
+    """
+    n, cin, h, wd = x.shape
+    cout, cin_w, kh, kw = w.shape
+    if cin_w != cin:
+        raise ValueError(f"conv2d: input has {cin} channels, weight expects {cin_w}")
+    pads = _pads(padding)
+    if kh == kw == 1 and stride == 1 and not any(pads):
+        y = w.reshape(cout, cin) @ x.reshape(n, cin, h * wd)  # (N, Cout, HW)
+        if b is not None:
+            y += b.reshape(1, cout, 1)
+        return y.reshape(n, cout, h, wd)  # (N, Cout, H, W)
+    tile = conv_fast.winograd_tile(x, w, stride, pads)
+    if tile:
+        return conv_fast.conv2d_winograd(x, w, b, pads=pads, m=tile)
+    return conv_fast.conv2d_direct(x, w, b, stride=stride, pads=pads)
+
+
+def conv2d_reference(x, w, b=None, *, stride=1, padding=0):
+    """Readable reference for ``conv2d`` (the fast paths are tested against it).
 
     x (N, Cin, H, W), w (Cout, Cin, kh, kw) -> (N, Cout, Ho, Wo). Built on GEMM: the input is
     put channels-last once, then each of the kh*kw kernel taps is one (NHoWo, Cin) @ (Cin, Cout)

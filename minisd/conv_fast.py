@@ -1,0 +1,246 @@
+"""Fast 2-D convolution paths behind ``ops.conv2d``.
+
+Two algorithms, both pure array code (no compiled extension), both exact to round-off:
+
+``conv2d_direct``  any kernel, stride and padding; NumPy or CuPy. The input stays NCHW. Each
+    kernel tap (i, j) reads the padded image shifted by (i, j); flattening the padded rows makes
+    that shift a *contiguous slice* of length Ho*Wq of a (Cin, Hq*Wq) matrix, so every tap is one
+    copy-free GEMM  W[:, :, i, j] (Cout, Cin) @ X_flat[:, off : off + L] (Cin, L)  accumulated into
+    the output. The Wq - Wo extra columns of each output row (taps wrapping into the next row) are
+    dropped when the result is copied out. Stride s splits the padded input into s*s phases
+    x[pi::s, pj::s] first, so that strided taps become shifts too. Output rows are processed in
+    chunks so the accumulator stays in cache.
+
+``conv2d_winograd``  3x3, stride 1, NumPy: Winograd's minimal filtering F(m x m, 3 x 3)
+    (Winograd 1980; Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"):
+        Y = A^T [ (G g G^T) . (B^T d B) ] A
+    per (m+2)x(m+2) input tile d (stride m) and 3x3 filter g; the elementwise product summed over
+    input channels is a GEMM per Winograd-domain position. Multiplications drop from 9 m^2 to
+    (m+2)^2 per tile and channel pair: 2.25x (m=2) or 4x (m=4). The 2-D transforms are applied
+    as one small GEMM with the Kronecker product (B^T (x) B^T) on vectorized tiles.
+    Interpolation points for m=4 are {0, 1, -1, 1/2, -2} (plus infinity), not the common
+    {0, +-1, +-2}: on float32 activations that roughly halves the error (Barabasz et al. 2020,
+    "Error analysis and improving the accuracy of Winograd convolution for DNNs").
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from functools import cache
+
+import numpy as np
+
+from .backend import array_module, is_cupy
+
+# Accumulator chunk (output elements) kept per GEMM: ~1 MiB of float32, below L2.
+_CHUNK_ELEMS = 1 << 18
+
+# Largest Winograd output tile for float32 3x3 stride-1 convolutions: 4 (F(4x4,3x3) on large
+# images, F(2x2,3x3) on small ones), 2 (F(2x2,3x3) only: float32 error close to direct GEMM),
+# 0 (off: direct GEMM only). Environment: MINISD_WINOGRAD=4|2|0.
+WINOGRAD_TILE = int(os.environ.get("MINISD_WINOGRAD", "4"))
+_WINOGRAD_MIN_CHANNELS = 32
+_F4_MIN_PIXELS = 2048  # N*Ho*Wo; F(4x4) needs enough tiles to pay for 36 transformed weights
+_WINO_CHUNK_TILES = 256  # tiles (GEMM columns) per chunk: transforms stay in cache
+
+
+def winograd_tile(x, w, stride, pads):
+    """Output tile m of the Winograd path for this convolution, or 0 for the direct path.
+
+    Winograd is used for NumPy float32 3x3 stride-1 convolutions with at least 32 input and
+    output channels (below that the transforms cost more than the multiplies they save). F(4x4)
+    transforms the weights to 36/9 = 4x their size and wins once there are >= 2048 output
+    pixels (e.g. 2 x 32x32); smaller images (1280 channels at 16x16 or 8x8) use F(2x2).
+    float64 stays on the direct path, which is exact to round-off."""
+    cout, cin, kh, kw = w.shape
+    if not (
+        WINOGRAD_TILE in (2, 4)
+        and not is_cupy(x)
+        and x.dtype == np.float32
+        and (kh, kw, stride) == (3, 3, 1)
+        and min(cin, cout) >= _WINOGRAD_MIN_CHANNELS
+    ):
+        return 0
+    top, bottom, left, right = pads
+    pixels = x.shape[0] * (x.shape[2] + top + bottom - 2) * (x.shape[3] + left + right - 2)
+    return 4 if WINOGRAD_TILE == 4 and pixels >= _F4_MIN_PIXELS else 2
+
+
+# --------------------------------------------------------------------------- direct (GEMM) path
+
+
+def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
+    """Shifted-slice GEMM convolution; see the module docstring. pads: (top, bottom, left, right).
+
+    x (N, Cin, H, W), w (Cout, Cin, kh, kw), b (Cout,) or None -> (N, Cout, Ho, Wo). The images
+    are laid side by side as (Cin, N*Hq*Wq), so one GEMM covers all of them (the weights are
+    read once per chunk, which matters for 1280-channel layers at 8x8).
+    """
+    xp = array_module(x)
+    n, cin, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    s = stride
+    top, bottom, left, right = pads
+    hp, wp = h + top + bottom, wd + left + right
+    ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
+    hq, wq = -(-hp // s), -(-wp // s)  # phase size
+    flat = _phases(xp, x, s, hq, wq, top, left)  # (s, s, Cin, N*Hq*Wq + Wq + 1)
+    wt = xp.ascontiguousarray(w.transpose(2, 3, 0, 1))  # (kh, kw, Cout, Cin)
+    y = xp.empty((n, cout, ho, wo), dtype=x.dtype)
+    rows_total = (n - 1) * hq + ho  # grid rows up to the last valid output row
+    rows = max(1, min(rows_total, max(_CHUNK_ELEMS // cout, 2048) // wq))  # rows per chunk
+    acc = xp.empty((cout, rows * wq), dtype=x.dtype)  # (Cout, R*Wq)
+    tmp = xp.empty_like(acc)
+    for r0 in range(0, rows_total, rows):
+        r = min(rows, rows_total - r0)
+        a, t = acc[:, : r * wq], tmp[:, : r * wq]  # (Cout, r*Wq)
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            off = (r0 + i // s) * wq + j // s
+            xs = flat[i % s, j % s, :, off : off + r * wq]  # (Cin, r*Wq)
+            xp.matmul(wt[i, j], xs, out=a if k == 0 else t)
+            if k:
+                a += t
+        _copy_out(xp, a.reshape(cout, r, wq), y, b, r0, hq)
+    return y
+
+
+def _copy_out(xp, a, y, b, r0, hq):
+    """Grid rows [r0, r0 + r) of the accumulator -> valid output rows of each image, + bias."""
+    n, cout, ho, wo = y.shape
+    r = a.shape[1]
+    for img in range(r0 // hq, min(n, -(-(r0 + r) // hq))):
+        lo, hi = max(r0, img * hq), min(r0 + r, img * hq + ho)  # grid rows of this image
+        if lo >= hi:
+            continue
+        src = a[:, lo - r0 : hi - r0, :wo]  # (Cout, rows, Wo)
+        dst = y[img, :, lo - img * hq : hi - img * hq]  # (Cout, rows, Wo)
+        if b is None:
+            dst[...] = src
+        else:
+            xp.add(src, b.reshape(cout, 1, 1), out=dst)
+
+
+def _phases(xp, x, s, hq, wq, top, left):
+    """Zero-padded input split into stride phases, images side by side, rows flattened:
+    (s, s, Cin, N*Hq*Wq + Wq + 1). Phase (pi, pj) holds padded pixel (s*u + pi, s*v + pj) of
+    image k at flat index k*Hq*Wq + u*Wq + v; the tail keeps the last windows in bounds."""
+    n, cin, h, wd = x.shape
+    size = n * hq * wq
+    out = xp.zeros((s, s, cin, size + wq + 1), dtype=x.dtype)  # (s, s, Cin, N*Hq*Wq + tail)
+    if s == 1:
+        grid = out[0, 0, :, :size].reshape(cin, n, hq, wq)  # (Cin, N, Hp, Wp)
+        grid[:, :, top : top + h, left : left + wd] = x.transpose(1, 0, 2, 3)
+        return out
+    xpad = xp.zeros((cin, n, hq * s, wq * s), dtype=x.dtype)  # (Cin, N, Hq*s, Wq*s)
+    xpad[:, :, top : top + h, left : left + wd] = x.transpose(1, 0, 2, 3)
+    ph = xpad.reshape(cin, n, hq, s, wq, s).transpose(3, 5, 0, 1, 2, 4)  # (s, s, Cin, N, Hq, Wq)
+    out[:, :, :, :size].reshape(s, s, cin, n, hq, wq)[...] = ph
+    return out
+
+
+# --------------------------------------------------------------------------- Winograd path
+
+_POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
+
+
+@cache
+def winograd_matrices(m, r=3):
+    """Toom-Cook matrices (A^T (m, a), G (a, r), B^T (a, a)), a = m + r - 1, float64.
+
+    Finite points p_0..p_{a-2} and the point at infinity. A^T[k, i] = p_i^k evaluates the
+    product polynomial; G[i, j] = p_i^j / prod_{k != i} (p_i - p_k) evaluates the filter with the
+    Lagrange denominators folded in; B^T is the unique matrix that makes
+    sum_i A^T[k, i] G[i, j] B^T[i, l] = [l == k + j], i.e. y_k = sum_j g_j d_{k+j} exactly,
+    solved here in exact rational arithmetic."""
+    pts = [Fraction(p) for p in _POINTS[m]]
+    a = m + r - 1
+    at = [[Fraction(0)] * a for _ in range(m)]
+    g = [[Fraction(0)] * r for _ in range(a)]
+    for i, p in enumerate(pts):
+        f = Fraction(1)
+        for k, q in enumerate(pts):
+            if k != i:
+                f *= p - q
+        for k in range(m):
+            at[k][i] = p**k
+        for j in range(r):
+            g[i][j] = p**j / f
+    at[m - 1][a - 1] = g[a - 1][r - 1] = Fraction(1)
+    bt = _solve_bt(at, g, m, r, a)
+    return tuple(np.array(z, dtype=np.float64) for z in (at, g, bt))
+
+
+def _solve_bt(at, g, m, r, a):
+    """B^T column by column: for each l, the a unknowns B^T[:, l] satisfy the m*r equations
+    sum_i at[k][i] g[i][j] B^T[i][l] = [l == k + j] (square after dropping dependent rows)."""
+    rows = [[at[k][i] * g[i][j] for i in range(a)] for k in range(m) for j in range(r)]
+    bt = [[Fraction(0)] * a for _ in range(a)]
+    for col in range(a):
+        rhs = [Fraction(int(col == k + j)) for k in range(m) for j in range(r)]
+        sol = _exact_lstsq(rows, rhs, a)
+        for i in range(a):
+            bt[i][col] = sol[i]
+    return bt
+
+
+def _exact_lstsq(rows, rhs, a):
+    """Solve a consistent, full-column-rank system exactly by Gauss-Jordan elimination."""
+    aug = [row[:] + [v] for row, v in zip(rows, rhs)]
+    piv_row = 0
+    for col in range(a):
+        p = next(i for i in range(piv_row, len(aug)) if aug[i][col] != 0)
+        aug[piv_row], aug[p] = aug[p], aug[piv_row]
+        pv = aug[piv_row][col]
+        aug[piv_row] = [v / pv for v in aug[piv_row]]
+        for i in range(len(aug)):
+            if i != piv_row and aug[i][col] != 0:
+                f = aug[i][col]
+                aug[i] = [v - f * u for v, u in zip(aug[i], aug[piv_row])]
+        piv_row += 1
+    return [aug[i][a] for i in range(a)]
+
+
+@cache
+def _kron_mats(m, dtype):
+    """(B^T (x) B^T, A^T (x) A^T, G (x) G) in ``dtype``: 2-D transforms of vectorized tiles."""
+    at, g, bt = winograd_matrices(m)
+    dt = np.dtype(dtype)
+    return np.kron(bt, bt).astype(dt), np.kron(at, at).astype(dt), np.kron(g, g).astype(dt)
+
+
+def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
+    """F(m x m, 3 x 3) convolution, stride 1 (NumPy). x (N, Cin, H, W), w (Cout, Cin, 3, 3)."""
+    n, cin, h, wd = x.shape
+    cout = w.shape[0]
+    dt = x.dtype
+    a = m + 2
+    top, bottom, left, right = pads
+    ho, wo = h + top + bottom - 2, wd + left + right - 2
+    ty, tx = -(-ho // m), -(-wo // m)  # tiles per column / row
+    kb, ka, kg = _kron_mats(m, dt.str)
+    u = (kg @ w.reshape(cout * cin, 9).T).reshape(a * a, cout, cin)  # (a*a, Cout, Cin)
+    xpad = np.zeros((cin, n, ty * m + 2, tx * m + 2), dtype=dt)  # (Cin, N, Hp', Wp')
+    xpad[:, :, top : top + h, left : left + wd] = x.transpose(1, 0, 2, 3)
+    y = np.empty((n, cout, ty * m, tx * m), dtype=dt)  # (N, Cout, Ty*m, Tx*m)
+    yt = y.reshape(n, cout, ty, m, tx, m).transpose(3, 5, 1, 0, 2, 4)  # (m, m, Cout, N, Ty, Tx)
+    step = max(1, min(ty, _WINO_CHUNK_TILES // max(1, n * tx)))  # tile rows per chunk
+    st = xpad.strides
+    for t0 in range(0, ty, step):
+        t = min(step, ty - t0)
+        tiles = np.lib.stride_tricks.as_strided(
+            xpad[:, :, t0 * m :],
+            shape=(a, a, cin, n, t, tx),
+            strides=(st[2], st[3], st[0], st[1], m * st[2], m * st[3]),
+        )  # (a, a, Cin, N, t, Tx): tile (y, x) of channel c, overlapping windows
+        d = np.ascontiguousarray(tiles).reshape(a * a, cin * n * t * tx)  # (a*a, Cin*P)
+        v = (kb @ d).reshape(a * a, cin, n * t * tx)  # (a*a, Cin, P)  B^T d B
+        mm = np.matmul(u, v)  # (a*a, Cout, P)  sum over Cin of U . V
+        z = ka @ mm.reshape(a * a, cout * n * t * tx)  # (m*m, Cout*P)  A^T M A
+        yt[:, :, :, :, t0 : t0 + t] = z.reshape(m, m, cout, n, t, tx)
+    if b is not None and (ty * m, tx * m) == (ho, wo):
+        y += b.reshape(1, cout, 1, 1)
+        return y
+    y = y[:, :, :ho, :wo]  # (N, Cout, Ho, Wo)
+    return np.ascontiguousarray(y) if b is None else y + b.reshape(1, cout, 1, 1)
