@@ -1,0 +1,433 @@
+"""Shared scheduler machinery: config handling, beta schedules, timestep spacing, sigma tables.
+
+Precision policy (why the tables are float32): diffusers keeps ``betas`` / ``alphas_cumprod`` /
+``sigmas`` in float32 torch tensors and does the per-step scalar arithmetic (``alpha_prod_t **
+0.5`` ...) on float32 0-d tensors. To reach bit-level parity we mirror that: tables are numpy
+float32 arrays, per-step scalars are ``np.float32`` (NEP 50 keeps float32 op python-float in
+float32), and the set-up code that diffusers runs in numpy float64 (sigma interpolation, Karras
+ramps) runs in numpy float64 here too. Two torch kernels need care:
+
+* ``torch.linspace(a, b, n, dtype=float32)`` computes ``fma(step, i, a)`` from the float32 ``a``,
+  ``b`` and ``step = (b - a) / (n - 1)``, from the start for the first half and from the end for
+  the second half (:func:`linspace_f32`).
+* ``torch.cumprod`` on the CPU accumulates in float64 and rounds every partial product to
+  float32 (:func:`cumprod_f32`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backend import array_module
+from ..errors import ConfigError, InputError
+
+logger = logging.getLogger("minisd.schedulers")
+
+# Keys some diffusers scheduler accepts; a config for one scheduler is routinely used to build
+# another (SD ships a PNDM config), so these are ignored quietly (INFO), others with a WARNING.
+KNOWN_ELSEWHERE = {
+    "skip_prk_steps", "set_alpha_to_one", "clip_sample", "clip_sample_range", "steps_offset",
+    "variance_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+    "interpolation_type", "timestep_type", "final_sigmas_type", "sigma_min", "sigma_max",
+    "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+    "lambda_min_clipped", "predict_x0", "disable_corrector", "solver_p", "use_flow_sigmas",
+    "flow_shift", "rescale_betas_zero_snr", "use_dynamic_shifting", "time_shift_type",
+    "shift_terminal", "trained_betas", "timestep_spacing", "prediction_type",
+}  # fmt: skip
+
+COMMON_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+}
+
+
+class Config(dict):
+    """A read-only dict with attribute access: ``s.config.beta_schedule``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no key {name!r}") from None
+
+    def _readonly(self, *a, **k):
+        raise TypeError("scheduler config is read-only; build a new scheduler instead")
+
+    __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly  # type: ignore
+
+
+@dataclass
+class SchedulerOutput:
+    """What ``step`` returns: the next sample and the model's estimate of x_0 (when defined)."""
+
+    prev_sample: Any
+    pred_original_sample: Any = None
+
+
+def read_config(config) -> dict:
+    """A dict from a dict, a Config, or a path to a scheduler_config.json (file or folder)."""
+    if isinstance(config, dict):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "scheduler_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read scheduler config ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return data
+    raise ConfigError(f"config: expected a dict or a path, got {type(config).__name__}")
+
+
+def split_config(cls_name: str, defaults: dict, given: dict) -> dict:
+    """Defaults updated with the known keys of ``given``; unknown keys are noted and dropped."""
+    private = [k for k in given if k.startswith("_")]  # _class_name, _diffusers_version
+    unknown = sorted(k for k in given if k not in defaults and k not in private)
+    foreign = [k for k in unknown if k in KNOWN_ELSEWHERE]
+    strange = [k for k in unknown if k not in KNOWN_ELSEWHERE]
+    if foreign:
+        logger.info("%s: ignoring config keys used by other schedulers: %s", cls_name, foreign)
+    if strange:
+        logger.warning("%s: ignoring unknown config keys: %s", cls_name, strange)
+    out = dict(defaults)
+    out.update({k: v for k, v in given.items() if k in defaults})
+    return out
+
+
+# ----------------------------------------------------------------------------- beta schedules
+
+
+def linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """``torch.linspace(start, end, n, dtype=torch.float32)``, bit for bit (see module doc)."""
+    a, b = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([a], dtype=np.float32)
+    step = np.float64((b - a) / np.float32(n - 1))  # float32 step, exact in float64
+    i = np.arange(n, dtype=np.float64)  # (n,)
+    # a + step * i is exact in float64 (24 + 11 bits), so one rounding = torch's fma
+    head = np.float64(a) + step * i
+    tail = np.float64(b) - step * (n - 1 - i)
+    return np.where(i < n // 2, head, tail).astype(np.float32)  # (n,)
+
+
+def cumprod_f32(x: np.ndarray) -> np.ndarray:
+    """``torch.cumprod`` of a float32 vector on the CPU (float64 accumulator)."""
+    return np.cumprod(x.astype(np.float64)).astype(np.float32)
+
+
+def betas_for_alpha_bar(n: int, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2),
+    beta_i = min(1 - alpha_bar((i+1)/n) / alpha_bar(i/n), max_beta), s = 0.008."""
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return np.array(betas, dtype=np.float32)  # (n,)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, Algorithm 1: shift/scale sqrt(alpha_bar) so the last step has SNR 0."""
+    abar_sqrt = np.sqrt(cumprod_f32(np.float32(1.0) - betas))  # (n,)
+    a0, aT = abar_sqrt[0], abar_sqrt[-1]
+    abar_sqrt = (abar_sqrt - aT) * (a0 / (a0 - aT))
+    abar = abar_sqrt * abar_sqrt
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])  # (n,)
+    return (np.float32(1.0) - alphas).astype(np.float32)
+
+
+def make_betas(cfg) -> np.ndarray:
+    """beta_1..beta_T (float32) from ``beta_schedule`` / ``trained_betas``."""
+    n = int(cfg.num_train_timesteps)
+    if cfg.trained_betas is not None:
+        betas = np.asarray(cfg.trained_betas, dtype=np.float32)
+    elif cfg.beta_schedule == "linear":  # DDPM (Ho et al. 2020), sec. 4
+        betas = linspace_f32(cfg.beta_start, cfg.beta_end, n)
+    elif cfg.beta_schedule == "scaled_linear":  # latent diffusion: linear in sqrt(beta)
+        betas = linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
+    elif cfg.beta_schedule == "squaredcos_cap_v2":
+        betas = betas_for_alpha_bar(n)
+    else:
+        raise ConfigError(
+            f"beta_schedule={cfg.beta_schedule!r}: expected 'linear', 'scaled_linear' or "
+            "'squaredcos_cap_v2'"
+        )
+    if cfg.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+# ----------------------------------------------------------------------------- timesteps
+
+
+def spaced_timesteps(spacing: str, n_train: int, n: int, steps_offset: int = 0) -> np.ndarray:
+    """Descending timesteps (float64, not yet rounded for linspace) as diffusers' spacings.
+
+    leading:  0, r, 2r, ... with r = n_train // n, plus steps_offset (DDIM paper, SD default)
+    trailing: n_train, n_train - r, ... minus 1, r = n_train / n (Lin et al. 2024, table 2)
+    linspace: n points from 0 to n_train - 1
+    """
+    if spacing == "linspace":
+        return np.linspace(0, n_train - 1, n)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (n_train // n))[::-1].astype(np.float64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(n_train, 0, -n_train / n)) - 1
+    raise ConfigError(f"timestep_spacing={spacing!r}: expected 'linspace', 'leading' or 'trailing'")
+
+
+def check_num_steps(n, n_train: int, name: str = "num_inference_steps") -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise InputError(f"{name}={n!r}: expected a positive integer")
+    if n < 1:
+        raise InputError(f"{name}={n}: must be at least 1")
+    if n > n_train:
+        raise InputError(f"{name}={n}: cannot exceed the model's num_train_timesteps={n_train}")
+    return int(n)
+
+
+# ----------------------------------------------------------------------------- sigma tables
+
+
+def sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+    """The fractional training timestep whose sigma is ``sigma``: linear interpolation of
+    log sigma between the two neighbouring entries of the (float32) training table."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas  # (T,)
+    low = min(int(np.cumsum(dists >= 0).argmax()), len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]  # float32, as diffusers
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return float((1 - w) * low + w * (low + 1))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5:
+    sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho."""
+    ramp = np.linspace(0, 1, n)  # (n,)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho  # (n,)
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training step (float32)."""
+    return np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def threshold_sample(x, ratio: float, max_value: float):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen sec. 2.3): per sample, s = the
+    ``ratio`` quantile of |x|, clamped to [1, max_value]; x -> clip(x, -s, s) / s."""
+    xp = array_module(x)
+    b, c = x.shape[:2]
+    flat = x.reshape(b, -1)  # (B, C*H*W)
+    s = xp.quantile(xp.abs(flat), ratio, axis=1).astype(flat.dtype)  # (B,)
+    s = xp.clip(s, 1, max_value)[:, None]  # (B, 1)
+    return (xp.clip(flat, -s, s) / s).reshape(x.shape)  # (B, C, H, W)
+
+
+def draw_noise(like, *, rng=None, noise=None, dtype=None):
+    """One standard-normal tensor of ``like``'s shape, in ``like``'s dtype (or ``dtype``).
+
+    ``noise`` (an explicit array) wins; else ``rng.standard_normal(shape, dtype)`` (a numpy
+    Generator, or minisd.rng's torch-compatible one); else a fresh numpy Generator.
+    """
+    xp = array_module(like)
+    dtype = np.dtype(dtype or like.dtype)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(like.shape):
+            raise InputError(f"noise: shape {tuple(noise.shape)} != sample shape {like.shape}")
+        return xp.asarray(noise).astype(dtype, copy=False)
+    draw_dtype = dtype if dtype in (np.float32, np.float64) else np.float32
+    if rng is None:
+        rng = np.random.default_rng()
+    out = rng.standard_normal(tuple(like.shape), draw_dtype)
+    return xp.asarray(out).astype(dtype, copy=False)
+
+
+def as_index(t) -> int:
+    """A python int from an int / numpy scalar / 0-d array timestep."""
+    return int(np.asarray(t if not hasattr(t, "get") else t.get()).reshape(()))
+
+
+def bcast(v, ndim: int):
+    """(B,) coefficients -> (B, 1, 1, ...) to broadcast against an ndim-dimensional sample."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+# ----------------------------------------------------------------------------- base classes
+
+
+class Scheduler:
+    """Common surface: ``from_config``, ``config``, ``set_timesteps``, ``timesteps``,
+    ``init_noise_sigma``, ``scale_model_input``, ``step``, ``add_noise``, ``get_velocity``.
+
+    Loop protocol: call the model once per entry of ``timesteps`` (in order) and pass its output
+    to ``step`` with that entry; schedulers that need two model calls per step (Heun, PLMS's
+    first step, PNDM's warm-up) list the repeated timesteps themselves. ``order`` is diffusers'
+    model calls per solver step (Heun: 2), used to count steps for img2img strength.
+    """
+
+    DEFAULTS: dict = COMMON_DEFAULTS
+    order = 1
+    init_noise_sigma = 1.0
+
+    def __init__(self, **config):
+        cfg = split_config(type(self).__name__, self.DEFAULTS, config)
+        self.config = Config(cfg)
+        self._validate()
+        self.betas = make_betas(self.config)  # (T,) float32
+        self.alphas = np.float32(1.0) - self.betas  # (T,)
+        self.alphas_cumprod = cumprod_f32(self.alphas)  # alpha_bar_t, (T,)
+        self.timesteps = None
+        self.num_inference_steps = None
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """Build from a dict, a scheduler_config.json path, or another scheduler's config."""
+        if hasattr(config, "config") and isinstance(config.config, dict):
+            config = config.config
+        data = read_config(config)
+        data.update(overrides)
+        return cls(**data)
+
+    def _validate(self):
+        choices = getattr(self, "PREDICTION_TYPES", ("epsilon", "v_prediction", "sample"))
+        if self.config.prediction_type not in choices:
+            raise ConfigError(
+                f"prediction_type={self.config.prediction_type!r}: {type(self).__name__} "
+                f"supports {list(choices)}"
+            )
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                    "use_flow_sigmas", "use_dynamic_shifting"):  # fmt: skip
+            if self.config.get(key):
+                raise ConfigError(f"{key}=True is not supported by minisd")
+
+    def _require_timesteps(self):
+        if self.timesteps is None:
+            raise InputError(
+                f"{type(self).__name__}.step: call set_timesteps(num_inference_steps) first"
+            )
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+    def _abar_at(self, timesteps, like):
+        xp = array_module(like)
+        idx = np.asarray(timesteps if not hasattr(timesteps, "get") else timesteps.get())
+        idx = idx.astype(np.int64).reshape(-1)  # (B,)
+        abar = xp.asarray(self.alphas_cumprod[idx].astype(like.dtype))  # (B,)
+        sqrt_a = bcast(abar**0.5, like.ndim)  # (B, 1, 1, 1)
+        sqrt_1ma = bcast((1 - abar) ** 0.5, like.ndim)  # (B, 1, 1, 1)
+        return sqrt_a, sqrt_1ma
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """Forward process q(x_t | x_0), DDPM eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps.
+
+        Like diffusers, the float32 table is cast to the samples' dtype first."""
+        sqrt_a, sqrt_1ma = self._abar_at(timesteps, original_samples)
+        return sqrt_a * original_samples + sqrt_1ma * noise
+
+    def get_velocity(self, sample, noise, timesteps):
+        """v-prediction target (Salimans & Ho 2022, sec. 4):
+        v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        sqrt_a, sqrt_1ma = self._abar_at(timesteps, sample)
+        return sqrt_a * noise - sqrt_1ma * sample
+
+    def __len__(self):
+        return int(self.config.num_train_timesteps)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({dict(self.config)})"
+
+
+class SigmaScheduler(Scheduler):
+    """Schedulers on the sigma (variance-exploding) parametrization x = x_0 + sigma * eps
+    (Karras et al. 2022): the model sees x / sqrt(sigma^2 + 1); a step index tracks progress."""
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.sigmas = None
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """img2img: start from ``timesteps[begin_index]`` (diffusers' pipeline protocol)."""
+        self._begin_index = int(begin_index)
+
+    @property
+    def init_noise_sigma(self):
+        self._require_timesteps()
+        s = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return float(s)
+        return float(np.sqrt(s * s + np.float32(1.0)))
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of ``timestep`` in ``timesteps``; the second one when it appears twice
+        (so img2img starting mid-schedule does not skip a sigma), as diffusers."""
+        t = np.float64(as_index_f(timestep))
+        hits = np.nonzero(self.timesteps.astype(np.float64) == t)[0]
+        if len(hits) == 0:
+            raise InputError(f"timestep={timestep}: not in this scheduler's timesteps")
+        return int(hits[1] if len(hits) > 1 else hits[0])
+
+    def _init_step_index(self, timestep):
+        self._require_timesteps()
+        if self._step_index is None:
+            if self._begin_index is None:
+                self._step_index = self.index_for_timestep(timestep)
+            else:
+                self._step_index = self._begin_index
+
+    def scale_model_input(self, sample, timestep=None):
+        """c_in(sigma) = 1 / sqrt(sigma^2 + 1) (Karras et al. 2022, table 1, "VP" column)."""
+        self._init_step_index(timestep)
+        sigma = self.sigmas[self._step_index]
+        return sample / np.sqrt(sigma * sigma + np.float32(1.0)).astype(sample.dtype)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_sigma = x_0 + sigma * eps, sigma looked up by timestep (or begin_index)."""
+        xp = array_module(original_samples)
+        ts = np.asarray(timesteps if not hasattr(timesteps, "get") else timesteps.get())
+        ts = ts.reshape(-1)
+        if self._begin_index is None:
+            idx = [self.index_for_timestep(t) for t in ts]
+        else:
+            idx = [self._step_index if self._step_index is not None else self._begin_index] * len(
+                ts
+            )
+        sigma = xp.asarray(self.sigmas[idx].astype(original_samples.dtype))  # (B,)
+        return original_samples + noise * bcast(sigma, original_samples.ndim)
+
+
+def as_index_f(t) -> float:
+    """A python float from a scalar / 0-d array timestep (numpy or cupy)."""
+    return float(np.asarray(t if not hasattr(t, "get") else t.get()).reshape(()))

@@ -1,0 +1,250 @@
+"""DPM-Solver / DPM-Solver++ multistep (Lu et al. 2022: "DPM-Solver", NeurIPS 2022, and
+"DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models")."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+from .base import (
+    COMMON_DEFAULTS,
+    Scheduler,
+    SchedulerOutput,
+    check_num_steps,
+    karras_sigmas,
+    sigma_to_t,
+    threshold_sample,
+    train_sigmas,
+)
+
+
+def alpha_sigma(sigma):
+    """VP coefficients from the VE sigma: alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t;
+    lambda_t = log(alpha_t / sigma_t) is the half log-SNR of Lu et al."""
+    alpha = np.float32(1) / np.sqrt(sigma * sigma + np.float32(1))
+    return alpha, sigma * alpha
+
+
+class DPMSolverMultistepScheduler(Scheduler):
+    """Multistep DPM-Solver(++) of order 1-3 (deterministic variants only).
+
+    ``algorithm_type="dpmsolver++"`` works on data predictions x_0 (DPM-Solver++ Alg. 2),
+    ``"dpmsolver"`` on noise predictions (DPM-Solver eq. 3.7 / multistep Alg. 2 of the ++ paper).
+    The SDE variants are not implemented (ConfigError).
+    """
+
+    DEFAULTS = {
+        **COMMON_DEFAULTS,
+        "timestep_spacing": "linspace",
+        "solver_order": 2,
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "euler_at_final": False,
+        "use_karras_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "final_sigmas_type": "zero",
+        "lambda_min_clipped": -float("inf"),
+        "variance_type": None,
+        "rescale_betas_zero_snr": False,
+    }
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        cfg = self.config
+        if cfg.algorithm_type not in ("dpmsolver++", "dpmsolver"):
+            raise ConfigError(f"algorithm_type={cfg.algorithm_type!r}: minisd implements "
+                              "'dpmsolver++' and 'dpmsolver'")  # fmt: skip
+        if cfg.solver_type not in ("midpoint", "heun"):
+            raise ConfigError(f"solver_type={cfg.solver_type!r}: expected 'midpoint' or 'heun'")
+        if cfg.algorithm_type == "dpmsolver" and cfg.final_sigmas_type == "zero":
+            raise ConfigError("final_sigmas_type='zero' needs algorithm_type='dpmsolver++'")
+        if cfg.final_sigmas_type not in ("zero", "sigma_min"):
+            raise ConfigError(f"final_sigmas_type={cfg.final_sigmas_type!r}: expected "
+                              "'zero' or 'sigma_min'")  # fmt: skip
+        if cfg.rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = np.float32(2**-24)
+        a = self.alphas_cumprod
+        self.lambda_t = np.log(np.sqrt(a)) - np.log(np.sqrt(np.float32(1) - a))  # (T,)
+
+    def set_timesteps(self, num_inference_steps: int):
+        cfg = self.config
+        n_train = int(cfg.num_train_timesteps)
+        n = check_num_steps(num_inference_steps, n_train)
+        # timesteps with lambda below lambda_min_clipped are cut (cosine schedules)
+        lam_min = cfg.get("lambda_min_clipped", -float("inf"))
+        clipped = int(np.searchsorted(self.lambda_t[::-1], lam_min))
+        last = n_train - clipped
+        if cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        elif cfg.timestep_spacing == "leading":
+            ratio = last // (n + 1)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+            ts = ts + cfg.steps_offset
+        elif cfg.timestep_spacing == "trailing":
+            ts = np.arange(last, 0, -n_train / n).round().astype(np.int64) - 1
+        else:
+            raise ConfigError(f"timestep_spacing={cfg.timestep_spacing!r}: expected "
+                              "'linspace', 'leading' or 'trailing'")  # fmt: skip
+        table = train_sigmas(self.alphas_cumprod)  # (T,)
+        if cfg.use_karras_sigmas:  # Karras eq. 5, then back to (rounded) timesteps
+            lo = cfg.sigma_min if cfg.sigma_min is not None else table[0].item()
+            hi = cfg.sigma_max if cfg.sigma_max is not None else table[-1].item()
+            sigmas = karras_sigmas(lo, hi, n)
+            ts = np.array([sigma_to_t(s, np.log(table)) for s in sigmas])
+            if self._round_karras_timesteps():
+                ts = ts.round()
+        else:
+            sigmas = np.interp(ts, np.arange(0, len(table)), table)
+        self.sigmas = np.concatenate([sigmas, [self._final_sigma(sigmas)]]).astype(np.float32)
+        self.timesteps = ts.astype(np.int64)
+        self.num_inference_steps = len(ts)
+        self.model_outputs = [None] * cfg.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+
+    def _round_karras_timesteps(self) -> bool:
+        return self.config.beta_schedule != "squaredcos_cap_v2"
+
+    def _final_sigma(self, sigmas) -> float:
+        """The sigma after the last step: 0, or the smallest training sigma."""
+        if self.config.final_sigmas_type == "zero":
+            return 0.0
+        return float(train_sigmas(self.alphas_cumprod[:1])[0])
+
+    def _convert(self, model_output, sample, i):
+        """Model output -> x_0 (dpmsolver++) or eps (dpmsolver) at step i."""
+        cfg = self.config
+        alpha, sigma = alpha_sigma(self.sigmas[i])
+        kind = cfg.prediction_type
+        if cfg.variance_type in ("learned", "learned_range"):
+            model_output = model_output[:, :3]
+        if cfg.algorithm_type == "dpmsolver++":
+            if kind == "epsilon":
+                x0 = (sample - sigma * model_output) / alpha
+            elif kind == "sample":
+                x0 = model_output
+            else:
+                x0 = alpha * sample - sigma * model_output
+            if cfg.thresholding:
+                x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            return x0
+        if kind == "epsilon":
+            eps = model_output
+        elif kind == "sample":
+            eps = (sample - alpha * model_output) / sigma
+        else:
+            eps = alpha * model_output + sigma * sample
+        if cfg.thresholding:
+            x0 = (sample - sigma * eps) / alpha
+            x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            eps = (sample - alpha * x0) / sigma
+        return eps
+
+    def _lams(self, idx):
+        """(alpha, sigma, lambda) at each sigma index in idx."""
+        out = []
+        for j in idx:
+            a, s = alpha_sigma(self.sigmas[j])
+            with np.errstate(divide="ignore"):
+                out.append((a, s, np.log(a) - np.log(s)))
+        return out
+
+    def step(self, model_output, timestep, sample, **_):
+        """1. convert the output; 2. shift the history; 3. update of order
+        min(solver_order, warm-up count), lowered near the end as diffusers does."""
+        self._require_timesteps()
+        cfg = self.config
+        if self._step_index is None:
+            hits = np.nonzero(self.timesteps == int(np.asarray(timestep)))[0]
+            self._step_index = (
+                int(hits[1] if len(hits) > 1 else hits[0]) if len(hits) else len(self.timesteps) - 1
+            )
+        i, n = self._step_index, len(self.timesteps)
+        lower_final = i == n - 1 and (
+            cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+            or cfg.final_sigmas_type == "zero"
+        )  # fmt: skip
+        lower_second = i == n - 2 and cfg.lower_order_final and n < 15
+        m = self._convert(model_output, sample, i)
+        self.model_outputs = self.model_outputs[1:] + [m]
+        x = sample.astype(np.float32)
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
+            prev = self._first_order(x, m, i)
+        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
+            prev = self._second_order(x, i)
+        else:
+            prev = self._third_order(x, i)
+        self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
+        self._step_index += 1
+        x0 = m if cfg.algorithm_type == "dpmsolver++" else None
+        return SchedulerOutput(prev.astype(model_output.dtype, copy=False), x0)
+
+    def _first_order(self, x, m, i):
+        """DPM-Solver-1 = DDIM (++ paper eq. 5):
+        ++: x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) x0;
+        eps: x_t = (alpha_t / alpha_s) x - sigma_t (e^{h} - 1) eps;  h = lambda_t - lambda_s."""
+        (a_t, s_t, l_t), (a_s, s_s, l_s) = self._lams([i + 1, i])
+        h = l_t - l_s
+        one = np.float32(1.0)
+        if self.config.algorithm_type == "dpmsolver++":
+            return s_t / s_s * x - a_t * (np.exp(-h) - one) * m
+        return a_t / a_s * x - s_t * (np.exp(h) - one) * m
+
+    def _second_order(self, x, i):
+        """Multistep 2nd order (++ paper Alg. 2): D0 = m0, D1 = (m0 - m1) / r0, r0 = h_0 / h;
+        midpoint: - 0.5 alpha_t (e^{-h} - 1) D1; heun: + alpha_t ((e^{-h} - 1) / h + 1) D1."""
+        (a_t, s_t, l_t), (a_0, s_0, l_0), (_, _, l_1) = self._lams([i + 1, i, i - 1])
+        m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
+        h, h0 = l_t - l_0, l_0 - l_1
+        r0 = h0 / h
+        d0, d1 = m0, (np.float32(1.0) / r0) * (m0 - m1)
+        one, half = np.float32(1.0), np.float32(0.5)
+        if self.config.algorithm_type == "dpmsolver++":
+            em = np.exp(-h) - one
+            if self.config.solver_type == "midpoint":
+                return s_t / s_0 * x - a_t * em * d0 - half * (a_t * em) * d1
+            return s_t / s_0 * x - a_t * em * d0 + a_t * (em / h + one) * d1
+        ep = np.exp(h) - one
+        if self.config.solver_type == "midpoint":
+            return a_t / a_0 * x - s_t * ep * d0 - half * (s_t * ep) * d1
+        return a_t / a_0 * x - s_t * ep * d0 - s_t * (ep / h - one) * d1
+
+    def _third_order(self, x, i):
+        """Multistep 3rd order (DPM-Solver eq. / ++ appendix): D1 and D2 from three outputs."""
+        lams = self._lams([i + 1, i, i - 1, i - 2])
+        (a_t, s_t, l_t), (a_0, s_0, l_0), (_, _, l_1), (_, _, l_2) = lams
+        m0, m1, m2 = self.model_outputs[-1], self.model_outputs[-2], self.model_outputs[-3]
+        h, h0, h1 = l_t - l_0, l_0 - l_1, l_1 - l_2
+        r0, r1 = h0 / h, h1 / h
+        one, half = np.float32(1.0), np.float32(0.5)
+        d1_0, d1_1 = (one / r0) * (m0 - m1), (one / r1) * (m1 - m2)
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = one / (r0 + r1) * (d1_0 - d1_1)
+        if self.config.algorithm_type == "dpmsolver++":
+            em = np.exp(-h) - one
+            return (s_t / s_0 * x - a_t * em * m0 + a_t * (em / h + one) * d1
+                    - a_t * ((em + h) / (h * h) - half) * d2)  # fmt: skip
+        ep = np.exp(h) - one
+        return (a_t / a_0 * x - s_t * ep * m0 - s_t * (ep / h - one) * d1
+                - s_t * ((ep - h) / (h * h) - half) * d2)  # fmt: skip
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = alpha_t x_0 + sigma_t eps with alpha/sigma from this schedule's sigmas."""
+        from ..backend import array_module
+        from .base import bcast
+
+        xp = array_module(original_samples)
+        ts = np.asarray(timesteps).reshape(-1)
+        idx = [int(np.nonzero(self.timesteps == t)[0][0]) for t in ts]
+        sig = self.sigmas[idx].astype(original_samples.dtype)  # (B,)
+        a = 1 / np.sqrt(sig * sig + 1)
+        sa, ss = (
+            bcast(xp.asarray(a), original_samples.ndim),
+            bcast(xp.asarray(sig * a), original_samples.ndim),
+        )
+        return sa * original_samples + ss * noise
