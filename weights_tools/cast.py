@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from .folders import is_pipeline_folder, weights_paths
-from .stream import FLOAT_TAGS, LazyFile, cast_array, target_tag, write_tensors
+from .stream import FLOAT_TAGS, Lazy, LazyFile, cast_array, target_tag, write_tensors
 
 
 def cast(path, out, dtype):
@@ -48,8 +48,6 @@ def _cast_file(path, out, tag):
 
 def _producer(src, name, tag):
     def produce():
-        arr, _ = cast_array(src.raw(name), src.tag(name), tag, name, src.path)
-        src.release(name)
-        return arr
+        return cast_array(src.raw(name), src.tag(name), tag, name, src.path)[0]
 
-    return produce
+    return Lazy(produce, lambda: src.release(name))

@@ -19,7 +19,7 @@ from . import plan as pl
 from .configs import HINTS_KEY, infer_configs
 from .folders import COMPONENTS, read_folder_configs, text_prefix_of, weights_paths, write_configs
 from .schema import component_shapes
-from .stream import FLOAT_TAGS, LazyFile, cast_array, target_tag, write_tensors
+from .stream import FLOAT_TAGS, Lazy, LazyFile, cast_array, target_tag, write_tensors
 
 PARTS = ("unet", "vae", "text_encoder")
 
@@ -144,12 +144,13 @@ def _item(src, move, tag):
 
     def produce():
         arr = pl.apply(move, [src.raw(k) for k in keys])
-        arr, _ = cast_array(arr, source_tag, tag, move.dst, src.path)
+        return cast_array(arr, source_tag, tag, move.dst, src.path)[0]
+
+    def release():
         for k in keys:
             src.release(k)
-        return arr
 
-    return move.dst, out_tag, shape, produce
+    return move.dst, out_tag, shape, Lazy(produce, release)
 
 
 def to_original(folder, out_file, dtype=None):

@@ -207,13 +207,26 @@ class SafetensorsWriter:
         return False
 
 
+class Lazy:
+    """A tensor computed when it is written; ``release()`` then frees its sources' pages."""
+
+    def __init__(self, produce, release=None):
+        self.produce, self.release = produce, release or (lambda: None)
+
+    def __call__(self):
+        return self.produce()
+
+
 def write_tensors(path, items, metadata=None):
     """Write ``[(name, tag, shape, value)]`` as one safetensors file, streaming.
 
     ``value`` is an array already in dtype ``tag`` or a zero-argument function returning it,
-    called only when that tensor is written (so one converted tensor is alive at a time).
+    called only when that tensor is written (so one converted tensor is alive at a time); a
+    :class:`Lazy` value is released once its bytes are written.
     """
     items = list(items)
     with SafetensorsWriter(path, [(n, t, s) for n, t, s, _ in items], metadata) as w:
         for name, _, _, value in items:
             w.write(name, value() if callable(value) else value)
+            if isinstance(value, Lazy):
+                value.release()
