@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops, trace
+from . import blocks, ops, trace
 from .backend import array_module, resolve_dtype
-from .blocks import lin, ln
+from .blocks import ln
 from .errors import ConfigError, InputError, WeightsError
 from .weights import check_keys, find_weights, flatten, load_file, nest, read_config
 
@@ -102,6 +102,13 @@ def strip_prefix(flat, source):
 
 
 # --------------------------------------------------------------------------- layers
+
+
+def lin(x, p):
+    """A Linear module on (..., in) as a single 2-D GEMM: numpy's stacked (3-D) matmul runs
+    the batch as separate, smaller GEMMs and is up to 2x slower here."""
+    y = blocks.lin(x.reshape(-1, x.shape[-1]), p)  # (N*L, out)
+    return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
 def embeddings(ids, p, positions):
