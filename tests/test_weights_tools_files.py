@@ -81,6 +81,25 @@ def test_bad_files_give_errors_that_name_the_file(tiny, tmp_path):
         assert code == 2, f"{case}: the CLI reports errors with exit status 2"
 
 
+def test_bad_component_file_in_a_folder_is_named(tiny, tmp_path):
+    import shutil
+
+    folder, _ = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    unet = bad / UNET
+    unet.write_bytes(unet.read_bytes()[:1000])  # truncated
+    for run in (
+        lambda: wt.to_original(bad, tmp_path / "x.safetensors"),
+        lambda: wt.inspect(bad),
+        lambda: wt.verify(folder, bad),
+        lambda: wt.cast(bad, tmp_path / "c", "fp16"),
+    ):
+        with pytest.raises(MinisdError, match=str(unet)):
+            run()
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_pickle_is_refused_with_a_way_out(tmp_path):
     path = tmp_path / "x.ckpt"
     path.write_bytes(b"\x80\x04K\x01.")

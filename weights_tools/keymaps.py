@@ -44,6 +44,8 @@ def rename_legacy_vae_attention(flat):
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1.x: OpenAI CLIP ViT-L/14
+# Some early SD1 files lack the "text_model." level (diffusers strips either prefix).
+CLIP_PREFIX_OLD = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP ViT-H/14
 EMA_PREFIX = "model_ema."  # full checkpoints: EMA copy of the UNet, dots removed from names
 # Second layout of diffusers' CLIP text encoder files (transformers < 5.6 saved this prefix).

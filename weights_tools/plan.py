@@ -87,8 +87,11 @@ def from_original(shapes, text_layers=None, *, extract_ema=False, text_prefix=""
             dst = km.rename(key[len(km.VAE_PREFIX) :], vae)
             if dst is not None and dst.endswith(km.VAE_ATTENTION_CONV) and len(shapes[key]) > 2:
                 op = "to2d"
-        elif part == "text_encoder" and key.startswith(km.CLIP_PREFIX):
-            dst = key[len(km.CLIP_PREFIX) :]
+        elif part == "text_encoder" and not key.startswith(km.OPENCLIP_PREFIX):
+            dst = key[len(km.CLIP_PREFIX_OLD) :].removeprefix("text_model.")
+            if dst == "embeddings.position_ids":  # a buffer (older SD1 layout)
+                skipped["unused"].append(key)
+                continue
         elif part == "text_encoder":
             moves = _openclip_key(key[len(km.OPENCLIP_PREFIX) :], openclip, top, layers)
             if moves == "unused":
