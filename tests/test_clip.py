@@ -270,3 +270,24 @@ def test_full_size_every_layer(full, dtype):
         want = to_np(ref.final_layer_norm(out.hidden_states[-2]))
     errs["clip_skip=1"] = assert_rel(ours.encode(ids, clip_skip=1), want, TOL[dtype], "skip")
     print(f"{name} {dtype}: max rel. error {max(errs.values()):.2e} over {len(errs)} outputs")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_backends(tiny, xp, dtype):
+    """The same forward on each array backend (CuPy only where a GPU exists)."""
+    torch = need("torch")
+    from minisd.backend import to_numpy
+
+    _, model, folder = tiny
+    te = CLIPTextModel.from_pretrained(folder, dtype=dtype, device="cpu" if xp is np else "cuda")
+    ids = tiny_ids(te.config)
+    last, states = te(ids, output_hidden_states=True)
+    assert type(last) is xp.ndarray and len(states) == te.config.num_hidden_layers + 1
+    ref = copy.deepcopy(model).to(getattr(torch, dtype))
+    with torch.no_grad():
+        out = ref(torch.from_numpy(ids))
+    assert_rel(to_numpy(last), to_np(out.last_hidden_state), TOL[dtype], xp.__name__)
+    pooled = to_numpy(te.pooled_output(ids, last))
+    assert_rel(pooled, to_np(out.pooler_output), TOL[dtype], "pooled")
+    emb = encode_long(te, ids[None], clip_skip=1)  # (1, 3*77, D) on the device
+    assert type(emb) is xp.ndarray and emb.shape == (1, 3 * 77, te.config.hidden_size)
