@@ -319,6 +319,7 @@ def test_in_memory_conversion_for_the_pipeline(ref):
             "block_out_channels" if part != "text_encoder" else "hidden_size"
         ] == (list(want["block_out_channels"]) if part != "text_encoder" else want["hidden_size"])
     flat = load_file(single)
+    _assert_same_tensors(folder, wt.original_to_diffusers(flat, folder))  # config= a folder
     conv = wt.original_to_diffusers(flat, wt.infer_configs(flat, hints=read_header(single)[1]))
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert np.shares_memory(conv["unet"]["conv_in.weight"], flat[key]), "renames copy nothing"

@@ -100,6 +100,28 @@ def test_bad_component_file_in_a_folder_is_named(tiny, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_tensors_that_do_not_fit_the_architecture(tiny, tmp_path):
+    _, single = tiny
+    flat = dict(load_file(single))
+    shape = {**flat, "model.diffusion_model.out.2.bias": np.zeros(3, np.float32)}  # needs 4
+    missing = {k: v for k, v in flat.items() if "encoder.down.0.block.0.norm1.bias" not in k}
+    arch = {k: v for k, v in flat.items() if not k.endswith("encoder.conv_in.weight")}
+    for case, data, what in (
+        ("shape", shape, "'conv_out.bias' has shape"),
+        ("missing", missing, "missing key 'encoder.down_blocks.0.resnets.0.norm1.bias'"),
+        ("arch", arch, "missing key 'first_stage_model.encoder.conv_in.weight'"),
+    ):
+        path = tmp_path / f"{case}.safetensors"
+        write_tensors(path, [(k, "F32", v.shape, v) for k, v in data.items()])
+        for run in (
+            lambda path=path: wt.to_diffusers(path, tmp_path / "out"),
+            lambda path=path: wt.load_single_file(path),
+        ):
+            with pytest.raises(MinisdError) as err:
+                run()
+            assert str(path) in str(err.value) and what in str(err.value), case
+
+
 def test_pickle_is_refused_with_a_way_out(tmp_path):
     path = tmp_path / "x.ckpt"
     path.write_bytes(b"\x80\x04K\x01.")

@@ -258,16 +258,25 @@ def _text_from_shapes(shapes, layout):
     )
 
 
-def infer_configs(flat, *, config=None, prediction_type=None, hints=None):
+def infer_configs(flat, *, config=None, prediction_type=None, hints=None, source=None):
     """Diffusers configs for an original-layout checkpoint (``flat``: {name: array or shape}).
 
     Returns {"family", "unet", "vae", "text_encoder", "scheduler", "tokenizer": {"pad_token"},
     "model_index", "text_layout", "source"}. ``config``: a diffusers folder whose configs are used
     (they must agree with the tensors); ``hints``: configs stored by to_original in the file's
     metadata (a dict, or the metadata dict holding ``minisd_configs``); ``prediction_type``
-    overrides the scheduler's.
+    overrides the scheduler's. ``source`` (a file name) is named in error messages.
     """
-    shapes = shapes_of(flat)
+    try:
+        return _infer(shapes_of(flat), config, prediction_type, hints)
+    except (WeightsError, ConfigError) as e:
+        msg = str(e)
+        if source is not None and msg.startswith("checkpoint:"):
+            raise type(e)(f"{source}:{msg[len('checkpoint:') :]}") from None
+        raise
+
+
+def _infer(shapes, config, prediction_type, hints):
     layout = text_layout(shapes)
     if layout is None:
         raise WeightsError("checkpoint: no text encoder (cond_stage_model.*) keys")

@@ -69,15 +69,20 @@ class _Shaped(dict):
         return self._S(super().__getitem__(key))
 
 
-def original_to_diffusers(flat, configs=None, *, extract_ema=False, text_prefix=""):
+def original_to_diffusers(
+    flat, config=None, *, extract_ema=False, text_prefix="", source="checkpoint"
+):
     """In memory: {original name: array} -> {"unet": flat, "vae": flat, "text_encoder": flat}.
 
-    ``configs``: from :func:`weights_tools.configs.infer_configs` (inferred when None). Arrays
-    are views of the inputs where possible (renames, reshapes and q/k/v row slices copy nothing).
+    ``config``: the dict :func:`weights_tools.configs.infer_configs` returns, or a diffusers
+    folder whose configs to use, or None (inferred from the shapes). Arrays are views of the
+    inputs where possible (renames, reshapes and q/k/v row slices copy nothing).
     """
     shapes = {k: tuple(v.shape) for k, v in flat.items()}
-    configs = configs or infer_configs(shapes)
-    plans, _ = _plan(shapes, configs, extract_ema, text_prefix, "checkpoint")
+    if not isinstance(config, dict):
+        config = infer_configs(shapes, config=config, source=source)
+    configs = config
+    plans, _ = _plan(shapes, configs, extract_ema, text_prefix, source)
     return {
         part: {m.dst: pl.apply(m, [flat[k] for _, k in m.src]) for m in moves}
         for part, moves in plans.items()
@@ -94,8 +99,10 @@ def load_single_file(path, config=None, prediction_type=None, extract_ema=False)
     path = Path(path)
     _, meta, _, _ = read_header(path)
     flat = load_file(path)
-    configs = infer_configs(flat, config=config, prediction_type=prediction_type, hints=meta)
-    parts = original_to_diffusers(flat, configs, extract_ema=extract_ema)
+    configs = infer_configs(
+        flat, config=config, prediction_type=prediction_type, hints=meta, source=path
+    )
+    parts = original_to_diffusers(flat, configs, extract_ema=extract_ema, source=path)
     out = {part: (configs[part], parts[part]) for part in PARTS}
     tok = Path(config) / "tokenizer" if config is not None else None
     out.update(
@@ -121,7 +128,7 @@ def to_diffusers(
     src = LazyFile(single_file)
     shapes = {k: src.shape(k) for k in src.tensors}
     configs = infer_configs(
-        shapes, config=config, prediction_type=prediction_type, hints=src.metadata
+        shapes, config=config, prediction_type=prediction_type, hints=src.metadata, source=src.path
     )
     text_prefix = _text_prefix(config)
     plans, _ = _plan(shapes, configs, extract_ema, text_prefix, src.path)

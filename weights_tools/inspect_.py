@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from minisd.errors import MinisdError, WeightsError
-from minisd.weights import read_config, read_header
+from minisd.weights import find_weights, read_config, read_header
 
 from .configs import HINTS_KEY, component_of, family_of, infer_configs
 from .folders import COMPONENTS, is_pipeline_folder, weights_paths
@@ -128,7 +128,7 @@ def _inspect_folder(folder):
     unet_cfg = read_config(folder / "unet" / "config.json")
     if unet_cfg.get("_class_name") == "UNet2DModel":
         out["family"] = "unconditional"
-        paths = {"unet": folder / "unet"}
+        paths = {"unet": find_weights(folder / "unet", names=(COMPONENTS["unet"][1],))}
     else:
         paths = weights_paths(folder)
         text = read_config(folder / "text_encoder" / "config.json")
@@ -137,8 +137,6 @@ def _inspect_folder(folder):
         out.update(family=family_of(unet_cfg, text, pred), prediction_type=pred)
     out["components"] = {}
     for part, p in paths.items():
-        if Path(p).is_dir():
-            continue
         tensors = read_header(p)[0]
         shapes = {k: t[1] for k, t in tensors.items()}
         out["components"][part] = _stats(
