@@ -18,11 +18,14 @@ from .backend import array_module
 
 
 def linear(x, w, b=None):
-    """y = x W^T + b.  x (..., in), w (out, in), b (out,) -> (..., out)."""
-    y = x @ w.T  # (..., out)
+    """y = x W^T + b.  x (..., in), w (out, in), b (out,) -> (..., out).
+
+    Leading axes are folded into one so BLAS sees a single 2-D GEMM (numpy's batched matmul
+    over a 3-D x is up to 2x slower)."""
+    y = x.reshape(-1, x.shape[-1]) @ w.T  # (prod(...), out)
     if b is not None:
         y += b
-    return y
+    return y.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
 def _pads(padding):
