@@ -13,7 +13,6 @@ import inspect
 
 from tqdm.auto import tqdm
 
-from . import image as imageproc
 from .blocks import upsample_nearest
 from .pipeline_steps import (
     draw,
@@ -94,11 +93,8 @@ def _start(sched, state, steps, strength):
 def _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng):
     xp = pipe.xp
     ts = _start(sched, state, steps, strength)
-    init = xp.asarray(
-        imageproc.preprocess(
-            image, height=shape[2] * pipe.vae_scale_factor, width=shape[3] * pipe.vae_scale_factor
-        )
-    )
+    hw = (shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor)
+    init = xp.asarray(pipe.image_processor.preprocess(image, height=hw[0], width=hw[1]))
     z0 = encode_image_latents(pipe, init.astype(pipe.dtype), rng)  # (n, 4, h, w)  draw 1
     z0 = tile_to(z0, shape[0], "image")  # (B, 4, h, w)
     noise = draw(pipe, rng, shape)  # draw 2
@@ -115,8 +111,9 @@ def _inpaint_latents(
     xp, dt = pipe.xp, pipe.dtype
     ts = _start(sched, state, steps, strength)
     hw = (shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor)
-    init = xp.asarray(imageproc.preprocess(image, height=hw[0], width=hw[1])).astype(dt)
-    mask_c = xp.asarray(imageproc.preprocess_mask(mask_image, height=hw[0], width=hw[1]))
+    init = xp.asarray(pipe.image_processor.preprocess(image, height=hw[0], width=hw[1]))
+    init = init.astype(dt)
+    mask_c = xp.asarray(pipe.mask_processor.preprocess(mask_image, height=hw[0], width=hw[1]))
     nine = pipe.unet.config.in_channels == 9
     strength_max = strength == 1.0
     z_img = None

@@ -44,6 +44,8 @@ class StableDiffusion:
         self.device = device
         self.xp = get_xp(device)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = imageproc.ImageProcessor(self.vae_scale_factor)
+        self.mask_processor = imageproc.mask_processor(self.vae_scale_factor)
         name = _CLASS_TO_NAME.get(self.scheduler_config.get("_class_name"), "pndm")
         self.scheduler = self.make_scheduler(name)
 
@@ -196,7 +198,7 @@ class StableDiffusion:
         if output_type == "latent":
             return to_numpy(lat)
         decoded = self.vae.decode(lat / self.vae.config.scaling_factor)  # (N, 3, H, W)
-        return imageproc.postprocess(to_numpy(decoded), output_type=output_type)
+        return self.image_processor.postprocess(to_numpy(decoded), output_type=output_type)
 
     def _resolve_size(self, height, width, image):
         """Defaults as diffusers: txt2img uses unet.sample_size * 8 (512 for SD1.x, 768 for
