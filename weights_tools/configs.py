@@ -293,15 +293,7 @@ def _infer(shapes, config, prediction_type, hints):
             if part in given:
                 out[part] = _checked(out[part], given[part], part, source, config)
     pred = prediction_type or given.get("scheduler", {}).get("prediction_type")
-    if pred is None:
-        pred = "v_prediction" if sd2 else "epsilon"
-        if sd2:
-            warnings.warn(
-                "SD2.x checkpoint: v-prediction (768-v) vs epsilon (512-base) cannot be seen in "
-                "the weights; assuming prediction_type='v_prediction' as diffusers does. Pass "
-                "prediction_type='epsilon' (or config=<diffusers folder>) for SD2-base models.",
-                stacklevel=2,
-            )
+    pred = pred or _default_prediction(sd2, out["unet"]["in_channels"])
     if "scheduler" in given:
         out["scheduler"] = {**given["scheduler"], "prediction_type": pred}
     else:
@@ -317,6 +309,20 @@ def _infer(shapes, config, prediction_type, hints):
     out["family"] = family_of(out["unet"], out["text_encoder"], pred)
     out["text_layout"], out["source"] = layout, source
     return out
+
+
+def _default_prediction(sd2, in_channels):
+    """What diffusers assumes when nothing says (single_file_utils._legacy_load_scheduler): SD2
+    text-to-image checkpoints predict v (SD2.x 768-v), everything else epsilon."""
+    if not sd2 or in_channels != 4:
+        return "epsilon"
+    warnings.warn(
+        "SD2.x checkpoint: v-prediction (768-v) vs epsilon (512-base) cannot be seen in the "
+        "weights; assuming prediction_type='v_prediction' as diffusers does. Pass "
+        "prediction_type='epsilon' (or config=<diffusers folder>) for SD2-base models.",
+        stacklevel=5,
+    )
+    return "v_prediction"
 
 
 def _given_configs(config, hints):

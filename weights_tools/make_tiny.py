@@ -73,20 +73,17 @@ def tiny_configs(family="sd1"):
 
 
 def full_size_configs(family="sd1"):
-    """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"."""
-    if family not in ("sd1", "sd2-v", "inpaint"):
-        raise InputError(f"family={family!r}: expected sd1, sd2-v or inpaint")
-    sd2 = family == "sd2-v"
-    unet = C.unet_config(in_channels=9 if family == "inpaint" else 4)
+    """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"
+    (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px)."""
+    if family not in ("sd1", "sd2-v", "inpaint", "sd2-inpaint"):
+        raise InputError(f"family={family!r}: expected sd1, sd2-v, inpaint or sd2-inpaint")
+    sd2, v = family.startswith("sd2"), family == "sd2-v"
+    unet = C.unet_config(in_channels=9 if family.endswith("inpaint") else 4)
     text = C.text_encoder_config()
     vae = C.vae_config()
     if sd2:
         unet.update(
-            cross_attention_dim=1024,
-            use_linear_projection=True,
-            sample_size=96,
-            attention_head_dim=[5, 10, 20, 20],
-            upcast_attention=True,
+            cross_attention_dim=1024, use_linear_projection=True, attention_head_dim=[5, 10, 20, 20]
         )
         text.update(
             hidden_size=1024,
@@ -96,8 +93,10 @@ def full_size_configs(family="sd1"):
             hidden_act="gelu",
             projection_dim=512,
         )
+    if v:
+        unet.update(sample_size=96, upcast_attention=True)
         vae["sample_size"] = 768
-    sched = C.scheduler_config("v_prediction" if sd2 else "epsilon")
+    sched = C.scheduler_config("v_prediction" if v else "epsilon")
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
 
 
