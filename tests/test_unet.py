@@ -1,0 +1,377 @@
+"""UNet2DConditionModel against diffusers: every named module's output and the final eps.
+
+Reference precision island (documented here and in minisd/unet_blocks.time_embedding):
+diffusers builds the sinusoidal timestep embedding (``time_proj``) in float32 even in a float64
+model, and torch's vectorized float32 sin/cos (and exp, for a few of the 160 frequencies of
+SD's 320-wide embedding) are not correctly rounded, while minisd's are. So in float64 runs
+``time_proj`` is held to 2.5e-7 (1-2 float32 ulp of values in [-1, 1]) plus t * 2^-23 (one ulp
+of a frequency f < 1 moves the float32 argument t * f by up to t * 2^-23), as tests/test_ops.py
+does; the reference is then fed minisd's own ``time_proj`` output (a forward hook), so every
+later layer is held to 1e-10.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import shutil
+
+import numpy as np
+import pytest
+from refharness import (
+    TOL,
+    assert_rel,
+    collect_outputs,
+    compare_traces,
+    need,
+    randomize_,
+    rel_err,
+    save_pretrained,
+    to_np,
+    torch_dtype,
+)
+from test_unet_blocks import traced_names
+
+import minisd
+from minisd import ops
+from minisd.errors import ConfigError, InputError, WeightsError
+from minisd.unet import UNet2DConditionModel, UNetConfig, param_shapes
+from minisd.weights import RecordingDict, load_file, save_file
+
+
+def time_proj_bound(t):
+    """max |ours - torch| of time_proj: 1-2 ulp of sin/cos values, plus t * ulp(frequency)."""
+    return 2.5e-7 + float(np.max(t)) * 2.0**-23
+
+
+DTYPES = ["float64", "float32"]
+
+_TINY_SD1 = dict(
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,  # SD1 meaning: 4 heads in every block
+    norm_num_groups=8,
+)
+TINY = {
+    "sd1": _TINY_SD1,
+    "sd2": {  # SD2: linear projections, heads per block (16 channels each), upcast attention
+        **_TINY_SD1,
+        "layers_per_block": 1,
+        "attention_head_dim": (2, 4, 4),
+        "use_linear_projection": True,
+        "upcast_attention": True,
+        "cross_attention_dim": 48,
+    },
+    "inpaint": {**_TINY_SD1, "in_channels": 9},
+}
+# case: (tiny model, batch, (h, w), timestep, ControlNet residuals?)
+CASES = {
+    "sd1_8x8": ("sd1", 2, (8, 8), 500, False),
+    "sd1_12x20": ("sd1", 1, (12, 20), 999, False),
+    "sd1_odd_13x19": ("sd1", 2, (13, 19), 1, False),  # forward_upsample_size
+    "sd2_batch3_per_item_t": ("sd2", 3, (8, 12), np.array([1.5, 500.0, 999.0]), False),
+    "inpaint_9ch": ("inpaint", 2, (16, 8), np.array([250]), False),
+    "sd1_controlnet": ("sd1", 2, (12, 12), np.array([3, 900]), True),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(ref_cache):
+    """name -> (randomized float32 diffusers model, its save_pretrained folder)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch, diffusers = need("torch", "diffusers")
+            torch.manual_seed(0)
+            ref = randomize_(diffusers.UNet2DConditionModel(**TINY[name]), seed=1).eval()
+            cache[name] = (ref, save_pretrained(ref, ref_cache / f"unet_{name}"))
+        return cache[name]
+
+    return get
+
+
+def rand(*shape, seed=0):
+    return np.random.RandomState(seed).standard_normal(shape)
+
+
+def skip_shapes(cfg, n, h, w):
+    """Shapes of the skip states (ControlNet's down residuals) and of the mid block output."""
+    shapes = [(n, cfg.block_out_channels[0], h, w)]
+    for i, c in enumerate(cfg.block_out_channels):
+        shapes += [(n, c, h, w)] * cfg.layers_per_block[i]
+        if i < len(cfg.block_out_channels) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            shapes.append((n, c, h, w))
+    return shapes, (n, cfg.block_out_channels[-1], h, w)
+
+
+def compare_whole(ours, ref, our_args, ref_args, dtype, *, ref_kwargs=None):
+    """Run both models and compare the output and every traced module; in float64, apply the
+    time_proj island rule of the module docstring. Returns the per-layer errors."""
+    torch = need("torch")
+    with minisd.trace() as acts:
+        out = ours(*our_args)
+    with torch.no_grad(), collect_outputs(ref) as racts:
+        hook = None
+        if dtype == "float64":  # registered after collect_outputs' hook: that one sees torch's
+            ours_tp = torch.from_numpy(acts["time_proj"])
+            hook = ref.time_proj.register_forward_hook(lambda m, i, o: ours_tp)
+        try:
+            r = ref(*ref_args, **(ref_kwargs or {})).sample
+        finally:
+            if hook is not None:
+                hook.remove()
+    names = traced_names(ref, racts)
+    assert not set(acts) - set(racts), f"names no diffusers module has: {set(acts) - set(racts)}"
+    tol = TOL[dtype]
+    if dtype == "float64":
+        assert acts["time_proj"].dtype == np.float32
+        err = np.abs(acts["time_proj"] - racts["time_proj"]).max()
+        assert err <= time_proj_bound(our_args[1]), f"time_proj: {err:.2e}"
+        names.remove("time_proj")
+    errs = compare_traces(acts, racts, tol, names)
+    errs["<output>"] = assert_rel(out, to_np(r), tol, "output")
+    assert out.dtype == np.dtype(dtype)
+    return errs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_layer_matches_diffusers(tiny, case, dtype):
+    torch = need("torch")
+    name, n, (h, w), t, controlnet = CASES[case]
+    ref, folder = tiny(name)
+    ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
+    ref = copy.deepcopy(ref).to(torch_dtype(dtype))
+    cfg = ours.config
+    x = rand(n, cfg.in_channels, h, w).astype(dtype)
+    ctx = rand(n, 7, cfg.cross_attention_dim[0], seed=1).astype(dtype)
+    our_args, kw = [x, t, ctx], {}
+    if controlnet:
+        downs, mid = skip_shapes(cfg, n, h, w)
+        res = [rand(*s, seed=10 + i).astype(dtype) for i, s in enumerate(downs)]
+        mid = rand(*mid, seed=9).astype(dtype)
+        our_args += [res, mid]
+        kw = dict(
+            down_block_additional_residuals=tuple(torch.from_numpy(r) for r in res),
+            mid_block_additional_residual=torch.from_numpy(mid),
+        )
+    tt = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
+    errs = compare_whole(
+        ours, ref, our_args, [torch.from_numpy(x), tt, torch.from_numpy(ctx)], dtype, ref_kwargs=kw
+    )
+    assert len(errs) > 100  # every resnet / attention / transformer submodule was compared
+
+
+def test_time_proj_is_a_float32_precision_island(tiny):
+    """time_proj is float32 in a float64 model (as diffusers), within the bound of torch's."""
+    torch = need("torch")
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = np.arange(0, 1000, 7)
+    for flip, shift in [(True, 0), (False, 1)]:
+        ours = ops.timestep_embedding(t, 320, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+        ref = get_timestep_embedding(torch.from_numpy(t), 320, flip, shift)
+        assert ours.dtype == np.float32
+        err = np.abs(ours - to_np(ref)).max()
+        assert err <= time_proj_bound(t), f"time_proj: {err:.2e}"
+        small = np.abs(ours[:15] - to_np(ref)[:15]).max()  # t < 100: sin/cos rounding dominates
+        assert small <= 2.5e-7 + 100 * 2.0**-23, f"time_proj (t < 100): {small:.2e}"
+    ref, folder = tiny("sd1")
+    unet = UNet2DConditionModel.from_pretrained(folder, dtype="float64")
+    with minisd.trace() as acts:
+        unet(rand(1, 4, 8, 8), 321, rand(1, 3, 32))
+    assert acts["time_proj"].dtype == np.float32
+    assert acts["time_embedding.linear_1"].dtype == np.float64
+
+
+# --------------------------------------------------------------------------- keys and errors
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_every_checkpoint_key_is_read(tiny, name):
+    """A forward pass reads every key of the checkpoint, and nothing else (a read of a missing
+    key would raise KeyError)."""
+    _, folder = tiny(name)
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    keys = set(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    unet.params = RecordingDict(unet.params)
+    unet(rand(2, unet.config.in_channels, 8, 8), 10, rand(2, 5, unet.config.cross_attention_dim[0]))
+    assert unet.params.reads == keys
+
+
+def _ref_config(name):
+    return {**TINY[name]} if name in TINY else FULL[name]
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "inpaint", "sd15", "sd21"])
+def test_key_table_matches_diffusers(name):
+    """param_shapes(config) is exactly diffusers' state dict (built on the meta device)."""
+    torch, diffusers = need("torch", "diffusers")
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**_ref_config(name))
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert param_shapes(UNetConfig.from_dict(dict(ref.config))) == expected
+
+
+def test_in_memory_constructor_flat_or_nested(tiny):
+    ref, _ = tiny("sd2")
+    flat = {k: to_np(v) for k, v in ref.state_dict().items()}
+    a = UNet2DConditionModel(dict(ref.config), flat)
+    b = UNet2DConditionModel(dict(ref.config), a.params, dtype="float64")
+    x, ctx = rand(2, 4, 8, 8), rand(2, 3, 48)
+    assert b.dtype == np.float64 and a.dtype == np.float32
+    assert rel_err(a(x, 7, ctx), b(x, 7, ctx)) < 1e-5
+
+
+def _copy_folder(folder, tmp_path, change):
+    dst = tmp_path / "unet"
+    shutil.copytree(folder, dst)
+    path = dst / "diffusion_pytorch_model.safetensors"
+    flat = {k: np.array(v) for k, v in load_file(path).items()}
+    change(flat)
+    save_file(flat, path)
+    return dst, path
+
+
+def test_missing_key_names_file_and_key(tiny, tmp_path):
+    _, folder = tiny("sd1")
+    key = "mid_block.attentions.0.proj_in.weight"
+    dst, path = _copy_folder(folder, tmp_path, lambda f: f.pop(key))
+    with pytest.raises(WeightsError, match=key) as e:
+        UNet2DConditionModel.from_pretrained(dst)
+    assert str(path) in str(e.value)
+
+
+def test_misshapen_key_names_file_and_key(tiny, tmp_path):
+    _, folder = tiny("sd1")
+    key = "down_blocks.1.resnets.0.conv1.weight"
+
+    def change(flat):
+        flat[key] = flat[key][:, :-1]
+
+    dst, path = _copy_folder(folder, tmp_path, change)
+    with pytest.raises(WeightsError, match=key) as e:
+        UNet2DConditionModel.from_pretrained(dst)
+    assert str(path) in str(e.value) and "shape" in str(e.value)
+
+
+def test_unsupported_config_is_refused(tiny, tmp_path):
+    _, folder = tiny("sd1")
+    dst = tmp_path / "unet"
+    shutil.copytree(folder, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["class_embed_type"] = "timestep"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="class_embed_type") as e:
+        UNet2DConditionModel.from_pretrained(dst)
+    assert "config.json" in str(e.value)
+
+
+def test_input_errors(tiny):
+    _, folder = tiny("sd1")
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    x, ctx = rand(2, 4, 8, 8), rand(2, 5, 32)
+    with pytest.raises(InputError, match="in_channels=4"):
+        unet(rand(2, 9, 8, 8), 1, ctx)
+    with pytest.raises(InputError, match="encoder_hidden_states"):
+        unet(x, 1, rand(2, 5, 31))
+    with pytest.raises(InputError, match="timestep"):
+        unet(x, np.array([1, 2, 3]), ctx)
+    downs, mid = skip_shapes(unet.config, 2, 8, 8)
+    res = [np.zeros(s) for s in downs]
+    with pytest.raises(InputError, match="both or neither"):
+        unet(x, 1, ctx, down_block_additional_residuals=res)
+    with pytest.raises(InputError, match="skip states"):
+        unet(x, 1, ctx, res[:-1], np.zeros(mid))
+    with pytest.raises(InputError, match=r"residuals\[2\]"):
+        unet(x, 1, ctx, res[:2] + [np.zeros((2, 1, 8, 8))] + res[3:], np.zeros(mid))
+
+
+def test_attention_is_chunked_over_queries(tiny, monkeypatch):
+    """Every attention call gets the model's chunk size; the result does not depend on it.
+    The default keeps 64x64 latents (4096 queries) from making full 4096x4096 score tensors."""
+    assert 0 < UNet2DConditionModel.attention_chunk_size < 4096
+    _, folder = tiny("sd1")
+    unet = UNet2DConditionModel.from_pretrained(folder, dtype="float64")
+    x, ctx = rand(2, 4, 8, 8), rand(2, 5, 32)
+    unet.attention_chunk_size = None
+    full = unet(x, 5, ctx)
+    seen = []
+    real = ops.attention
+
+    def spy(q, k, v, **kw):
+        seen.append(kw["chunk_size"])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    unet.attention_chunk_size = 5
+    chunked = unet(x, 5, ctx)
+    assert seen and set(seen) == {5}
+    assert rel_err(chunked, full) <= 1e-12
+
+
+# --------------------------------------------------------------------------- full size
+
+FULL = {
+    "sd15": dict(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+    ),
+    "sd21": dict(
+        sample_size=96,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+        block_out_channels=(320, 640, 1280, 1280),
+    ),
+}
+
+
+def build_full_size(cls, config, seed):
+    """A randomized full-size float64 reference, allocated once (meta device, then to_empty:
+    no float32 copy and no default init)."""
+    torch = need("torch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            ref = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return randomize_(ref.to_empty(device="cpu"), seed).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FULL))
+def test_full_size_every_layer(name):
+    """Full-size SD1.5 / SD2.1 architectures (random weights) at 8x8 latents, float64 then
+    float32. Ours shares the reference's memory (state dict -> numpy views, no files)."""
+    torch, diffusers = need("torch", "diffusers")
+    ref = build_full_size(diffusers.UNet2DConditionModel, FULL[name], seed=3)
+    x = rand(2, 4, 8, 8)
+    ctx = rand(2, 77, FULL[name]["cross_attention_dim"], seed=1)
+    t = np.array([999, 20])
+    try:
+        for dtype in DTYPES:
+            ref = ref.to(torch_dtype(dtype))
+            flat = {k: to_np(v) for k, v in ref.state_dict().items()}
+            ours = UNet2DConditionModel(dict(ref.config), flat)
+            xs, cs = x.astype(dtype), ctx.astype(dtype)
+            ref_args = [torch.from_numpy(xs), torch.from_numpy(t), torch.from_numpy(cs)]
+            errs = compare_whole(ours, ref, [xs, t, cs], ref_args, dtype)
+            assert len(errs) > 500
+            del ours, flat, errs
+            gc.collect()
+    finally:
+        del ref
+        gc.collect()
