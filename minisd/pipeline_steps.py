@@ -73,6 +73,11 @@ def validate(
         )
     if mask_image is not None and image is None:
         raise InputError("mask_image: inpainting needs `image` too")
+    if mask_image is not None and image_size(mask_image) != image_size(image):
+        raise InputError(
+            f"mask_image: size {image_size(mask_image)} differs from image size "
+            f"{image_size(image)} (height, width); give a mask of the image's size"
+        )
     if scheduler not in SCHEDULERS:
         raise InputError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     if output_type not in OUTPUT_TYPES:
