@@ -278,11 +278,12 @@ class DiagonalGaussian:
 
     def sample(self, rng=None, noise=None):
         """mean + std * noise. ``noise`` (same shape as mean) is used as given; otherwise it is
-        drawn from ``rng``: an int seed or numpy Generator (numpy's normal), or any object with
-        ``randn(shape)`` (e.g. a torch-compatible generator from minisd.rng)."""
+        drawn from ``rng`` in the moments' dtype: an int seed or numpy Generator (numpy's
+        normal), or an object with ``standard_normal(shape, dtype=)`` such as
+        minisd.rng.TorchGenerator (then the numbers are torch.randn's, as diffusers draws)."""
         xp = array_module(self.mean)
         if noise is None:
-            noise = _draw_normal(rng, self.mean.shape)
+            noise = _draw_normal(rng, self.mean.shape, self.mean.dtype)
         noise = xp.asarray(noise).astype(self.mean.dtype, copy=False)
         if noise.shape != self.mean.shape:
             raise InputError(f"noise: shape {noise.shape}, expected {self.mean.shape}")
@@ -306,14 +307,21 @@ class DiagonalGaussian:
         return 0.5 * t.sum(axis=tuple(dims))
 
 
-def _draw_normal(rng, shape):
+def _draw_normal(rng, shape, dtype):
+    """Standard normal noise in ``dtype`` (diffusers draws in the moments' dtype)."""
     if rng is None or isinstance(rng, (int, np.integer)):
         rng = np.random.default_rng(rng)
-    if isinstance(rng, np.random.Generator):
-        return rng.standard_normal(shape)
+    if isinstance(rng, np.random.Generator):  # numpy draws float32 / float64 only
+        native = dtype if dtype in (np.float32, np.float64) else np.float32
+        return rng.standard_normal(shape, dtype=native)
+    if callable(getattr(rng, "standard_normal", None)):  # e.g. minisd.rng.TorchGenerator
+        return rng.standard_normal(shape, dtype=dtype)
     if callable(getattr(rng, "randn", None)):
         return rng.randn(shape)
-    raise InputError(f"rng={rng!r}: expected None, an int seed, a numpy Generator or .randn")
+    raise InputError(
+        f"rng={rng!r}: expected None, an int seed, a numpy Generator or an object with "
+        "standard_normal(shape, dtype=...) / randn(shape)"
+    )
 
 
 # --------------------------------------------------------------------------- model

@@ -308,3 +308,19 @@ def test_tiled_1024_decode_close_to_untiled_and_smaller(capsys):
     assert diff[inner].mean() < 1e-2
     assert diff[~inner].mean() < 2e-2
     assert peak_tiled < 0.7 * peak_full
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_with_torch_compatible_rng(dtype):
+    """The posterior sample drawn as diffusers draws it (torch.randn in the moments' dtype)."""
+    torch = need("torch")
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from minisd.rng import TorchGenerator
+
+    moments = np.random.default_rng(9).standard_normal((2, 8, 5, 6)).astype(dtype)
+    ref = DiagonalGaussianDistribution(to_torch(moments))
+    expected = to_np(ref.sample(generator=torch.Generator().manual_seed(42)))
+    got = DiagonalGaussian(moments).sample(TorchGenerator(42))
+    assert got.dtype == np.dtype(dtype)
+    assert_rel(got, expected, 1e-15 if dtype == "float64" else 1e-7, "posterior sample")
