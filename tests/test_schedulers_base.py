@@ -23,6 +23,9 @@ from minisd.schedulers import base
 # 1/sqrt(abar_t) in the x_0 estimate at high noise (X0_TOL, relative to the sample's scale).
 TRAJ_TOL = 1e-6
 LONG_TOL = 3e-6
+# The cosine schedule spans sigma ~ 2e4 (t = 999, abar ~ 2e-9) down to ~1e-3: 1-ulp
+# coefficient differences move its trajectories by up to ~6e-6 (Heun + Karras, 7 steps).
+COS_TOL = 1e-5
 X0_TOL = 2e-5  # 1/sqrt(abar_999) ~ 160 for linear betas: ~1e-5 from 1 ulp
 
 
@@ -101,8 +104,9 @@ def patch_randn(monkeypatch):
     import diffusers.schedulers.scheduling_ddim as m1
     import diffusers.schedulers.scheduling_ddpm as m2
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as m3
+    import diffusers.schedulers.scheduling_euler_discrete as m4
 
-    for m in (m1, m2, m3):
+    for m in (m1, m2, m3, m4):
         monkeypatch.setattr(m, "randn_tensor", fake)
     monkeypatch.setattr(tu, "randn_tensor", fake)
 

@@ -43,6 +43,11 @@ KNOWN_ELSEWHERE = {
     "shift_terminal", "trained_betas", "timestep_spacing", "prediction_type",
 }  # fmt: skip
 
+UNSUPPORTED_FLAGS = (
+    "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+    "use_dynamic_shifting", "shift_terminal",
+)  # fmt: skip
+
 COMMON_DEFAULTS = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -292,6 +297,9 @@ class Scheduler:
     init_noise_sigma = 1.0
 
     def __init__(self, **config):
+        for key in UNSUPPORTED_FLAGS:  # valid diffusers options minisd does not implement
+            if config.get(key):
+                raise ConfigError(f"{key}={config[key]!r} is not supported by minisd")
         cfg = split_config(type(self).__name__, self.DEFAULTS, config)
         self.config = Config(cfg)
         self._validate()
@@ -317,10 +325,6 @@ class Scheduler:
                 f"prediction_type={self.config.prediction_type!r}: {type(self).__name__} "
                 f"supports {list(choices)}"
             )
-        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                    "use_flow_sigmas", "use_dynamic_shifting"):  # fmt: skip
-            if self.config.get(key):
-                raise ConfigError(f"{key}=True is not supported by minisd")
 
     def _require_timesteps(self):
         if self.timesteps is None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module
 from ..errors import ConfigError
 from .base import (
     COMMON_DEFAULTS,
     Scheduler,
     SchedulerOutput,
+    as_index,
+    bcast,
     check_num_steps,
     karras_sigmas,
     sigma_to_t,
@@ -105,7 +108,25 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.num_inference_steps = len(ts)
         self.model_outputs = [None] * cfg.solver_order
         self.lower_order_nums = 0
-        self._step_index = None
+        self._step_index = self._begin_index = None
+
+    def set_begin_index(self, begin_index: int = 0):
+        """img2img: the first ``step`` is step ``begin_index`` of the schedule."""
+        self._begin_index = int(begin_index)
+
+    def _init_index(self, timestep):
+        """Step position from the first timestep seen (second match if repeated; the last
+        step if absent, as diffusers), or from ``set_begin_index``."""
+        if self._step_index is not None:
+            return
+        if getattr(self, "_begin_index", None) is not None:
+            self._step_index = self._begin_index
+            return
+        hits = np.nonzero(self.timesteps == as_index(timestep))[0]
+        if len(hits) == 0:
+            self._step_index = len(self.timesteps) - 1
+        else:
+            self._step_index = int(hits[1] if len(hits) > 1 else hits[0])
 
     def _round_karras_timesteps(self) -> bool:
         return self.config.beta_schedule != "squaredcos_cap_v2"
@@ -159,11 +180,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         min(solver_order, warm-up count), lowered near the end as diffusers does."""
         self._require_timesteps()
         cfg = self.config
-        if self._step_index is None:
-            hits = np.nonzero(self.timesteps == int(np.asarray(timestep)))[0]
-            self._step_index = (
-                int(hits[1] if len(hits) > 1 else hits[0]) if len(hits) else len(self.timesteps) - 1
-            )
+        self._init_index(timestep)
         i, n = self._step_index, len(self.timesteps)
         lower_final = i == n - 1 and (
             cfg.euler_at_final or (cfg.lower_order_final and n < 15)
@@ -234,17 +251,15 @@ class DPMSolverMultistepScheduler(Scheduler):
                 - s_t * ((ep - h) / (h * h) - half) * d2)  # fmt: skip
 
     def add_noise(self, original_samples, noise, timesteps):
-        """x_t = alpha_t x_0 + sigma_t eps with alpha/sigma from this schedule's sigmas."""
-        from ..backend import array_module
-        from .base import bcast
-
+        """x_t = alpha_t x_0 + sigma_t eps, alpha/sigma from this schedule's sigma at t (or at
+        the begin index, as diffusers)."""
         xp = array_module(original_samples)
-        ts = np.asarray(timesteps).reshape(-1)
-        idx = [int(np.nonzero(self.timesteps == t)[0][0]) for t in ts]
+        ts = np.asarray(timesteps.get() if hasattr(timesteps, "get") else timesteps).reshape(-1)
+        if getattr(self, "_begin_index", None) is not None:
+            idx = [self._begin_index] * len(ts)
+        else:
+            idx = [int(np.nonzero(self.timesteps == t)[0][0]) for t in ts]
         sig = self.sigmas[idx].astype(original_samples.dtype)  # (B,)
-        a = 1 / np.sqrt(sig * sig + 1)
-        sa, ss = (
-            bcast(xp.asarray(a), original_samples.ndim),
-            bcast(xp.asarray(sig * a), original_samples.ndim),
-        )
-        return sa * original_samples + ss * noise
+        a = 1 / np.sqrt(sig * sig + 1)  # (B,)
+        nd = original_samples.ndim
+        return bcast(xp.asarray(a), nd) * original_samples + bcast(xp.asarray(sig * a), nd) * noise

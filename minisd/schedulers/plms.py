@@ -11,7 +11,10 @@ e' of noise predictions:
 * later:  e' = (55 e_t - 59 e_{t+1} + 37 e_{t+2} - 9 e_{t+3}) / 24 (4th order, PNDM eq. 12)
 
 where e_{t+k} are the model outputs at the k previous steps (at the true samples x_t, not the
-first step's x'). Unlike diffusers' PNDM, step 2 calls the model again at the corrected sample.
+first step's x'). For epsilon models on evenly spaced timesteps this is mathematically diffusers'
+PNDM with ``skip_prk_steps`` (the tests check it). They differ for n = 1 (ldm still makes the
+second call), for v / sample models (ldm converts each output to eps before combining; diffusers
+combines raw outputs), and for uneven spacings (diffusers' corrector uses t_1 + T // n for t_0).
 
 Loop protocol: ``timesteps`` holds n + 1 entries [t_0, t_1, t_1, t_2, ..., t_{n-1}] (for n = 1:
 [t_0, t_0], as ldm evaluates e_next at t_next = t_0). The first ``step`` returns the pseudo
@@ -42,10 +45,22 @@ class PLMSScheduler(Scheduler):
         sp, off = self.config.timestep_spacing, self.config.steps_offset
         base = np.round(spaced_timesteps(sp, n_train, n, off)).astype(np.int64)  # (n,) desc.
         self.base_timesteps = base
-        second = base[1:2] if n > 1 else base[:1]
-        self.timesteps = np.concatenate([base[:1], second, base[1:]])  # (n + 1,)
         self.num_inference_steps = n
-        self._calls, self._old_eps, self._pending = 0, [], None
+        self.set_begin_index(0)
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start at base step ``begin_index`` (img2img: skip the first steps). Rebuilds
+        ``timesteps`` as [b_i, b_{i+1}, b_{i+1}, b_{i+2}, ...]: read them again afterwards."""
+        self._require_base()
+        i = int(begin_index)
+        base = self.base_timesteps
+        second = base[i + 1 : i + 2] if i + 1 < len(base) else base[i : i + 1]
+        self.timesteps = np.concatenate([base[i : i + 1], second, base[i + 1 :]])  # (n - i + 1,)
+        self._begin, self._calls, self._old_eps, self._pending = i, 0, [], None
+
+    def _require_base(self):
+        if getattr(self, "base_timesteps", None) is None:
+            self._require_timesteps()
 
     def _abar_pair(self, i: int, dtype):
         """(abar at base step i, abar at the step after it) in ``dtype``."""
@@ -76,18 +91,19 @@ class PLMSScheduler(Scheduler):
         k = self._calls
         self._calls += 1
         if k == 0:  # 1a. first model call: Euler predictor x' (pseudo improved Euler)
-            e_t = self._eps(model_output, sample, self.base_timesteps[0])
-            x_pred, x0 = self._ddim(sample, e_t, 0)
+            i = self._begin
+            e_t = self._eps(model_output, sample, self.base_timesteps[i])
+            x_pred, x0 = self._ddim(sample, e_t, i)
             self._pending = (sample, e_t)
             return SchedulerOutput(x_pred.astype(sample.dtype, copy=False), x0)
         if k == 1:  # 1b. corrector: e' = (e_t + e(x', t_next)) / 2, restart from x_t
             x_t, e_t = self._pending
             self._pending = None
             e_next = self._eps(model_output, sample, self.timesteps[1])  # at t_next
-            prev, x0 = self._ddim(x_t, (e_t + e_next) / 2, 0)
+            prev, x0 = self._ddim(x_t, (e_t + e_next) / 2, self._begin)
             self._old_eps = [e_t]
             return SchedulerOutput(prev.astype(x_t.dtype, copy=False), x0)
-        i = k - 1  # base step index
+        i = self._begin + k - 1  # base step index
         e_t = self._eps(model_output, sample, self.base_timesteps[i])
         old = self._old_eps
         if len(old) == 1:  # 2. Adams-Bashforth, orders 2, 3, 4

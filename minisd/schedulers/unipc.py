@@ -141,11 +141,7 @@ class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
         2. push the converted output; 3. UniP-predict the next sample."""
         self._require_timesteps()
         cfg = self.config
-        if self._step_index is None:
-            hits = np.nonzero(self.timesteps == int(np.asarray(timestep)))[0]
-            self._step_index = (
-                int(hits[1] if len(hits) > 1 else hits[0]) if len(hits) else len(self.timesteps) - 1
-            )
+        self._init_index(timestep)
         i = self._step_index
         use_corrector = (
             i > 0 and (i - 1) not in cfg.disable_corrector and self.last_sample is not None
