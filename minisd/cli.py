@@ -37,7 +37,11 @@ def _add_sampling(p, steps, size):
         default=7.5,
         help="classifier-free guidance scale; <= 1 disables guidance (default 7.5)",
     )
-    p.add_argument("--scheduler", default="pndm", help=f"sampler: {SCHEDULER_HELP} (default pndm)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help=f"sampler: {SCHEDULER_HELP} (default: the model's own, e.g. pndm)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -236,6 +240,7 @@ def _run(args, model, image, mask):
     t0 = time.perf_counter()
     pipe = StableDiffusion.from_pretrained(model, dtype=args.dtype, device=args.device, **kw)
     w, h = args.size if args.size else (None, None)
+    args.scheduler = args.scheduler or pipe.scheduler_name
     t1 = time.perf_counter()
     images = pipe(
         args.prompt,

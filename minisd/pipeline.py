@@ -46,8 +46,8 @@ class StableDiffusion:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = imageproc.ImageProcessor(self.vae_scale_factor)
         self.mask_processor = imageproc.mask_processor(self.vae_scale_factor)
-        name = _CLASS_TO_NAME.get(self.scheduler_config.get("_class_name"), "pndm")
-        self.scheduler = self.make_scheduler(name)
+        self.scheduler_name = _CLASS_TO_NAME.get(self.scheduler_config.get("_class_name"), "pndm")
+        self.scheduler = self.make_scheduler(self.scheduler_name)
 
     # ------------------------------------------------------------------ loading
 
@@ -145,7 +145,9 @@ class StableDiffusion:
         rng=None,
         progress=True,
     ):
-        """Generate images. See DESIGN.md for the arguments; ``rng`` overrides ``seed`` with any
+        """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
+        minisd.schedulers.NAMES), or None for the checkpoint's own scheduler class (PNDM for
+        SD1.x, as diffusers' pipelines do). ``rng`` overrides ``seed`` with any
         generator that has ``standard_normal(shape, dtype)`` (minisd.rng.TorchGenerator by
         default, which draws exactly what torch.Generator().manual_seed(seed) draws)."""
         prompts = steps.as_prompt_list(prompt)
@@ -155,6 +157,7 @@ class StableDiffusion:
             if isinstance(negative_prompt, str):
                 negative = negative * len(prompts)
         height, width = self._resolve_size(height, width, image)
+        scheduler = self.scheduler_name if scheduler is None else scheduler
         steps.validate(
             prompts=prompts,
             negative=negative,

@@ -52,7 +52,8 @@ def test_same_latents_same_result(pair, scheduler):
     ref, ours = pair
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     kw = dict(prompt=PROMPTS, negative_prompt=["blurry", ""], num_inference_steps=4,
-              guidance_scale=6.0, height=64, width=64, latents=latents, output_type="latent")  # fmt: skip
+              guidance_scale=6.0, height=64, width=64, latents=latents,
+              output_type="latent")  # fmt: skip
     expect = _run_ref(ref, scheduler, **kw).numpy()
     got = ours(**{**kw, "scheduler": scheduler, "progress": False})
     assert_rel(got, expect, TOL, f"{scheduler} latents")
@@ -105,7 +106,12 @@ def test_img2img_same_seed(pair, scheduler):
 
 @pytest.mark.parametrize("kind,strength", [("inpaint", 1.0), ("inpaint", 0.7), ("sd1", 0.8)])
 def test_inpaint_same_seed(kind, strength, tmp_path_factory):
-    """9-channel inpainting UNets, and mask blending for ordinary (4-channel) UNets."""
+    """9-channel inpainting UNets, and mask blending for ordinary (4-channel) UNets.
+
+    Random-weight UNets make the sampling chaotic: near t=999 DDIM divides by sqrt(alpha_bar)
+    ~ 0.07, so round-off grows ~60x per step with strong guidance (measured: float32 1e-7 after
+    one step, 1.2e-4 after four at guidance 7; float64 3e-9 -> 2e-7 likewise, so it is not a
+    bug). Guidance 4 keeps four steps well inside the 1e-4 bound."""
     diffusers = need("diffusers")
     folder = tmp_path_factory.mktemp("inpaint") / kind
     base = build(kind, folder)
@@ -113,7 +119,7 @@ def test_inpaint_same_seed(kind, strength, tmp_path_factory):
     ref.set_progress_bar_config(disable=True)
     ours = minisd.StableDiffusion.from_pretrained(folder)
     kw = dict(prompt=PROMPTS[0], image=_image(seed=1), mask_image=_mask(), strength=strength,
-              num_inference_steps=4, guidance_scale=7.0, height=64, width=64)  # fmt: skip
+              num_inference_steps=4, guidance_scale=4.0, height=64, width=64)  # fmt: skip
     expect = _run_ref(ref, "ddim", seed=11, output_type="np", **kw)
     got = ours(**kw, seed=11, scheduler="ddim", output_type="np", progress=False)
     assert_rel(got, expect, TOL, f"inpaint {kind}")
