@@ -324,3 +324,19 @@ def test_sample_with_torch_compatible_rng(dtype):
     got = DiagonalGaussian(moments).sample(TorchGenerator(42))
     assert got.dtype == np.dtype(dtype)
     assert_rel(got, expected, 1e-15 if dtype == "float64" else 1e-7, "posterior sample")
+
+
+def test_backends_agree(xp):
+    """The same code on NumPy and CuPy (the cupy case runs where a GPU exists)."""
+    m = ref_model(dict(TINY["2blocks-g4"][0], sample_size=16), "float64")
+    device = "cpu" if xp is np else "cuda"
+    vae = AutoencoderKL(dict(m.config), state_dict(m), device=device)
+    cpu = AutoencoderKL(dict(m.config), state_dict(m))
+    x, z = inputs((2, 3, 24, 40), (2, 4, 13, 11), "float64")
+    noise = np.random.default_rng(2).standard_normal((2, 4, 12, 20))
+    dist = vae.encode(xp.asarray(x))
+    assert_rel(dist.mean, cpu.encode(x).mean, TOL["float64"], "encode")
+    assert_rel(dist.sample(noise=noise), cpu.encode(x).sample(noise=noise), 1e-10)
+    vae.enable_tiling()
+    cpu.enable_tiling()
+    assert_rel(vae.decode(xp.asarray(z)), cpu.decode(z), TOL["float64"], "tiled decode")
