@@ -132,7 +132,7 @@ SD15 = {
 NAME_TO_REF = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
@@ -164,6 +164,8 @@ def test_get_scheduler_other_names_and_errors():
     s = ms.get_scheduler("dpmpp_2m_karras", SD15)
     assert s.config.use_karras_sigmas and s.config.solver_order == 2
     assert s.config.algorithm_type == "dpmsolver++"
+    ddim_cfg = {k: v for k, v in SD15.items() if k != "skip_prk_steps"}  # SD2 ships DDIM's
+    assert ms.get_scheduler("pndm", ddim_cfg).config.skip_prk_steps is True
     with pytest.raises(InputError, match="scheduler='k_lms'"):
         ms.get_scheduler("k_lms", SD15)
 

@@ -34,7 +34,7 @@ _CLASSES = {
 NAMES = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD configures it (SD2: DDIM cfg)
     "plms": ("PLMSScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
@@ -64,7 +64,8 @@ def __getattr__(name):
 
 def get_scheduler(name: str, config=None):
     """The scheduler ``name`` built from a checkpoint's scheduler config (dict or path), as
-    diffusers' ``Cls.from_config(pipe.scheduler.config)`` does; ``config=None``: defaults."""
+    diffusers' ``Cls.from_config(pipe.scheduler.config)`` does; ``config=None``: defaults.
+    The overrides of ``NAMES`` win ("pndm" is PNDM as SD configures it: skip_prk_steps)."""
     from ..errors import InputError
     from .base import read_config
 
