@@ -7,10 +7,7 @@ params dict of the matching diffusers module (``p["conv1"]["weight"]`` is the ch
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import ops, trace
-from .backend import array_module
 
 
 def conv(x, p, **kw):
@@ -97,16 +94,11 @@ def downsample(x, p, *, padding=1):
 
 
 def upsample_nearest(x, size=None):
-    """Nearest-neighbour upsampling as torch's ``interpolate(mode="nearest")``: output pixel i
-    reads input pixel floor(i * in / out). Exactly 2x when ``size`` is None."""
+    """Nearest-neighbour upsampling as torch's ``interpolate(mode="nearest")`` (same float32
+    index arithmetic). Exactly 2x when ``size`` is None."""
     if size is None:
         return ops.upsample_nearest2x(x)
-    xp = array_module(x)
-    h, w = x.shape[-2:]
-    oh, ow = size
-    rows = xp.asarray(np.floor(np.arange(oh) * (h / oh)).astype(np.int64))
-    cols = xp.asarray(np.floor(np.arange(ow) * (w / ow)).astype(np.int64))
-    return x[:, :, rows][:, :, :, cols]  # (N, C, oh, ow)
+    return ops.resize_nearest(x, size)  # (N, C, *size)
 
 
 def upsample(x, p, *, size=None):

@@ -84,7 +84,10 @@ def _start(sched, state, steps, strength):
         from .errors import InputError
 
         raise InputError(f"strength={strength}: leaves no denoising step of {steps}")
-    if hasattr(sched, "set_begin_index"):
+    if hasattr(sched, "base_timesteps"):  # CompVis PLMS begins at a base step and re-lists
+        sched.set_begin_index(begin // order)  # its model calls (two for its first step)
+        ts = sched.timesteps
+    elif hasattr(sched, "set_begin_index"):
         sched.set_begin_index(begin)
     state["timesteps"] = ts
     return ts

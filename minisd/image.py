@@ -21,6 +21,7 @@ from PIL import Image
 
 from .backend import to_numpy
 from .errors import InputError
+from .ops import resize_nearest  # noqa: F401 (part of this module's API)
 
 RESAMPLE = {
     "linear": Image.Resampling.BILINEAR,
@@ -61,26 +62,6 @@ def pil_to_numpy(images):
     if not isinstance(images, list):
         images = [images]
     return np.stack([np.array(im).astype(np.float32) / 255.0 for im in images])
-
-
-def resize_nearest(x, size):
-    """Nearest-neighbour resize of (N, C, H, W) to ``size`` = (h, w), index for index as torch's
-    ``interpolate(mode="nearest")`` on the CPU: src = min(floor(dst * float32(in / out)), in - 1)
-    in float32 arithmetic (identity when in == out, dst // 2 when out == 2 in)."""
-    rows = _nearest_index(x.shape[2], size[0])
-    cols = _nearest_index(x.shape[3], size[1])
-    return x[:, :, rows][:, :, :, cols]  # (N, C, h, w)
-
-
-def _nearest_index(n_in, n_out):
-    dst = np.arange(n_out)
-    if n_out == n_in:
-        return dst
-    if n_out == 2 * n_in:
-        return dst >> 1
-    scale = np.float32(n_in) / np.float32(n_out)
-    src = np.floor(dst.astype(np.float32) * scale).astype(np.int64)
-    return np.minimum(src, n_in - 1)
 
 
 # --------------------------------------------------------------------------- the processor

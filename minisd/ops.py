@@ -237,7 +237,9 @@ def attention(q, k, v, *, scale=None, chunk_size=None, upcast=False, mask=None):
     lq = q.shape[2]
     step = lq if not chunk_size else int(chunk_size)
     out = xp.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)  # (B, H, Lq, Dv)
-    acc = np.float32 if (upcast or q.dtype == np.float16) else q.dtype
+    # float16 scores/softmax are always accumulated in float32 (``upcast`` asks for it
+    # explicitly, as diffusers' upcast_attention); float32/float64 keep their own precision.
+    acc = np.float32 if q.dtype == np.float16 else q.dtype
     kt = k.swapaxes(-1, -2).astype(acc, copy=False)  # (B, H, D, Lk)
     for s in range(0, lq, step):
         qs = q[:, :, s : s + step].astype(acc, copy=False)
@@ -252,6 +254,27 @@ def attention(q, k, v, *, scale=None, chunk_size=None, upcast=False, mask=None):
 
 
 # --------------------------------------------------------------------------- resampling / time
+
+
+def resize_nearest(x, size):
+    """Nearest-neighbour resize of (N, C, H, W) to ``size`` = (h, w), index for index as torch's
+    ``interpolate(mode="nearest")`` on the CPU: src = min(floor(dst * float32(in / out)), in - 1)
+    in float32 arithmetic (identity when in == out, dst // 2 when out == 2 in)."""
+    xp = array_module(x)
+    rows = xp.asarray(_nearest_index(x.shape[2], size[0]))
+    cols = xp.asarray(_nearest_index(x.shape[3], size[1]))
+    return x[:, :, rows][:, :, :, cols]  # (N, C, h, w)
+
+
+def _nearest_index(n_in, n_out):
+    dst = np.arange(n_out)
+    if n_out == n_in:
+        return dst
+    if n_out == 2 * n_in:
+        return dst >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.floor(dst.astype(np.float32) * scale).astype(np.int64)
+    return np.minimum(src, n_in - 1)
 
 
 def upsample_nearest2x(x):

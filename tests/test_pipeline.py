@@ -136,6 +136,17 @@ def test_plms_and_heun_and_lms_run(pair):
         assert 0 <= out.min() and out.max() <= 1
 
 
+def test_img2img_plms_starts_mid_schedule(pair):
+    """PLMS re-lists its calls when img2img skips steps: strength 0.5 of 6 steps = 3 base steps,
+    i.e. 4 model calls (the first step takes two)."""
+    _, ours = pair
+    seen = []
+    out = ours("a cat", image=_image(), strength=0.5, num_inference_steps=6, scheduler="plms",
+               callback=lambda i, t, x: seen.append(int(t)), output_type="latent",
+               progress=False)  # fmt: skip
+    assert len(seen) == 4 and seen[1] == seen[2] and np.isfinite(out).all()
+
+
 def test_callback_clip_skip_and_pil(pair):
     ref, ours = pair
     seen = []
