@@ -211,15 +211,6 @@ def softmax(x, axis=-1):
     return e
 
 
-def _softmax_inplace(x):
-    """softmax over the last axis, overwriting ``x`` (keeps attention's peak memory at one tile)."""
-    xp = array_module(x)
-    x -= x.max(axis=-1, keepdims=True)
-    xp.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
-
-
 # --------------------------------------------------------------------------- attention
 
 
@@ -239,17 +230,20 @@ def attention(q, k, v, *, scale=None, chunk_size=None, upcast=False, mask=None):
     out = xp.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)  # (B, H, Lq, Dv)
     # float16 scores/softmax are always accumulated in float32 (``upcast`` asks for it
     # explicitly, as diffusers' upcast_attention); float32/float64 keep their own precision.
-    acc = np.float32 if q.dtype == np.float16 else q.dtype
-    kt = k.swapaxes(-1, -2).astype(acc, copy=False)  # (B, H, D, Lk)
+    acc = np.dtype(np.float32 if q.dtype == np.float16 else q.dtype)
+    kt = xp.ascontiguousarray(k.swapaxes(-1, -2).astype(acc, copy=False))  # (B, H, D, Lk)
     for s in range(0, lq, step):
-        qs = q[:, :, s : s + step].astype(acc, copy=False)
+        qs = q[:, :, s : s + step].astype(acc) * acc.type(scale)  # scale the small factor
         scores = qs @ kt  # (B, H, chunk, Lk)
-        scores *= scores.dtype.type(scale)
         if mask is not None:
-            m = mask if mask.shape[-2] == 1 else mask[..., s : s + step, :]
-            scores += m
-        probs = _softmax_inplace(scores).astype(v.dtype, copy=False)
-        out[:, :, s : s + step] = probs @ v  # (B, H, chunk, Dv)
+            scores += mask if mask.shape[-2] == 1 else mask[..., s : s + step, :]
+        # softmax, normalized after the second product: exp(s - max) v / sum exp(s - max)
+        scores -= scores.max(axis=-1, keepdims=True)
+        xp.exp(scores, out=scores)
+        total = scores.sum(axis=-1, keepdims=True)  # (B, H, chunk, 1)
+        o = scores.astype(v.dtype, copy=False) @ v  # (B, H, chunk, Dv)
+        o /= total.astype(o.dtype, copy=False)
+        out[:, :, s : s + step] = o
     return out
 
 
