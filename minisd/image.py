@@ -48,7 +48,7 @@ def denormalize(x):
 def numpy_to_pil(images):
     """(N, H, W, C) or (H, W, C) floats in [0, 1] -> list of PIL images; x * 255 rounded half to
     even, as diffusers' numpy_to_pil. One channel gives mode "L"."""
-    images = np.asarray(images)
+    images = to_numpy(images)  # CuPy arrays are copied to the host
     if images.ndim == 3:
         images = images[None]  # (1, H, W, C)
     images = (images * 255).round().astype("uint8")

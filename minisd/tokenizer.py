@@ -29,6 +29,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from .backend import to_numpy
 from .errors import ConfigError, InputError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -285,7 +286,7 @@ class CLIPTokenizer:
 
     def decode(self, ids):
         """Text of token ids, special tokens skipped (as transformers' decode)."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        ids = [int(i) for i in to_numpy(ids).reshape(-1)]  # host copy of CuPy ids
         text = self.backend.decode(ids, skip_special_tokens=True)
         return text.replace("</w>", " ").strip()
 

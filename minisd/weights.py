@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import get_xp, resolve_dtype
+from .backend import get_xp, resolve_dtype, to_numpy
 from .errors import WeightsError
 
 # safetensors dtype tag -> (numpy dtype used to read the bytes, bytes per element)
@@ -153,7 +153,7 @@ def save_file(flat, path, metadata=None) -> None:
     header, offset = {}, 0
     arrays = {}
     for name in sorted(flat):
-        a = np.ascontiguousarray(np.asarray(flat[name]))
+        a = np.ascontiguousarray(to_numpy(flat[name]))  # CuPy arrays are copied to the host
         tag = NP_TO_TAG.get(a.dtype.name)
         if tag is None:
             raise WeightsError(f"{path}: key {name!r}: cannot write dtype {a.dtype}")
