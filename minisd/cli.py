@@ -57,7 +57,9 @@ def _add_sampling(p, steps, size):
     p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--clip-skip", type=int, default=None, help="skip the last k CLIP layers")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float16 or float64")
+    p.add_argument(
+        "--dtype", default=None, help="float32 (default on cpu), float16 (default on cuda), float64"
+    )
     p.add_argument("--device", default="cpu", help="cpu (NumPy, default) or cuda (CuPy)")
     p.add_argument("--out", default=None, help="output PNG path (default: minisd-<seed>.png)")
 

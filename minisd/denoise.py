@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .blocks import upsample_nearest
@@ -47,6 +48,7 @@ def run(
 ):
     cfg = guidance_scale > 1.0
     ctx = encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip)  # (2B or B, 77, D)
+    pipe.phase_done("text encoding")  # frees CuPy's cached blocks when asked (GPU policy)
     sched = pipe.make_scheduler(scheduler)
     sched.set_timesteps(steps)
     f = pipe.vae_scale_factor
@@ -101,7 +103,7 @@ def _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng):
     z0 = encode_image_latents(pipe, init.astype(pipe.dtype), rng)  # (n, 4, h, w)  draw 1
     z0 = tile_to(z0, shape[0], "image")  # (B, 4, h, w)
     noise = draw(pipe, rng, shape)  # draw 2
-    t0 = xp.asarray([ts[0]] * shape[0])
+    t0 = np.asarray([ts[0]] * shape[0])  # host timesteps: add_noise indexes host tables
     return sched.add_noise(z0, noise, t0)  # (B, 4, h, w)
 
 
@@ -127,7 +129,7 @@ def _inpaint_latents(
         lat = (
             noise * sched.init_noise_sigma
             if strength_max
-            else sched.add_noise(z_img, noise, xp.asarray([ts[0]] * shape[0]))
+            else sched.add_noise(z_img, noise, np.asarray([ts[0]] * shape[0]))
         )
     else:
         noise = xp.asarray(latents).astype(dt)
@@ -185,12 +187,7 @@ def _blend(sched, state, lat, ts, i):
     """Keep the known region: image latents noised to the next timestep outside the mask."""
     keep = state["z_img"]
     if i < len(ts) - 1:
-        keep = sched.add_noise(keep, state["noise"], pipe_array(lat, [ts[i + 1]]))
+        # host timesteps: a device array would be copied back (a GPU sync) to index the tables
+        keep = sched.add_noise(keep, state["noise"], np.asarray([ts[i + 1]]))
     mask = state["mask"]
     return (1 - mask) * keep + mask * lat
-
-
-def pipe_array(like, values):
-    from .backend import array_module
-
-    return array_module(like).asarray(values)

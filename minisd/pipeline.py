@@ -14,7 +14,16 @@ from pathlib import Path
 
 from . import image as imageproc
 from . import pipeline_steps as steps
-from .backend import get_xp, resolve_dtype, to_device, to_numpy
+from .backend import (
+    attention_chunk_for,
+    free_memory,
+    get_xp,
+    memory_info,
+    resolve_device_dtype,
+    resolve_dtype,
+    to_device,
+    to_numpy,
+)
 from .errors import ConfigError, WeightsError
 from .weights import read_config, refuse_pickle
 
@@ -35,6 +44,15 @@ _CLASS_TO_NAME = {
 class StableDiffusion:
     """A loaded Stable Diffusion model: tokenizer, text_encoder, unet, vae and scheduler."""
 
+    # GPU memory and precision policy (docs/gpu.md); plain attributes, set them per pipeline.
+    #: Give CuPy's cached blocks back to CUDA after text encoding, denoising and decoding.
+    free_memory_between_phases = False
+    #: UNet attention query chunk: "auto" sizes it from free GPU memory on CUDA (no chunking when
+    #: the scores fit) and leaves the UNet's own setting on the CPU; an int or None is used as is.
+    attention_chunk_size = "auto"
+    #: Decode in float32: "auto" when the VAE is float16 and its config sets force_upcast.
+    upcast_vae = "auto"
+
     def __init__(
         self, *, tokenizer, text_encoder, unet, vae, scheduler_config, dtype="float32", device="cpu"
     ):
@@ -52,12 +70,12 @@ class StableDiffusion:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(
-        cls, path, dtype="float32", device="cpu", *, config=None, prediction_type=None
-    ):
+    def from_pretrained(cls, path, dtype=None, device="cpu", *, config=None, prediction_type=None):
         """Load a diffusers folder (model_index.json + component subfolders) or a single
         original-layout ``.safetensors`` checkpoint (converted in memory, no temp files).
-        ``config``: a diffusers folder whose configs override the inferred architecture."""
+        ``config``: a diffusers folder whose configs override the inferred architecture.
+        ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype)."""
+        dtype = resolve_device_dtype(dtype, device).name
         path = Path(path)
         refuse_pickle(path)
         if path.is_dir():
@@ -144,12 +162,14 @@ class StableDiffusion:
         output_type="pil",
         rng=None,
         progress=True,
+        free_memory_between_phases=None,
     ):
         """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
         minisd.schedulers.NAMES), or None for the checkpoint's own scheduler class (PNDM for
         SD1.x, as diffusers' pipelines do). ``rng`` overrides ``seed`` with any
         generator that has ``standard_normal(shape, dtype)`` (minisd.rng.TorchGenerator by
-        default, which draws exactly what torch.Generator().manual_seed(seed) draws)."""
+        default, which draws exactly what torch.Generator().manual_seed(seed) draws).
+        ``free_memory_between_phases``: None uses the pipeline attribute of that name."""
         prompts = steps.as_prompt_list(prompt)
         negative = None
         if negative_prompt is not None:
@@ -178,6 +198,13 @@ class StableDiffusion:
             rng = make_rng(seed)
         from .denoise import run
 
+        self._free_phases = (
+            self.free_memory_between_phases
+            if free_memory_between_phases is None
+            else free_memory_between_phases
+        )
+        cfg_batch = len(prompts) * num_images_per_prompt * (2 if guidance_scale > 1.0 else 1)
+        self._set_attention_chunk(cfg_batch, height, width)
         lat = run(
             self,
             prompts=prompts,
@@ -198,10 +225,51 @@ class StableDiffusion:
             rng=rng,
             progress=progress,
         )
+        self.phase_done("denoising")
         if output_type == "latent":
             return to_numpy(lat)
-        decoded = self.vae.decode(lat / self.vae.config.scaling_factor)  # (N, 3, H, W)
-        return self.image_processor.postprocess(to_numpy(decoded), output_type=output_type)
+        decoded = self.decode_latents(lat)  # (N, 3, H, W)
+        out = self.image_processor.postprocess(to_numpy(decoded), output_type=output_type)
+        del decoded
+        self.phase_done("decoding")
+        return out
+
+    # ------------------------------------------------------------------ GPU policy
+
+    def decode_latents(self, lat):
+        """VAE decode of scaled latents; in float32 when ``upcast_vae`` says so ("auto": a
+        float16 VAE whose config sets force_upcast, the rule of diffusers' SDXL pipelines)."""
+        up = self.vae.needs_upcast if self.upcast_vae == "auto" else bool(self.upcast_vae)
+        vae = self.vae.upcast() if up else self.vae
+        if up:  # cast before scaling, as diffusers: float16 division would round the latents
+            lat = lat.astype(vae.dtype)
+        return vae.decode(lat / self.vae.config.scaling_factor)  # (N, 3, H, W)
+
+    def phase_done(self, phase):
+        """End of a phase (text encoding, denoising, decoding): release CuPy's cached blocks when
+        ``free_memory_between_phases`` is on. No-op on the CPU."""
+        if getattr(self, "_free_phases", False):
+            free_memory(self.device)
+
+    def _set_attention_chunk(self, batch, height, width):
+        """Apply ``attention_chunk_size``; "auto" on a GPU: the largest self-attention score
+        tile (batch x heads x L x L, float32 scores + a copy in the model dtype) gets half of the
+        free memory, so there is no chunking unless it would not fit."""
+        if self.attention_chunk_size != "auto":
+            self.unet.attention_chunk_size = self.attention_chunk_size
+            return
+        info = memory_info(self.device)
+        if info is None:
+            return
+        cfg, f = self.unet.config, self.vae_scale_factor
+        tokens = (height // f) * (width // f)
+        worst, rows = 0, tokens
+        for i, heads in enumerate(cfg.attention_head_dim):  # (L at level i) = tokens / 4^i
+            level_tokens = tokens // 4**i
+            per_query = batch * heads * level_tokens * (4 + self.dtype.itemsize)
+            if level_tokens * per_query > worst:
+                worst, rows = level_tokens * per_query, level_tokens
+        self.unet.attention_chunk_size = attention_chunk_for(rows, worst // rows, info[0])
 
     def _resolve_size(self, height, width, image):
         """Defaults as diffusers: txt2img uses unet.sample_size * 8 (512 for SD1.x, 768 for

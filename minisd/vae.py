@@ -15,6 +15,7 @@ sampling and divides before decoding.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +328,13 @@ def _draw_normal(rng, shape, dtype):
 # --------------------------------------------------------------------------- model
 
 
+def _cast_tree(p, dtype):
+    """Nested params with every array cast to ``dtype`` (arrays already in it are shared)."""
+    if isinstance(p, dict):
+        return {k: _cast_tree(v, dtype) for k, v in p.items()}
+    return p.astype(dtype, copy=False)
+
+
 class AutoencoderKL:
     """The Stable Diffusion VAE. ``AutoencoderKL(config, params)`` or ``from_pretrained``."""
 
@@ -354,6 +362,24 @@ class AutoencoderKL:
         cfg = VAEConfig.from_dict(read_config(folder / "config.json"), folder / "config.json")
         path = find_weights(folder)
         return cls(cfg, load_file(path, dtype=dtype), dtype=dtype, device=device, source=path)
+
+    @property
+    def needs_upcast(self) -> bool:
+        """True for a float16 VAE whose config sets ``force_upcast``: decode it in float32 (the
+        rule of diffusers' SDXL pipelines; its SD pipelines decode in the model dtype)."""
+        return self.dtype == np.float16 and bool(self.config.force_upcast)
+
+    def upcast(self, dtype="float32") -> AutoencoderKL:
+        """A decode-only copy in ``dtype`` (float32): the decoder and post_quant_conv weights are
+        cast (a transient copy, ~200 MB for SD's VAE in float32); options are shared."""
+        up = copy.copy(self)
+        up.dtype = resolve_dtype(dtype)
+        up.params = {
+            k: _cast_tree(v, up.dtype)
+            for k, v in self.params.items()
+            if k in ("decoder", "post_quant_conv")
+        }
+        return up
 
     @property
     def tile_latent_min_size(self) -> int:
