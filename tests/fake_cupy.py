@@ -1,0 +1,212 @@
+"""A CPU stand-in for CuPy that is as strict as CuPy about the host/device boundary.
+
+    with fake_cupy.installed() as fcp:     # minisd.backend now treats fcp as "cupy"
+        unet = UNet2DConditionModel.from_pretrained(folder, device="cuda")
+        out = unet(fcp.asarray(x), 7, fcp.asarray(ctx))  # a DeviceArray, like a cupy.ndarray
+
+``DeviceArray`` is a numpy subclass living "on the device". What CuPy rejects, it rejects:
+- mixing host ndarrays (any shape, 0-d too) with device arrays in ufuncs / operators, or passing
+  host arrays to ``xp.<function>`` other than the upload functions (asarray, array, ...);
+- host index arrays in ``dev[idx]`` (CuPy would upload them; we ask for ``xp.asarray(idx)``);
+- ``xp.<name>`` for names real CuPy does not have.
+Stricter than CuPy: ``np.<function>(device_array)`` raises (DESIGN.md: model code uses xp), so
+host-only numpy code never silently receives device arrays. Implicit syncs (``float(x)``,
+``int(x)``, ``bool(x)``, ``x.item()``, ``x.get()``) are allowed, as in CuPy, and counted in
+``SYNCS`` so tests can assert that hot loops do none. Not detectable: ``np.asarray(dev)`` (numpy
+views a subclass without asking it); the code is grepped for that instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import numpy as np
+
+try:
+    import cupy as _real_cupy  # importable without a GPU; only used for its list of names
+except Exception:  # pragma: no cover
+    _real_cupy = None
+
+SYNCS = {"count": 0}
+_UPLOAD = {"asarray", "array", "ascontiguousarray", "asanyarray"}
+
+
+class HostDeviceMix(TypeError):
+    """A host ndarray met a device array where CuPy raises."""
+
+
+def _is_host(a):
+    return isinstance(a, np.ndarray) and not isinstance(a, DeviceArray)
+
+
+def _host(a):
+    """Device arrays -> plain ndarray views (same memory); containers recursively."""
+    if isinstance(a, DeviceArray):
+        return a.view(np.ndarray)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_host(v) for v in a)
+    return a
+
+
+def _dev(a):
+    """Plain ndarrays / numpy scalars from a computation -> DeviceArray; containers recursively."""
+    if isinstance(a, DeviceArray):
+        return a
+    if isinstance(a, np.ndarray):
+        return a.view(DeviceArray)
+    if isinstance(a, np.generic):  # CuPy returns 0-d arrays, never numpy scalars
+        return np.asarray(a).view(DeviceArray)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_dev(v) for v in a)
+    return a
+
+
+def _reject_host(what, args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            _reject_host(what, a)
+        elif _is_host(a):
+            raise HostDeviceMix(f"{what}: host numpy array {a.shape} {a.dtype} mixed with device")
+
+
+class DeviceArray(np.ndarray):
+    """An ndarray that pretends to live on a GPU (see the module docstring)."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
+        _reject_host(f"{ufunc.__name__}.{method}", inputs + (out or ()))
+        if out is not None:
+            kw["out"] = tuple(_host(o) for o in out)
+        res = getattr(ufunc, method)(*_host(inputs), **kw)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _dev(res)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        raise TypeError(f"numpy.{func.__name__} called on a device array: use xp.{func.__name__}")
+
+    def __getitem__(self, idx):
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        _reject_host("indexing", [p for p in parts if _is_host(p) and p.ndim > 0])
+        return _dev(np.ndarray.__getitem__(self, _host(idx)))
+
+    def __setitem__(self, idx, value):
+        _reject_host("assignment", [value])
+        np.ndarray.__setitem__(self, _host(idx), _host(value))
+
+    def get(self):
+        SYNCS["count"] += 1
+        return np.array(self.view(np.ndarray))
+
+    def item(self, *a):
+        SYNCS["count"] += 1
+        return self.view(np.ndarray).item(*a)
+
+    def tolist(self):
+        SYNCS["count"] += 1
+        return self.view(np.ndarray).tolist()
+
+    def __float__(self):
+        SYNCS["count"] += 1
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        SYNCS["count"] += 1
+        return int(self.view(np.ndarray))
+
+    def __bool__(self):
+        SYNCS["count"] += 1
+        return bool(self.view(np.ndarray))
+
+    __index__ = __int__
+
+
+def _wrap(name, fn):
+    def call(*args, **kw):
+        if name in _UPLOAD:
+            return _dev(np.array(_host(args[0]), *args[1:], **kw))  # upload = a copy
+        _reject_host(f"xp.{name}", list(args) + list(kw.values()))
+        return _dev(fn(*_host(args), **{k: _host(v) for k, v in kw.items()}))
+
+    call.__name__ = name
+    return call
+
+
+class _Namespace(types.SimpleNamespace):
+    pass
+
+
+def _fake_cuda(free=8 << 30, total=16 << 30):
+    pool = _Pool()
+    pinned = _Pool()
+    props = {"name": b"fake", "totalGlobalMem": total, "major": 0, "minor": 0}
+    runtime = _Namespace(
+        getDeviceCount=lambda: 1,
+        memGetInfo=lambda: (free, total),
+        getDeviceProperties=lambda i: props,
+    )
+    dev = _Namespace(mem_info=(free, total))
+    return (
+        _Namespace(runtime=runtime, Device=lambda *a: dev, is_available=lambda: True),
+        pool,
+        pinned,
+    )
+
+
+class _Pool:
+    """Stand-in for cupy's MemoryPool / PinnedMemoryPool (counts free_all_blocks calls)."""
+
+    def __init__(self):
+        self.freed = 0
+
+    def free_all_blocks(self):
+        self.freed += 1
+
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+
+class FakeCupy(types.ModuleType):
+    """The fake ``cupy`` module: numpy functions behind CuPy's boundary rules."""
+
+    ndarray = DeviceArray
+
+    def __init__(self, free=8 << 30, total=16 << 30):
+        super().__init__("fake_cupy")
+        self.cuda, self._pool, self._pinned = _fake_cuda(free, total)
+
+    def get_default_memory_pool(self):
+        return self._pool
+
+    def get_default_pinned_memory_pool(self):
+        return self._pinned
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if _real_cupy is not None and not hasattr(_real_cupy, name):
+            raise AttributeError(f"cupy has no attribute {name!r}")
+        obj = getattr(np, name)
+        if callable(obj) and not isinstance(obj, type) and not isinstance(obj, np.ufunc):
+            return _wrap(name, obj)
+        if isinstance(obj, np.ufunc):
+            return _wrap(name, obj)
+        return obj
+
+
+@contextlib.contextmanager
+def installed(**kw):
+    """Make minisd.backend treat FakeCupy as CuPy (and a GPU as present) inside the block."""
+    from minisd import backend
+
+    fake = FakeCupy(**kw)
+    saved = backend._cupy
+    backend._cupy = fake
+    SYNCS["count"] = 0
+    try:
+        yield fake
+    finally:
+        backend._cupy = saved
