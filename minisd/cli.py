@@ -85,7 +85,7 @@ def build_parser():
         default="a watercolor painting of a lighthouse",
         help="prompt (default: a watercolor painting of a lighthouse)",
     )
-    _add_sampling(d, steps=10, size=None)
+    _add_sampling(d, steps=10, size=None)  # demo: 128x128 unless --size
     d.add_argument("--family", default="sd1", help="demo model family: sd1, sd2 or inpaint")
     d.add_argument(
         "--cache",
@@ -197,6 +197,8 @@ def _demo(args):
         "RANDOM-WEIGHT DEMO: the weights are random, so the image is not a picture of the "
         "prompt; it shows the whole pipeline (CLIP, UNet, scheduler, VAE) running."
     )
+    args.size = args.size or (128, 128)
+    args.out = args.out or "minisd-demo.png"
     out = _run(args, str(folder), image=None, mask=None)
     print(REAL_MODEL_HINT)
     return out
