@@ -29,8 +29,9 @@ def test_generate_img2img_and_trace(demo_cache, tmp_path):
     init = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)).save(init)
     out = tmp_path / "out.png"
-    args = ["generate", "a cat", "--model", str(model), "--init-image", str(init), "--strength",
-            "0.5", "--steps", "4", "--scheduler", "ddim", "--n", "2", "--out", str(out)]  # fmt: skip
+    args = ["generate", "a cat", "--model", str(model), "--init-image", str(init)]
+    args += ["--strength", "0.5", "--steps", "4", "--scheduler", "ddim", "--n", "2"]
+    args += ["--out", str(out)]
     assert main(args) == 0
     for k in (0, 1):
         assert Image.open(tmp_path / f"out-{k}.png").size == (96, 64)
