@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from . import conv_fast
-from .backend import array_module
+from .backend import array_module, is_cupy
 
 # --------------------------------------------------------------------------- linear / conv
 
@@ -214,23 +214,41 @@ def softmax(x, axis=-1):
 # --------------------------------------------------------------------------- attention
 
 
+# Score elements per attention tile on the NumPy path: 2 MiB of float32, so the score block,
+# its exp and the second product stay in a core's L2 cache.
+ATTENTION_TILE = 1 << 19
+
+
 def attention(q, k, v, *, scale=None, chunk_size=None, upcast=False, mask=None):
     """Scaled dot-product attention, softmax(q k^T * scale + mask) v (Vaswani et al. 2017).
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv). ``mask`` is additive,
-    broadcastable to (B, H, Lq, Lk). Queries are processed ``chunk_size`` rows at a time so the
-    score tensor never exceeds (B, H, chunk_size, Lk). ``upcast``: scores and softmax in float32
-    for float16 inputs (diffusers' ``upcast_attention`` / ``upcast_softmax``).
+    broadcastable to (B, H, Lq, Lk). Queries are processed at most ``chunk_size`` rows at a time
+    so the score tensor never exceeds (B, H, chunk_size, Lk). ``upcast``: scores and softmax in
+    float32 for float16 inputs (diffusers' ``upcast_attention`` / ``upcast_softmax``; float16 is
+    always accumulated in float32 here). NumPy runs ``attention_tiled`` (cache-sized tiles);
+    CuPy runs ``attention_chunked``, the readable reference, whose large batched products suit
+    a GPU.
     """
+    if is_cupy(q):
+        return attention_chunked(q, k, v, scale=scale, chunk_size=chunk_size, mask=mask)
+    return attention_tiled(q, k, v, scale=scale, chunk_size=chunk_size, mask=mask)
+
+
+def _acc_dtype(q):
+    """float16 scores/softmax are accumulated in float32; float32/float64 keep their own."""
+    return np.dtype(np.float32 if q.dtype == np.float16 else q.dtype)
+
+
+def attention_chunked(q, k, v, *, scale=None, chunk_size=None, mask=None):
+    """Reference attention: all heads at once, ``chunk_size`` query rows per step."""
     xp = array_module(q)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     lq = q.shape[2]
     step = lq if not chunk_size else int(chunk_size)
     out = xp.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)  # (B, H, Lq, Dv)
-    # float16 scores/softmax are always accumulated in float32 (``upcast`` asks for it
-    # explicitly, as diffusers' upcast_attention); float32/float64 keep their own precision.
-    acc = np.dtype(np.float32 if q.dtype == np.float16 else q.dtype)
+    acc = _acc_dtype(q)
     kt = xp.ascontiguousarray(k.swapaxes(-1, -2).astype(acc, copy=False))  # (B, H, D, Lk)
     for s in range(0, lq, step):
         qs = q[:, :, s : s + step].astype(acc) * acc.type(scale)  # scale the small factor
@@ -245,6 +263,45 @@ def attention(q, k, v, *, scale=None, chunk_size=None, upcast=False, mask=None):
         o /= total.astype(o.dtype, copy=False)
         out[:, :, s : s + step] = o
     return out
+
+
+def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
+    """The same attention in cache-sized tiles (NumPy): g heads x r query rows per step, with
+    g * r * Lk <= ATTENTION_TILE (short sequences: several heads per batched product; long
+    ones: one head, a block of rows). Per tile: S = (q scale) k^T, S -= rowmax, exp in place,
+    then one product with [v | 1], whose last column is the softmax denominator sum_j exp(S_ij)
+    (no separate reduction pass); o = (exp(S) v) / sum."""
+    b, h, lq, d = q.shape
+    lk, dv = k.shape[2], v.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    acc = _acc_dtype(q)
+    bh = b * h
+    qs = q.reshape(bh, lq, d).astype(acc) * acc.type(scale)  # (BH, Lq, D), scaled once
+    kt = np.ascontiguousarray(k.reshape(bh, lk, d).swapaxes(1, 2), dtype=acc)  # (BH, D, Lk)
+    v1 = np.empty((bh, lk, dv + 1), dtype=acc)  # (BH, Lk, Dv + 1): [v | 1]
+    v1[..., :dv] = v.reshape(bh, lk, dv)
+    v1[..., dv] = 1
+    if mask is not None:
+        mq = mask.shape[-2] if mask.ndim >= 2 else 1
+        mask = np.broadcast_to(mask, (b, h, mq, lk)).reshape(bh, mq, lk)  # (BH, mq, Lk)
+    rows = max(1, min(lq, ATTENTION_TILE // lk, int(chunk_size or lq)))
+    heads = max(1, ATTENTION_TILE // (lk * lq)) if rows == lq else 1
+    out = np.empty((bh, lq, dv), dtype=q.dtype)  # (BH, Lq, Dv)
+    s_buf = np.empty((min(heads, bh), rows, lk), dtype=acc)  # score tile
+    o_buf = np.empty((min(heads, bh), rows, dv + 1), dtype=acc)
+    for i in range(0, bh, heads):
+        g = min(heads, bh - i)
+        for r0 in range(0, lq, rows):
+            r = min(rows, lq - r0)
+            s, o = s_buf[:g, :r], o_buf[:g, :r]  # (g, r, Lk), (g, r, Dv + 1)
+            np.matmul(qs[i : i + g, r0 : r0 + r], kt[i : i + g], out=s)
+            if mask is not None:
+                s += mask[i : i + g, r0 : r0 + r] if mask.shape[1] > 1 else mask[i : i + g]
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            np.matmul(s, v1[i : i + g], out=o)
+            np.divide(o[..., :dv], o[..., dv:], out=out[i : i + g, r0 : r0 + r])
+    return out.reshape(b, h, lq, dv)  # (B, H, Lq, Dv)
 
 
 # --------------------------------------------------------------------------- resampling / time
