@@ -52,7 +52,7 @@ def geglu(x, p):
     xp = array_module(x)
     h = _rec("proj", lin(x, p["proj"]))  # (B, L, 2 * inner)
     a, g = xp.split(h, 2, axis=-1)  # (B, L, inner) each
-    return a * ops.gelu(g)  # (B, L, inner)
+    return ops.geglu(a, g)  # (B, L, inner)  a * gelu(g)
 
 
 def feed_forward(x, p):

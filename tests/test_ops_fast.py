@@ -1,0 +1,76 @@
+"""Fast NumPy paths of minisd.ops against their readable references (and torch where it
+defines the semantics): tiled attention, blocked in-place GELU / GEGLU."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from refharness import assert_rel, need
+
+from minisd import ops
+
+
+def _gelu_exact(x):
+    """x Phi(x) in float64 with math.erf (correctly rounded to ~1 ulp)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("n", [1, 7, ops._BLOCK - 1, ops._BLOCK + 3, 3 * ops._BLOCK])
+def test_gelu_fast_float32_bound(n):
+    """Blocked float32 GELU within 1e-6 relative (global) of the exact value; extremes finite."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 4).astype(np.float32)
+    x[: min(n, 6)] = np.array([0.0, -0.0, 1e4, -1e4, 9.5, -9.5], np.float32)[: min(n, 6)]
+    y = ops.gelu(x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert np.isfinite(y).all()
+    assert_rel(y, _gelu_exact(x), 1e-6, "gelu float32")
+    small = np.abs(x) < 10
+    assert np.abs(y[small] - _gelu_exact(x[small])).max() < 5e-7  # absolute, |x| < 10
+
+
+def test_gelu_fast_matches_torch_and_keeps_float16():
+    torch = need("torch")
+    x = np.random.default_rng(0).standard_normal((3, 5, 1001)).astype(np.float32) * 3
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    assert_rel(ops.gelu(x), ref, 1e-5, "gelu vs torch")
+    h = ops.gelu(x.astype(np.float16))
+    assert h.dtype == np.float16
+    assert_rel(h, _gelu_exact(x.astype(np.float16)), 1e-3, "gelu float16")
+
+
+@pytest.mark.parametrize("d", [8, 1000, ops._BLOCK + 5])
+def test_geglu_equals_a_times_gelu(d):
+    """ops.geglu on the two (strided) halves of a projection = a * gelu(g), float32 and float64."""
+    rng = np.random.default_rng(d)
+    h = rng.standard_normal((2, 9, 2 * d))
+    a, g = np.split(h, 2, axis=-1)
+    np.testing.assert_array_equal(ops.geglu(a, g), a * ops.gelu(g))  # float64: the formula
+    a32, g32 = np.split(h.astype(np.float32), 2, axis=-1)
+    y = ops.geglu(a32, g32)
+    assert y.dtype == np.float32 and y.shape == (2, 9, d)
+    assert_rel(y, a32 * _gelu_exact(g32), 1e-6, "geglu float32")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(
+    "b, h, lq, lk, tile, chunk",
+    [(2, 3, 40, 40, 1 << 19, None), (1, 2, 50, 30, 300, None), (2, 2, 33, 70, 64, 5)],
+)
+def test_attention_tiled_equals_chunked(dtype, b, h, lq, lk, tile, chunk, monkeypatch):
+    """Tiles of several heads, of row blocks, and of single rows (tile < Lk) agree with the
+    reference, with a per-row mask and a broadcast key mask."""
+    monkeypatch.setattr(ops, "ATTENTION_TILE", tile)
+    rng = np.random.default_rng(lq)
+    q, k = (rng.standard_normal((b, h, n, 16)).astype(dtype) for n in (lq, lk))
+    v = rng.standard_normal((b, h, lk, 24)).astype(dtype)
+    tol = 1e-13 if dtype == "float64" else 1e-6
+    for mask in (None, rng.standard_normal((lq, lk)), rng.standard_normal((b, 1, 1, lk))):
+        mask = None if mask is None else mask.astype(dtype)
+        ours = ops.attention_tiled(q, k, v, chunk_size=chunk, mask=mask)
+        ref = ops.attention_chunked(q, k, v, mask=mask)
+        assert ours.shape == (b, h, lq, 24) and ours.dtype == np.dtype(dtype)
+        assert_rel(ours, ref, tol, f"tiled attention tile={tile}")
