@@ -162,3 +162,35 @@ def test_conv2d_rejects_channel_mismatch():
     x, wt, b = _case(np, 1, 3, 4, 5, 5, 3, "float32")
     with pytest.raises(ValueError, match="3 channels"):
         ops.conv2d(x, wt[:, :2], b, padding=1)
+
+
+def test_derived_weight_cache(monkeypatch):
+    """Transformed weights are reused (same result), bounded by the budget, dropped with the
+    weight array, and cleared on request."""
+    import gc
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 32, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    conv_fast.clear_cache()
+    monkeypatch.setattr(conv_fast, "CONV_CACHE_BYTES", 0)
+    y0 = conv_fast.conv2d_winograd(x, w, m=2)
+    assert conv_fast.cache_bytes() == 0  # no budget: nothing kept
+    monkeypatch.setattr(conv_fast, "CONV_CACHE_BYTES", 1 << 30)
+    y1 = conv_fast.conv2d_winograd(x, w, m=2)
+    d1 = conv_fast.conv2d_direct(x, w, pads=(1, 1, 1, 1))
+    assert conv_fast.cache_bytes() == 16 * 32 * 32 * 4 + w.nbytes  # U (F(2x2)) + tap-major copy
+    np.testing.assert_array_equal(conv_fast.conv2d_winograd(x, w, m=2), y1)  # cache hit
+    np.testing.assert_array_equal(conv_fast.conv2d_direct(x, w, pads=(1, 1, 1, 1)), d1)
+    np.testing.assert_array_equal(y0, y1)
+    w2 = w.copy()
+    w2 *= 2  # another array: its own entry, not the cached one
+    np.testing.assert_allclose(conv_fast.conv2d_winograd(x, w2, m=2), 2 * y1, rtol=1e-5, atol=1e-5)
+    del w, w2
+    gc.collect()
+    assert conv_fast.cache_bytes() == 0  # entries die with their weights
+    w3 = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    conv_fast.conv2d_winograd(x, w3, m=4)
+    assert conv_fast.cache_bytes() > 0
+    conv_fast.clear_cache()
+    assert conv_fast.cache_bytes() == 0
