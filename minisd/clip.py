@@ -26,7 +26,16 @@ from . import blocks, ops, trace
 from .backend import array_module, resolve_dtype
 from .blocks import ln
 from .errors import ConfigError, InputError, WeightsError
-from .weights import check_keys, find_weights, flatten, load_file, nest, read_config
+from .weights import (
+    check_keys,
+    check_weights_mode,
+    find_weights,
+    flatten,
+    load_file,
+    nest,
+    prepare_weights,
+    read_config,
+)
 
 ACTIVATIONS = {"quick_gelu": ops.quick_gelu, "gelu": ops.gelu}
 PREFIX = "text_model."
@@ -180,24 +189,38 @@ class CLIPTextModel:
         check_keys(flat, want, "CLIPTextModel params")
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", device="cpu"):
-        """Load a transformers CLIPTextModel folder (config.json + model.safetensors)."""
+    def from_pretrained(cls, folder, dtype="float32", device="cpu", *, weights="eager"):
+        """Load a transformers CLIPTextModel folder (config.json + model.safetensors).
+        ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy)."""
         folder = Path(folder)
         config = CLIPTextConfig.from_dict(
             read_config(folder / "config.json"), folder / "config.json"
         )
         path = find_weights(folder, names=("model.safetensors",))
+        if check_weights_mode(weights) != "eager":  # keep the file's dtype, cast on read
+            flat = load_file(path)
+            return cls.from_state_dict(
+                flat, config, source=path, dtype=dtype, device=device, weights=weights
+            )
         flat = load_file(path, dtype=resolve_dtype(dtype), device=device)
         return cls.from_state_dict(flat, config, source=path)
 
     @classmethod
-    def from_state_dict(cls, flat, config, source="state dict"):
-        """From a flat {key: array} in either key layout, with errors that name ``source``."""
+    def from_state_dict(
+        cls, flat, config, source="state dict", *, dtype=None, device="cpu", weights="eager"
+    ):
+        """From a flat {key: array} in either key layout, with errors that name ``source``.
+        ``weights`` "lazy" / "stream": keep the arrays' dtype and cast to ``dtype`` on read
+        (arrays are used as given with "eager", the default)."""
         if not isinstance(config, CLIPTextConfig):
             config = CLIPTextConfig.from_dict(config, source)
         flat = strip_prefix(flat, source)
+        params = nest(flat)
+        if check_weights_mode(weights) != "eager":
+            dtype = dtype or flat["final_layer_norm.weight"].dtype
+            params = prepare_weights(flat, dtype=dtype, device=device, weights=weights)
         try:
-            return cls(config, nest(flat))
+            return cls(config, params)
         except WeightsError as e:
             raise WeightsError(str(e).replace("CLIPTextModel params", str(source))) from None
 

@@ -25,7 +25,7 @@ from .backend import (
     to_numpy,
 )
 from .errors import ConfigError, WeightsError
-from .weights import read_config, refuse_pickle
+from .weights import CastOnRead, check_weights_mode, read_config, refuse_pickle
 
 # diffusers scheduler class -> minisd scheduler name (for the checkpoint's default scheduler)
 _CLASS_TO_NAME = {
@@ -70,24 +70,29 @@ class StableDiffusion:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", *, config=None, prediction_type=None):
+    def from_pretrained(
+        cls, path, dtype=None, device="cpu", *, config=None, prediction_type=None, weights="eager"
+    ):
         """Load a diffusers folder (model_index.json + component subfolders) or a single
         original-layout ``.safetensors`` checkpoint (converted in memory, no temp files).
         ``config``: a diffusers folder whose configs override the inferred architecture.
+        ``weights``: "eager" (cast at load), "lazy" or "stream" (keep float16 files memory-mapped
+        and cast per layer: bounded memory, see minisd/weights.py).
         ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype)."""
         dtype = resolve_device_dtype(dtype, device).name
+        kw = {"weights": check_weights_mode(weights)}
         path = Path(path)
         refuse_pickle(path)
         if path.is_dir():
-            return cls._from_folder(path, dtype, device)
+            return cls._from_folder(path, dtype, device, **kw)
         if path.suffix == ".safetensors" and path.is_file():
-            return cls._from_single_file(path, dtype, device, config, prediction_type)
+            return cls._from_single_file(path, dtype, device, config, prediction_type, **kw)
         if not path.exists():
             raise WeightsError(f"{path}: no such model folder or file")
         raise WeightsError(f"{path}: expected a diffusers folder or a .safetensors file")
 
     @classmethod
-    def _from_folder(cls, folder, dtype, device):
+    def _from_folder(cls, folder, dtype, device, weights="eager"):
         from .clip import CLIPTextModel
         from .tokenizer import CLIPTokenizer
         from .unet import UNet2DConditionModel
@@ -96,25 +101,26 @@ class StableDiffusion:
         if not (folder / "model_index.json").is_file():
             raise ConfigError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
         kw = {"dtype": dtype, "device": device}
+        w = {"weights": weights}
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw),
-            unet=UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
-            vae=AutoencoderKL.from_pretrained(folder / "vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw, **w),
+            unet=UNet2DConditionModel.from_pretrained(folder / "unet", **kw, **w),
+            vae=AutoencoderKL.from_pretrained(folder / "vae", **kw, **w),
             scheduler_config=read_config(folder / "scheduler" / "scheduler_config.json"),
             **kw,
         )
 
     @classmethod
-    def _from_single_file(cls, path, dtype, device, config, prediction_type):
+    def _from_single_file(cls, path, dtype, device, config, prediction_type, weights="eager"):
         from weights_tools.convert import load_single_file
 
         parts = load_single_file(path, config=config, prediction_type=prediction_type)
         parts["source"] = str(path)
-        return cls._from_parts(parts, dtype, device)
+        return cls._from_parts(parts, dtype, device, weights)
 
     @classmethod
-    def _from_parts(cls, parts, dtype, device):
+    def _from_parts(cls, parts, dtype, device, weights="eager"):
         """Build from {"unet": (config, flat), "vae": ..., "text_encoder": ..., "scheduler":
         config, "tokenizer": folder or None, "source": file name for error messages}."""
         from .clip import CLIPTextModel
@@ -123,12 +129,20 @@ class StableDiffusion:
 
         kw = {"dtype": dtype, "device": device}
         te_cfg, te_flat = parts["text_encoder"]
-        te_flat = {k: to_device(v, device, dtype) for k, v in te_flat.items()}
+        if weights == "eager":
+            te_flat = {k: to_device(v, device, dtype) for k, v in te_flat.items()}
+        te_kw = {
+            "source": parts["source"],
+            "weights": weights,
+            **(kw if weights != "eager" else {}),
+        }
         return cls(
             tokenizer=_tokenizer(parts),
-            text_encoder=CLIPTextModel.from_state_dict(te_flat, te_cfg, source=parts["source"]),
-            unet=UNet2DConditionModel(*parts["unet"], source=parts["source"], **kw),
-            vae=AutoencoderKL(*parts["vae"], source=parts["source"], **kw),
+            text_encoder=CLIPTextModel.from_state_dict(te_flat, te_cfg, **te_kw),
+            unet=UNet2DConditionModel(
+                *parts["unet"], source=parts["source"], weights=weights, **kw
+            ),
+            vae=AutoencoderKL(*parts["vae"], source=parts["source"], weights=weights, **kw),
             scheduler_config=parts["scheduler"],
             **kw,
         )
@@ -250,6 +264,10 @@ class StableDiffusion:
         ``free_memory_between_phases`` is on. No-op on the CPU."""
         if getattr(self, "_free_phases", False):
             free_memory(self.device)
+        done = {"text encoding": self.text_encoder, "denoising": self.unet, "decoding": self.vae}
+        params = getattr(done.get(phase), "params", None)
+        if isinstance(params, CastOnRead):  # weights="lazy": give the file pages back
+            params.release()
 
     def _set_attention_chunk(self, batch, height, width):
         """Apply ``attention_chunk_size``; "auto" on a GPU: the largest self-attention score

@@ -42,7 +42,16 @@ from .unet_blocks import (
     transformer_shapes,
     up_block,
 )
-from .weights import check_keys, find_weights, flatten, load_file, nest, read_config
+from .weights import (
+    check_keys,
+    check_weights_mode,
+    find_weights,
+    flatten,
+    load_file,
+    nest,
+    prepare_weights,
+    read_config,
+)
 
 _rec = trace.record
 
@@ -243,10 +252,21 @@ def param_shapes(cfg: UNetConfig) -> dict:
     return s
 
 
-def prepare_params(params, shapes, *, dtype=None, device=None, source="params"):
-    """Flat or nested params -> nested dict, after checking every key and shape."""
+def prepare_params(params, shapes, *, dtype=None, device=None, source="params", weights="eager"):
+    """Flat or nested params -> nested dict, after checking every key and shape.
+
+    ``weights``: "eager" casts now; "lazy" / "stream" keep the stored dtype and cast each
+    tensor when a layer reads it (weights.CastOnRead; the memory policy is described there)."""
     flat = params if all(not isinstance(v, dict) for v in params.values()) else flatten(params)
     check_keys(flat, shapes, source)
+    if check_weights_mode(weights) != "eager":
+        first = next(iter(flat.values()))
+        return prepare_weights(
+            flat,
+            dtype=dtype or first.dtype,
+            device=device or device_of(first),
+            weights=weights,
+        )
     if dtype is not None or device is not None:
         device = device or device_of(next(iter(flat.values())))
         flat = {k: to_device(v, device, dtype) for k, v in flat.items()}
@@ -264,22 +284,33 @@ class UNet2DConditionModel:
     #: CFG batch of 2 make (2, 8, 1024, 4096) score chunks (256 MiB float32) instead of 1 GiB.
     attention_chunk_size: int | None = 1024
 
-    def __init__(self, config, params, *, dtype=None, device=None, source="params"):
+    def __init__(
+        self, config, params, *, dtype=None, device=None, source="params", weights="eager"
+    ):
         if not isinstance(config, UNetConfig):
             config = UNetConfig.from_dict(config, source=f"{source} (config)")
         self.config = config
         self.params = prepare_params(
-            params, param_shapes(config), dtype=dtype, device=device, source=source
+            params,
+            param_shapes(config),
+            dtype=dtype,
+            device=device,
+            source=source,
+            weights=weights,
         )
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", device="cpu"):
-        """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``."""
+    def from_pretrained(cls, folder, dtype="float32", device="cpu", *, weights="eager"):
+        """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``.
+        ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy)."""
         folder = Path(folder)
         config = UNetConfig.from_dict(
             read_config(folder / "config.json"), source=str(folder / "config.json")
         )
         path = find_weights(folder)
+        if check_weights_mode(weights) != "eager":  # keep the file's dtype, cast on read
+            flat = load_file(path)
+            return cls(config, flat, dtype=dtype, device=device, source=str(path), weights=weights)
         return cls(config, load_file(path, dtype=dtype, device=device), source=str(path))
 
     @property

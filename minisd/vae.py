@@ -25,7 +25,14 @@ import numpy as np
 from . import blocks, ops, trace, vae_tiling
 from .backend import array_module, device_of, resolve_dtype, to_device
 from .errors import ConfigError, InputError, WeightsError
-from .weights import check_keys, find_weights, flatten, load_file, nest, read_config
+from .weights import (
+    check_keys,
+    find_weights,
+    flatten,
+    load_file,
+    prepare_weights,
+    read_config,
+)
 
 # Largest attention score block (elements) of the mid-block attention: queries are processed in
 # chunks so that a 2048^2 decode (65536 tokens) never builds a 65536 x 65536 matrix.
@@ -338,30 +345,34 @@ def _cast_tree(p, dtype):
 class AutoencoderKL:
     """The Stable Diffusion VAE. ``AutoencoderKL(config, params)`` or ``from_pretrained``."""
 
-    def __init__(self, config, params, *, dtype=None, device=None, source="params"):
+    def __init__(
+        self, config, params, *, dtype=None, device=None, source="params", weights="eager"
+    ):
+        """``weights``: "eager" casts now; "lazy" / "stream" keep the stored dtype and cast on
+        read (weights.CastOnRead; the memory policy is described in minisd/weights.py)."""
         self.config = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
         flat = fix_legacy_keys(flatten(params))
         check_keys(flat, expected_shapes(self.config), source)
         first = flat["encoder.conv_in.weight"]
         self.dtype = resolve_dtype(dtype) if dtype is not None else np.dtype(first.dtype)
         self.device = device or device_of(first)
-        flat = {k: to_device(v, self.device, self.dtype) for k, v in flat.items()}
-        self.params = nest(flat)
+        self.params = prepare_weights(flat, dtype=self.dtype, device=self.device, weights=weights)
         self.use_tiling = False
         self.use_slicing = False
         self.tile_sample_min_size = self.config.sample_size
         self.tile_overlap_factor = 0.25
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", device="cpu"):
+    def from_pretrained(cls, folder, dtype="float32", device="cpu", *, weights="eager"):
         """Load a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors);
-        a pipeline folder with a ``vae/`` subfolder also works."""
+        a pipeline folder with a ``vae/`` subfolder also works. ``weights``: see __init__."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
             folder = folder / "vae"
         cfg = VAEConfig.from_dict(read_config(folder / "config.json"), folder / "config.json")
         path = find_weights(folder)
-        return cls(cfg, load_file(path, dtype=dtype), dtype=dtype, device=device, source=path)
+        flat = load_file(path, dtype=dtype if weights == "eager" else None)
+        return cls(cfg, flat, dtype=dtype, device=device, source=path, weights=weights)
 
     @property
     def needs_upcast(self) -> bool:
