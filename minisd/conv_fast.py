@@ -33,6 +33,7 @@ from functools import cache
 
 import numpy as np
 
+from . import parallel
 from .backend import array_module, is_cupy
 
 # Accumulator chunk (output elements) kept per GEMM: ~1 MiB of float32, below L2.
@@ -282,20 +283,24 @@ def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
     xpad[:, :, top : top + h, left : left + wd] = x.transpose(1, 0, 2, 3)
     y = np.empty((n, cout, ty * m, tx * m), dtype=dt)  # (N, Cout, Ty*m, Tx*m)
     yt = y.reshape(n, cout, ty, m, tx, m).transpose(3, 5, 1, 0, 2, 4)  # (m, m, Cout, N, Ty, Tx)
-    step = max(1, min(ty, _WINO_CHUNK_TILES // max(1, n * tx)))  # tile rows per chunk
+    step = max(1, min(-(-ty // parallel.WORKERS), _WINO_CHUNK_TILES // max(1, n * tx)))  # rows
     st = xpad.strides
-    for t0 in range(0, ty, step):
-        t = min(step, ty - t0)
-        tiles = np.lib.stride_tricks.as_strided(
-            xpad[:, :, t0 * m :],
-            shape=(a, a, cin, n, t, tx),
-            strides=(st[2], st[3], st[0], st[1], m * st[2], m * st[3]),
-        )  # (a, a, Cin, N, t, Tx): tile (y, x) of channel c, overlapping windows
-        d = np.ascontiguousarray(tiles).reshape(a * a, cin * n * t * tx)  # (a*a, Cin*P)
-        v = (kb @ d).reshape(a * a, cin, n * t * tx)  # (a*a, Cin, P)  B^T d B
-        mm = np.matmul(u, v)  # (a*a, Cout, P)  sum over Cin of U . V
-        z = ka @ mm.reshape(a * a, cout * n * t * tx)  # (m*m, Cout*P)  A^T M A
-        yt[:, :, :, :, t0 : t0 + t] = z.reshape(m, m, cout, n, t, tx)
+
+    def chunks(lo, hi):  # chunks [lo, hi) of ``step`` tile rows each
+        for t0 in range(lo * step, min(ty, hi * step), step):
+            t = min(step, ty - t0)
+            tiles = np.lib.stride_tricks.as_strided(
+                xpad[:, :, t0 * m :],
+                shape=(a, a, cin, n, t, tx),
+                strides=(st[2], st[3], st[0], st[1], m * st[2], m * st[3]),
+            )  # (a, a, Cin, N, t, Tx): tile (y, x) of channel c, overlapping windows
+            d = np.ascontiguousarray(tiles).reshape(a * a, cin * n * t * tx)  # (a*a, Cin*P)
+            v = (kb @ d).reshape(a * a, cin, n * t * tx)  # (a*a, Cin, P)  B^T d B
+            mm = np.matmul(u, v)  # (a*a, Cout, P)  sum over Cin of U . V
+            z = ka @ mm.reshape(a * a, cout * n * t * tx)  # (m*m, Cout*P)  A^T M A
+            yt[:, :, :, :, t0 : t0 + t] = z.reshape(m, m, cout, n, t, tx)
+
+    parallel.run_ranges(chunks, -(-ty // step))
     if b is not None and (ty * m, tx * m) == (ho, wo):
         y += b.reshape(1, cout, 1, 1)
         return y

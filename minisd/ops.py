@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import conv_fast
+from . import conv_fast, parallel
 from .backend import array_module, is_cupy
 
 # --------------------------------------------------------------------------- linear / conv
@@ -355,12 +355,14 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
     rows = max(1, min(lq, ATTENTION_TILE // lk, int(chunk_size or lq)))
     heads = max(1, ATTENTION_TILE // (lk * lq)) if rows == lq else 1
     out = np.empty((bh, lq, dv), dtype=q.dtype)  # (BH, Lq, Dv)
-    s_buf = np.empty((min(heads, bh), rows, lk), dtype=acc)  # score tile
-    o_buf = np.empty((min(heads, bh), rows, dv + 1), dtype=acc)
-    for i in range(0, bh, heads):
-        g = min(heads, bh - i)
-        for r0 in range(0, lq, rows):
-            r = min(rows, lq - r0)
+    row_tiles = -(-lq // rows)
+
+    def tiles(lo, hi):  # tiles [lo, hi) in (head group, row block) order
+        s_buf = np.empty((min(heads, bh), rows, lk), dtype=acc)  # score tile
+        o_buf = np.empty((min(heads, bh), rows, dv + 1), dtype=acc)
+        for n in range(lo, hi):
+            i, r0 = n // row_tiles * heads, n % row_tiles * rows
+            g, r = min(heads, bh - i), min(rows, lq - r0)
             s, o = s_buf[:g, :r], o_buf[:g, :r]  # (g, r, Lk), (g, r, Dv + 1)
             np.matmul(qs[i : i + g, r0 : r0 + r], kt[i : i + g], out=s)
             if mask is not None:
@@ -369,6 +371,8 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
             np.exp(s, out=s)
             np.matmul(s, v1[i : i + g], out=o)
             np.divide(o[..., :dv], o[..., dv:], out=out[i : i + g, r0 : r0 + r])
+
+    parallel.run_ranges(tiles, -(-bh // heads) * row_tiles)
     return out.reshape(b, h, lq, dv)  # (B, H, Lq, Dv)
 
 

@@ -74,3 +74,25 @@ def test_attention_tiled_equals_chunked(dtype, b, h, lq, lk, tile, chunk, monkey
         ref = ops.attention_chunked(q, k, v, mask=mask)
         assert ours.shape == (b, h, lq, 24) and ours.dtype == np.dtype(dtype)
         assert_rel(ours, ref, tol, f"tiled attention tile={tile}")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_run_ranges_covers_each_chunk_once(workers, n, monkeypatch):
+    """Every chunk exactly once, in disjoint ranges; nested regions run serially; the BLAS
+    thread count is restored."""
+    from minisd import parallel
+
+    monkeypatch.setattr(parallel, "WORKERS", workers)
+    blas = parallel._openblas()
+    before = blas[0]() if blas else None
+    seen = []
+
+    def fn(lo, hi):
+        parallel.run_ranges(lambda a, b: None, 4)  # nested: must not deadlock
+        seen.extend(range(lo, hi))
+
+    parallel.run_ranges(fn, n)
+    assert sorted(seen) == list(range(n))
+    if blas:
+        assert blas[0]() == before
