@@ -172,12 +172,16 @@ def gelu_fast(x):
     """GELU of a float32/float16 NumPy array, in blocks of ``_BLOCK`` elements. (...) -> (...)."""
     flat = np.ascontiguousarray(x).reshape(-1)  # (n,)
     out = np.empty(flat.shape, dtype=x.dtype)  # (n,)
-    buf = np.empty((3, min(_BLOCK, flat.size)), dtype=np.float32)  # work buffers
-    for s in range(0, flat.size, _BLOCK):
-        blk = flat[s : s + _BLOCK].astype(np.float32, copy=False)
-        r, a, t = buf[:, : blk.size]
-        _gelu_into(blk, r, a, t)
-        out[s : s + _BLOCK] = r
+
+    def blocks(lo, hi):
+        buf = np.empty((3, min(_BLOCK, flat.size)), dtype=np.float32)  # work buffers
+        for s in range(lo * _BLOCK, min(flat.size, hi * _BLOCK), _BLOCK):
+            blk = flat[s : s + _BLOCK].astype(np.float32, copy=False)
+            r, a, t = buf[:, : blk.size]
+            _gelu_into(blk, r, a, t)
+            out[s : s + _BLOCK] = r
+
+    parallel.run_ranges(blocks, -(-flat.size // _BLOCK))
     return out.reshape(x.shape)
 
 
@@ -191,12 +195,16 @@ def geglu(a, g):
     a2, g2 = a.reshape(-1, d), g.reshape(-1, d)  # (rows, D), views of the projection
     out = np.empty(a2.shape, dtype=g.dtype)  # (rows, D)
     rows = max(1, _BLOCK // d)
-    buf = np.empty((3, min(rows, len(g2)), d), dtype=np.float32)  # work buffers
-    for s in range(0, len(g2), rows):
-        blk = g2[s : s + rows].astype(np.float32, copy=False)
-        r, u, t = buf[:, : len(blk)]
-        _gelu_into(blk, r, u, t)
-        np.multiply(r, a2[s : s + rows], out=out[s : s + rows])
+
+    def blocks(lo, hi):
+        buf = np.empty((3, min(rows, len(g2)), d), dtype=np.float32)  # work buffers
+        for s in range(lo * rows, min(len(g2), hi * rows), rows):
+            blk = g2[s : s + rows].astype(np.float32, copy=False)
+            r, u, t = buf[:, : len(blk)]
+            _gelu_into(blk, r, u, t)
+            np.multiply(r, a2[s : s + rows], out=out[s : s + rows])
+
+    parallel.run_ranges(blocks, -(-len(g2) // rows))
     return out.reshape(g.shape)  # (..., D)
 
 
