@@ -96,3 +96,22 @@ def test_run_ranges_covers_each_chunk_once(workers, n, monkeypatch):
     assert sorted(seen) == list(range(n))
     if blas:
         assert blas[0]() == before
+
+
+@pytest.mark.parametrize("n", [5, ops._BLOCK + 3])
+def test_silu_fast(n):
+    """Blocked x / (1 + exp(-x)): float32 within 1e-6 of float64, exact limits at the extremes,
+    float16 kept."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 8).astype(np.float32)
+    x[:5] = [-1e4, 1e4, 0.0, -90.0, 90.0]
+    x64 = x.astype(np.float64)
+    e = np.exp(-np.abs(x64))  # in (0, 1]: no overflow
+    ref = x64 * np.where(x64 >= 0, 1 / (1 + e), e / (1 + e))
+    y = ops.silu(x)
+    assert y.dtype == np.float32 and np.isfinite(y).all()
+    assert y[0] == 0 and y[1] == 1e4 and y[2] == 0
+    assert_rel(y, ref, 1e-6, "silu float32")
+    h = ops.silu(x.astype(np.float16))
+    assert h.dtype == np.float16
+    assert_rel(h, ref, 1e-3, "silu float16")
