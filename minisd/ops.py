@@ -113,7 +113,10 @@ def _stat_dtype(x):
 
 def group_norm(x, w, b, *, groups, eps):
     """GroupNorm (Wu & He 2018). x (N, C, *spatial); statistics over each group of C/groups
-    channels and all spatial positions; biased variance, as torch."""
+    channels and all spatial positions; biased variance, as torch. float32 NumPy arrays take
+    ``group_norm_fast``; this is the reference."""
+    if x.dtype == np.float32 and not is_cupy(x):
+        return group_norm_fast(x, w, b, groups=groups, eps=eps)
     n, c = x.shape[:2]
     xg = x.reshape(n, groups, -1).astype(_stat_dtype(x), copy=False)  # (N, G, C/G * HW)
     mean = xg.mean(axis=-1, keepdims=True)  # (N, G, 1)
@@ -122,6 +125,33 @@ def group_norm(x, w, b, *, groups, eps):
     y = (xc / (var + eps) ** 0.5).astype(x.dtype, copy=False).reshape(x.shape)
     shape = (1, c) + (1,) * (x.ndim - 2)
     return y * w.reshape(shape) + b.reshape(shape)
+
+
+def group_norm_fast(x, w, b, *, groups, eps):
+    """GroupNorm of a float32 NumPy array, one group at a time on all cores: mean (pairwise
+    sum), d = x - mean, var = d . d / L (two-pass, so no cancellation), then
+    y = d * (w_c / sqrt(var + eps)) + b_c per channel. Five passes over each group, which stays
+    in cache for UNet sizes. x (N, C, *spatial) -> same shape."""
+    n, c = x.shape[:2]
+    cg = c // groups
+    xg = np.ascontiguousarray(x).reshape(n * groups, cg, -1)  # (N*G, C/G, HW)
+    y = np.empty(xg.shape, dtype=x.dtype)  # (N*G, C/G, HW)
+    length = xg.shape[1] * xg.shape[2]
+    wg = w.astype(np.float32).reshape(groups, cg, 1)  # (G, C/G, 1)
+    bg = b.astype(np.float32).reshape(groups, cg, 1)  # (G, C/G, 1)
+
+    def rows(lo, hi):
+        d = np.empty(xg.shape[1:], dtype=np.float32)  # (C/G, HW)
+        for r in range(lo, hi):
+            mean = np.add.reduce(xg[r], axis=None) / np.float32(length)
+            np.subtract(xg[r], mean, out=d)
+            dv = d.reshape(-1)  # (L,)
+            rstd = np.float32(1) / np.sqrt(np.dot(dv, dv) / np.float32(length) + np.float32(eps))
+            np.multiply(d, wg[r % groups] * rstd, out=y[r])
+            y[r] += bg[r % groups]
+
+    parallel.run_ranges(rows, n * groups)
+    return y.reshape(x.shape)
 
 
 def layer_norm(x, w, b, *, eps):
