@@ -175,9 +175,9 @@ def silu(x):
     return x * _sigmoid(xp, x)
 
 
-def silu_fast(x):
-    """x / (1 + exp(-x)) in place on cache-sized float32 blocks, on all cores. For x < -88
-    exp(-x) overflows to inf and the quotient is the correct limit -0. (...) -> (...)."""
+def silu_fast(x, alpha=1.0):
+    """x / (1 + exp(-alpha x)) in place on cache-sized float32 blocks, on all cores. Where
+    exp(-alpha x) overflows to inf the quotient is the correct limit -0. (...) -> (...)."""
     flat = np.ascontiguousarray(x).reshape(-1)  # (n,)
     out = np.empty(flat.shape, dtype=x.dtype)  # (n,)
 
@@ -187,7 +187,7 @@ def silu_fast(x):
             for s in range(lo * _BLOCK, min(flat.size, hi * _BLOCK), _BLOCK):
                 blk = flat[s : s + _BLOCK]
                 e = t[: blk.size]
-                np.negative(blk, out=e)
+                np.multiply(blk, np.float32(-alpha), out=e)
                 np.exp(e, out=e)
                 e += np.float32(1)
                 np.divide(blk, e, out=out[s : s + _BLOCK])
@@ -204,6 +204,8 @@ def _sigmoid(xp, x):
 def quick_gelu(x):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
     xp = array_module(x)
+    if not is_cupy(x) and x.dtype != np.float64:
+        return silu_fast(x, 1.702)
     return x * _sigmoid(xp, x * x.dtype.type(1.702))
 
 

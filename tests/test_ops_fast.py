@@ -133,3 +133,15 @@ def test_group_norm_fast(shape, groups):
     xt = np.ascontiguousarray(np.swapaxes(x, -1, -2)).astype(np.float32)
     yt = ops.group_norm(np.swapaxes(xt, -1, -2), w.astype(np.float32), b, groups=groups, eps=1e-6)
     assert_rel(yt, ref, 1e-5, "group_norm float32, strided input")
+
+
+def test_quick_gelu_fast():
+    """float32 quick_gelu (x / (1 + exp(-1.702 x)), blocked) vs float64 x sigmoid(1.702 x)."""
+    x = (np.random.default_rng(3).standard_normal(ops._BLOCK + 9) * 8).astype(np.float32)
+    x[:3] = [-1e4, 1e4, 0.0]
+    y = ops.quick_gelu(x)
+    x64 = x.astype(np.float64)
+    e = np.exp(-np.abs(1.702 * x64))  # in (0, 1]: no overflow
+    ref = x64 * np.where(x64 >= 0, 1 / (1 + e), e / (1 + e))
+    assert y.dtype == np.float32 and y[0] == 0 and y[1] == 1e4
+    assert_rel(y, ref, 1e-6, "quick_gelu float32")
