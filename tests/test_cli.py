@@ -31,7 +31,7 @@ def test_generate_img2img_and_trace(demo_cache, tmp_path):
     out = tmp_path / "out.png"
     args = ["generate", "a cat", "--model", str(model), "--init-image", str(init)]
     args += ["--strength", "0.5", "--steps", "4", "--scheduler", "ddim", "--n", "2"]
-    args += ["--out", str(out)]
+    args += ["--out", str(out), "--weights", "stream"]
     assert main(args) == 0
     for k in (0, 1):
         assert Image.open(tmp_path / f"out-{k}.png").size == (96, 64)
@@ -74,3 +74,16 @@ def test_help_explains_every_flag(cmd, capsys):
     for line in text.splitlines():
         if line.strip().startswith("--") and "  " in line.strip():
             assert len(line.strip().split("  ", 1)[1].strip()) > 3, line  # every flag has help
+
+
+def test_generate_weights_modes_give_the_same_image(demo_cache, tmp_path):
+    """--weights stream (memory-mapped float16 files cast per layer) changes memory, not pixels."""
+    model = demo_cache / "demo-sd1"
+    pixels = {}
+    for mode in ("eager", "stream"):
+        out = tmp_path / f"{mode}.png"
+        args = ["generate", "a cat", "--model", str(model), "--steps", "2", "--size", "64x64"]
+        assert main([*args, "--weights", mode, "--out", str(out)]) == 0
+        pixels[mode] = np.asarray(Image.open(out))
+    assert pixels["eager"].shape == (64, 64, 3)
+    np.testing.assert_array_equal(pixels["eager"], pixels["stream"])
