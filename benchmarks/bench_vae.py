@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import append_results, markdown_table  # noqa: E402
+
 SD_VAE = dict(
     block_out_channels=[128, 256, 512, 512],
     down_block_types=["DownEncoderBlock2D"] * 4,
@@ -106,6 +110,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
     ap.add_argument("--worker", choices=["minisd", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--task", choices=list(TASKS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -116,7 +121,7 @@ def main(argv=None):
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     head = f"{'case':<28}{'minisd s':>10}{'diffusers s':>13}{'ratio':>8}"
     print(head + f"{'minisd RSS':>13}{'(act.)':>9}{'diffusers RSS':>15}{'(act.)':>9}")
-    results = []
+    results, rows = [], []
     for task in args.tasks:
         r = {side: run_case(side, task, reps) for side in ("minisd", "diffusers")}
         med = {side: statistics.median(r[side]["times"]) for side in r}
@@ -129,9 +134,20 @@ def main(argv=None):
             f"{d['rss_peak']:>12.0f} MiB{d['rss_peak'] - d['rss_loaded']:>9.0f}"
         )
         results.append(dict(task=task, shape=TASKS[task], median_s=med, runs=r))
+        rows.append(
+            [name, f"{med['minisd']:.2f}", f"{med['diffusers']:.2f}"]
+            + [f"{med['minisd'] / med['diffusers']:.2f}"]
+            + [f"{m['rss_peak']:.0f}", f"{d['rss_peak']:.0f}"]
+        )
     print("# ratio = minisd time / diffusers time; (act.) = peak RSS above the loaded model")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.record:
+        head = ["case", "minisd s", "diffusers s", "minisd / diffusers", "minisd RSS MiB"]
+        table = markdown_table([*head, "diffusers RSS MiB"], rows)
+        title = "VAE: full-size SD VAE vs diffusers (CPU, float32)"
+        note = f"Median of {reps} rep(s) per side, each side in its own subprocess."
+        append_results(title, table, note)
 
 
 if __name__ == "__main__":
