@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import ops, trace
-from .backend import array_module, device_of, to_device
+from .backend import array_module, device_of
 from .blocks import conv, gn
-from .errors import ConfigError, InputError
-from .unet import parse_config, prepare_params
+from .errors import InputError
 from .unet_blocks import (
     BlockOpts,
     attention_shapes,
@@ -35,7 +33,13 @@ from .unet_blocks import (
     traced,
     up_block,
 )
-from .weights import find_weights, load_file, read_config
+from .unet_config import (
+    check_block_types,
+    load_pretrained,
+    parse_config,
+    prepare_params,
+    sample_input,
+)
 
 _rec = trace.record
 _DOWN = ("DownBlock2D", "AttnDownBlock2D")
@@ -89,25 +93,15 @@ class UNet2DConfig:
         )
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if not (len(self.down_block_types) == len(self.up_block_types) == n):
-            raise ConfigError(
-                f"{self.source}: down_block_types, up_block_types and block_out_channels "
-                "must have the same length"
-            )
-        for name, value, known in (
-            ("down_block_types", self.down_block_types, _DOWN),
-            ("up_block_types", self.up_block_types, _UP),
-            ("mid_block_type", (self.mid_block_type,), ("UNetMidBlock2D", None)),
-            (
-                "resnet_time_scale_shift",
-                (self.resnet_time_scale_shift,),
-                ("default", "scale_shift"),
-            ),
-        ):
-            bad = [v for v in value if v not in known]
-            if bad:
-                raise ConfigError(f"{self.source}: {name}: {bad[0]!r} is not supported")
+        check_block_types(
+            self,
+            {
+                "down_block_types": _DOWN,
+                "up_block_types": _UP,
+                "mid_block_type": ("UNetMidBlock2D", None),
+                "resnet_time_scale_shift": ("default", "scale_shift"),
+            },
+        )
 
     @property
     def time_embed_dim(self):
@@ -182,12 +176,7 @@ class UNet2DModel:
     @classmethod
     def from_pretrained(cls, folder, dtype="float32", device="cpu"):
         """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``."""
-        folder = Path(folder)
-        config = UNet2DConfig.from_dict(
-            read_config(folder / "config.json"), source=str(folder / "config.json")
-        )
-        path = find_weights(folder)
-        return cls(config, load_file(path, dtype=dtype, device=device), source=str(path))
+        return load_pretrained(cls, UNet2DConfig, folder, dtype=dtype, device=device)
 
     @property
     def dtype(self):
@@ -199,12 +188,7 @@ class UNet2DModel:
 
     def _inputs(self, sample):
         cfg = self.config
-        x = to_device(sample, self.device, self.dtype)
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise InputError(
-                f"sample: expected shape (N, {cfg.in_channels}, H, W) for in_channels="
-                f"{cfg.in_channels}, got {tuple(x.shape)}"
-            )
+        x = sample_input(sample, self)
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         if any(d % factor for d in x.shape[2:]):
             raise InputError(
