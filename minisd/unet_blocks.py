@@ -167,6 +167,16 @@ def _attend(x, p, opts, *, heads, context=None, attn_groups=-1):
     )  # (B, C, H, W)
 
 
+def _layer(j, x, temb, p, opts, *, heads, context):
+    """Layer j of a down / up block: resnets.j, then attentions.j if the block has attention."""
+    x = traced(f"resnets.{j}", _resnet, x, temb, p["resnets"][j], opts)  # (N, Cout, H, W)
+    if "attentions" in p:
+        x = traced(
+            f"attentions.{j}", _attend, x, p["attentions"][j], opts, heads=heads, context=context
+        )
+    return x
+
+
 def down_block(x, temb, p, opts, *, heads=None, context=None):
     """DownBlock2D / CrossAttnDownBlock2D (``context``) / AttnDownBlock2D (``heads`` only).
 
@@ -176,17 +186,7 @@ def down_block(x, temb, p, opts, *, heads=None, context=None):
     """
     states = []
     for j in range(len(p["resnets"])):
-        x = traced(f"resnets.{j}", _resnet, x, temb, p["resnets"][j], opts)  # (N, Cout, H, W)
-        if "attentions" in p:
-            x = traced(
-                f"attentions.{j}",
-                _attend,
-                x,
-                p["attentions"][j],
-                opts,
-                heads=heads,
-                context=context,
-            )
+        x = _layer(j, x, temb, p, opts, heads=heads, context=context)  # (N, Cout, H, W)
         states.append(x)
     if "downsamplers" in p:
         pad = opts.downsample_padding
@@ -206,17 +206,7 @@ def up_block(x, skips, temb, p, opts, *, heads=None, context=None, size=None):
     skips = list(skips)
     for j in range(len(p["resnets"])):
         x = xp.concatenate([x, skips.pop()], axis=1)  # (N, C + Cskip, H, W)
-        x = traced(f"resnets.{j}", _resnet, x, temb, p["resnets"][j], opts)  # (N, Cout, H, W)
-        if "attentions" in p:
-            x = traced(
-                f"attentions.{j}",
-                _attend,
-                x,
-                p["attentions"][j],
-                opts,
-                heads=heads,
-                context=context,
-            )
+        x = _layer(j, x, temb, p, opts, heads=heads, context=context)  # (N, Cout, H, W)
     if "upsamplers" in p:
         x = traced("upsamplers.0", blocks.upsample, x, p["upsamplers"][0], size=size)
     return x  # (N, Cout, 2H, 2W) or (N, Cout, *size)
