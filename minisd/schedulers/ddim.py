@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from .base import (
     COMMON_DEFAULTS,
     Scheduler,
     SchedulerOutput,
     as_index,
-    check_num_steps,
+    clip_x0,
     draw_noise,
-    spaced_timesteps,
-    threshold_sample,
+    rounded_timesteps,
 )
 
 
@@ -54,11 +52,9 @@ class DDIMScheduler(Scheduler):
         self.final_alpha_cumprod = one if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int):
-        n_train = int(self.config.num_train_timesteps)
-        n = check_num_steps(num_inference_steps, n_train)
-        ts = spaced_timesteps(self.config.timestep_spacing, n_train, n, self.config.steps_offset)
-        self.num_inference_steps = n
-        self.timesteps = np.round(ts).astype(np.int64)  # (n,)
+        self.num_inference_steps, self.timesteps = rounded_timesteps(
+            self.config, num_inference_steps
+        )
 
     def _abar(self, t: int):
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
@@ -73,20 +69,13 @@ class DDIMScheduler(Scheduler):
         sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)  (eq. 16)
         """
         self._require_timesteps()
-        xp = array_module(sample)
         t = as_index(timestep)
         prev_t = t - int(self.config.num_train_timesteps) // self.num_inference_steps
         abar_t, abar_prev = self._abar(t), self._abar(prev_t)
         # 1. predicted x_0 and eps ("predicted x_0" term of eq. 12)
         x0, eps = x0_and_eps(self.config.prediction_type, model_output, sample, abar_t)
         # 2. clip / threshold x_0
-        if self.config.thresholding:
-            x0 = threshold_sample(
-                x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
-            )
-        elif self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0 = xp.clip(x0, -r, r)
+        x0 = clip_x0(x0, self.config)
         # 3. sigma_t (eq. 16)
         one = np.float32(1)
         var = (one - abar_prev) / (one - abar_t) * (one - abar_t / abar_prev)

@@ -11,10 +11,9 @@ from .base import (
     Scheduler,
     SchedulerOutput,
     as_index,
-    check_num_steps,
+    clip_x0,
     draw_noise,
-    spaced_timesteps,
-    threshold_sample,
+    rounded_timesteps,
 )
 
 VARIANCE_TYPES = (
@@ -48,11 +47,9 @@ class DDPMScheduler(Scheduler):
             )
 
     def set_timesteps(self, num_inference_steps: int):
-        n_train = int(self.config.num_train_timesteps)
-        n = check_num_steps(num_inference_steps, n_train)
-        ts = spaced_timesteps(self.config.timestep_spacing, n_train, n, self.config.steps_offset)
-        self.num_inference_steps = n
-        self.timesteps = np.round(ts).astype(np.int64)  # (n,)
+        self.num_inference_steps, self.timesteps = rounded_timesteps(
+            self.config, num_inference_steps
+        )
 
     def previous_timestep(self, t: int) -> int:
         """The next entry of ``timesteps`` after t (-1 after the last one)."""
@@ -117,13 +114,7 @@ class DDPMScheduler(Scheduler):
         else:  # v_prediction: x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
             x0 = np.sqrt(abar_t) * sample - np.sqrt(beta_prod_t) * model_output
         # 2. keep x_0 in range
-        if self.config.thresholding:
-            x0 = threshold_sample(
-                x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
-            )
-        elif self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0 = xp.clip(x0, -r, r)
+        x0 = clip_x0(x0, self.config)
         # 3. mu~ = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0
         #        + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t      (DDPM eq. 7)
         x0_coef = np.sqrt(abar_prev) * beta_t / beta_prod_t

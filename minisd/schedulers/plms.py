@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import COMMON_DEFAULTS, Scheduler, SchedulerOutput, check_num_steps, spaced_timesteps
+from .base import COMMON_DEFAULTS, Scheduler, SchedulerOutput, rounded_timesteps
 from .ddim import x0_and_eps
 
 
@@ -40,10 +40,7 @@ class PLMSScheduler(Scheduler):
     DEFAULTS = {**COMMON_DEFAULTS, "set_alpha_to_one": False}
 
     def set_timesteps(self, num_inference_steps: int):
-        n_train = int(self.config.num_train_timesteps)
-        n = check_num_steps(num_inference_steps, n_train)
-        sp, off = self.config.timestep_spacing, self.config.steps_offset
-        base = np.round(spaced_timesteps(sp, n_train, n, off)).astype(np.int64)  # (n,) desc.
+        n, base = rounded_timesteps(self.config, num_inference_steps)  # (n,) descending
         self.base_timesteps = base
         self.num_inference_steps = n
         self.set_begin_index(0)
