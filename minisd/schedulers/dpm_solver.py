@@ -28,6 +28,24 @@ def alpha_sigma(sigma):
     return alpha, sigma * alpha
 
 
+def data_prediction(kind: str, model_output, sample, alpha, sigma):
+    """x_0 from the model output of prediction type ``kind``, x_t = alpha x_0 + sigma eps."""
+    if kind == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if kind == "sample":
+        return model_output
+    return alpha * sample - sigma * model_output  # v_prediction
+
+
+def noise_prediction(kind: str, model_output, sample, alpha, sigma):
+    """eps from the model output of prediction type ``kind``, x_t = alpha x_0 + sigma eps."""
+    if kind == "epsilon":
+        return model_output
+    if kind == "sample":
+        return (sample - alpha * model_output) / sigma
+    return alpha * model_output + sigma * sample  # v_prediction
+
+
 class DPMSolverMultistepScheduler(Scheduler):
     """Multistep DPM-Solver(++) of order 1-3 (deterministic variants only).
 
@@ -145,21 +163,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         if cfg.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :3]
         if cfg.algorithm_type == "dpmsolver++":
-            if kind == "epsilon":
-                x0 = (sample - sigma * model_output) / alpha
-            elif kind == "sample":
-                x0 = model_output
-            else:
-                x0 = alpha * sample - sigma * model_output
+            x0 = data_prediction(kind, model_output, sample, alpha, sigma)
             if cfg.thresholding:
                 x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
             return x0
-        if kind == "epsilon":
-            eps = model_output
-        elif kind == "sample":
-            eps = (sample - alpha * model_output) / sigma
-        else:
-            eps = alpha * model_output + sigma * sample
+        eps = noise_prediction(kind, model_output, sample, alpha, sigma)
         if cfg.thresholding:
             x0 = (sample - sigma * eps) / alpha
             x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)

@@ -7,7 +7,12 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import SchedulerOutput
-from .dpm_solver import DPMSolverMultistepScheduler, alpha_sigma
+from .dpm_solver import (
+    DPMSolverMultistepScheduler,
+    alpha_sigma,
+    data_prediction,
+    noise_prediction,
+)
 
 
 class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
@@ -59,23 +64,14 @@ class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
         alpha, sigma = alpha_sigma(self.sigmas[i])
         kind = self.config.prediction_type
         if self.config.predict_x0:
-            if kind == "epsilon":
-                x0 = (sample - sigma * model_output) / alpha
-            elif kind == "sample":
-                x0 = model_output
-            else:
-                x0 = alpha * sample - sigma * model_output
+            x0 = data_prediction(kind, model_output, sample, alpha, sigma)
             if self.config.thresholding:
                 from .base import threshold_sample
 
                 c = self.config
                 x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
             return x0
-        if kind == "epsilon":
-            return model_output
-        if kind == "sample":
-            return (sample - alpha * model_output) / sigma
-        return alpha * model_output + sigma * sample
+        return noise_prediction(kind, model_output, sample, alpha, sigma)
 
     def _bh(self, t_idx, s_idx, others, order):
         """Shared set-up of UniP / UniC: h, rks, D1s, the phi recursion b and R (paper eq. 8)."""
