@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, markdown_table, write_full_size_model  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIDES = ("minisd", "diffusers")
@@ -74,31 +74,12 @@ def parse_args(argv=None):
 def write_model(folder, family="sd1", tiny=False, seed=0):
     """A diffusers pipeline folder with random weights: full-size (float16 tensors) or tiny."""
     import weights_tools
-    from weights_tools import configs as C
-    from weights_tools.folders import COMPONENTS, write_configs
-    from weights_tools.make_tiny import PARTS, full_size_configs, random_tensor
-    from weights_tools.schema import component_shapes
-    from weights_tools.stream import write_tensors
 
     folder = Path(folder)
     if tiny:
         weights_tools.make_tiny(folder, family=family, seed=seed)
         return folder
-    configs = full_size_configs(family)
-    configs["model_index"] = C.model_index(configs["scheduler"]["_class_name"])
-    configs["tokenizer"] = {"pad_token": "<|endoftext|>"}  # SD1.x pads with EOS
-    for index, part in enumerate(PARTS):
-        rng = np.random.default_rng([seed, index])
-        shapes = component_shapes(part, configs[part])
-        items = [
-            (k, "F16", s, random_tensor(k, s, rng, dtype=np.float16))
-            for k, s in sorted(shapes.items())
-        ]
-        sub, name = COMPONENTS[part]
-        write_tensors(folder / sub / name, items, metadata={"format": "pt"})
-        del items
-    write_configs(folder, configs)
-    return folder
+    return write_full_size_model(folder, family=family, seed=seed)
 
 
 # --------------------------------------------------------------------------- workers

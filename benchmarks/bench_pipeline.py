@@ -25,12 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, markdown_table, write_full_size_model  # noqa: E402
 
 CACHE = Path(os.environ.get("MINISD_BENCH_CACHE", "/tmp/minisd-bench-sd15-fp16"))
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -39,29 +37,10 @@ SIDES = ("minisd-stream", "minisd-lazy", "minisd-eager", "diffusers")
 
 def write_model(folder, seed=0):
     """A diffusers SD1.5 pipeline folder with random float16 weights (skipped if complete)."""
-    from weights_tools import configs as C
-    from weights_tools.folders import COMPONENTS, write_configs
-    from weights_tools.make_tiny import PARTS, full_size_configs, random_tensor
-    from weights_tools.schema import component_shapes
-    from weights_tools.stream import write_tensors
-
     folder = Path(folder)
     if (folder / "complete").is_file():
         return folder
-    configs = full_size_configs("sd1")
-    configs["model_index"] = C.model_index(configs["scheduler"]["_class_name"])
-    configs["tokenizer"] = {"pad_token": "<|endoftext|>"}  # SD1.x pads with EOS
-    for index, part in enumerate(PARTS):
-        rng = np.random.default_rng([seed, index])
-        shapes = component_shapes(part, configs[part])
-        items = [
-            (k, "F16", s, random_tensor(k, s, rng, dtype=np.float16))
-            for k, s in sorted(shapes.items())
-        ]
-        sub, name = COMPONENTS[part]
-        write_tensors(folder / sub / name, items, metadata={"format": "pt"})
-        del items
-    write_configs(folder, configs)
+    write_full_size_model(folder, family="sd1", seed=seed)
     (folder / "complete").write_text("ok\n")
     return folder
 

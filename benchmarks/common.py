@@ -84,6 +84,35 @@ def peak_rss_of(code, env=None):
     return kb * 1024, out.split("__VMHWM__")[0]
 
 
+def write_full_size_model(folder, family="sd1", seed=0):
+    """A full-size diffusers pipeline folder of ``family`` with random float16 weights, written
+    tensor by tensor (one component in memory at a time). Returns the folder as a Path."""
+    import numpy as np
+
+    from weights_tools import configs as C
+    from weights_tools.folders import COMPONENTS, write_configs
+    from weights_tools.make_tiny import PARTS, full_size_configs, random_tensor
+    from weights_tools.schema import component_shapes
+    from weights_tools.stream import write_tensors
+
+    folder = Path(folder)
+    configs = full_size_configs(family)
+    configs["model_index"] = C.model_index(configs["scheduler"]["_class_name"])
+    configs["tokenizer"] = {"pad_token": "<|endoftext|>"}  # SD1.x pads with EOS
+    for index, part in enumerate(PARTS):
+        rng = np.random.default_rng([seed, index])
+        shapes = component_shapes(part, configs[part])
+        items = [
+            (k, "F16", s, random_tensor(k, s, rng, dtype=np.float16))
+            for k, s in sorted(shapes.items())
+        ]
+        sub, name = COMPONENTS[part]
+        write_tensors(folder / sub / name, items, metadata={"format": "pt"})
+        del items
+    write_configs(folder, configs)
+    return folder
+
+
 def machine():
     """One line: CPU model, cores, memory, BLAS threads, Python and NumPy versions, load."""
     import numpy as np
