@@ -99,3 +99,25 @@ def save_pretrained(model, folder):
     """Save a diffusers / transformers model as safetensors (config.json + weights)."""
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def rand(*shape, seed=0):
+    """Standard-normal float64 test input (numpy's legacy RandomState, fixed by ``seed``)."""
+    return np.random.RandomState(seed).standard_normal(shape)
+
+
+def diffusers_models(ref_cache, class_name, configs, prefix, *, seed):
+    """A getter name -> (randomized float32 ``diffusers.<class_name>(**configs[name])``, its
+    save_pretrained folder ``ref_cache / f"{prefix}_{name}"``), each built once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch, diffusers = need("torch", "diffusers")
+            torch.manual_seed(0)
+            model = getattr(diffusers, class_name)(**configs[name])
+            ref = randomize_(model, seed=seed).eval()
+            cache[name] = (ref, save_pretrained(ref, ref_cache / f"{prefix}_{name}"))
+        return cache[name]
+
+    return get

@@ -24,10 +24,11 @@ from refharness import (
     assert_rel,
     collect_outputs,
     compare_traces,
+    diffusers_models,
     need,
+    rand,
     randomize_,
     rel_err,
-    save_pretrained,
     to_np,
     torch_dtype,
 )
@@ -83,21 +84,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def tiny(ref_cache):
     """name -> (randomized float32 diffusers model, its save_pretrained folder)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            torch, diffusers = need("torch", "diffusers")
-            torch.manual_seed(0)
-            ref = randomize_(diffusers.UNet2DConditionModel(**TINY[name]), seed=1).eval()
-            cache[name] = (ref, save_pretrained(ref, ref_cache / f"unet_{name}"))
-        return cache[name]
-
-    return get
-
-
-def rand(*shape, seed=0):
-    return np.random.RandomState(seed).standard_normal(shape)
+    return diffusers_models(ref_cache, "UNet2DConditionModel", TINY, "unet", seed=1)
 
 
 def skip_shapes(cfg, n, h, w):

@@ -10,7 +10,14 @@ import gc
 
 import numpy as np
 import pytest
-from refharness import need, randomize_, rel_err, save_pretrained, to_np, torch_dtype
+from refharness import (
+    diffusers_models,
+    need,
+    rand,
+    rel_err,
+    to_np,
+    torch_dtype,
+)
 from test_unet import build_full_size, compare_whole
 
 from minisd.errors import ConfigError, InputError, WeightsError
@@ -69,21 +76,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def tiny(ref_cache):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            torch, diffusers = need("torch", "diffusers")
-            torch.manual_seed(0)
-            ref = randomize_(diffusers.UNet2DModel(**TINY[name]), seed=2).eval()
-            cache[name] = (ref, save_pretrained(ref, ref_cache / f"unet2d_{name}"))
-        return cache[name]
-
-    return get
-
-
-def rand(*shape, seed=0):
-    return np.random.RandomState(seed).standard_normal(shape)
+    return diffusers_models(ref_cache, "UNet2DModel", TINY, "unet2d", seed=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

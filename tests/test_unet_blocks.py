@@ -9,7 +9,6 @@ compares the block's output(s) and every traced submodule. Submodules never comp
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from refharness import (
     TOL,
@@ -17,6 +16,7 @@ from refharness import (
     collect_outputs,
     compare_traces,
     need,
+    rand,
     randomize_,
     to_np,
     torch_dtype,
@@ -48,10 +48,6 @@ def untraced_module(module) -> bool:
 def traced_names(ref, acts):
     """Names of the reference's submodules that ran and that minisd must record, in order."""
     return [n for n, m in ref.named_modules() if n in acts and not untraced_module(m)]
-
-
-def rand(*shape, seed=0):
-    return np.random.RandomState(seed).standard_normal(shape)
 
 
 def check_block(ref, ref_call, our_call, inputs, dtype, *, seed=0):
