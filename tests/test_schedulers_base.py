@@ -28,6 +28,17 @@ LONG_TOL = 3e-6
 COS_TOL = 1e-5
 X0_TOL = 2e-5  # 1/sqrt(abar_999) ~ 160 for linear betas: ~1e-5 from 1 ulp
 
+# The grid the per-family trajectory tests run over: beta schedules (SD's scaled_linear with
+# its steps_offset), timestep spacings and prediction types.
+BETAS = {
+    "linear": {},
+    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+           "steps_offset": 1},
+    "cos": {"beta_schedule": "squaredcos_cap_v2"},
+}  # fmt: skip
+SPACINGS = ["leading", "trailing", "linspace"]
+PREDS = ["epsilon", "v_prediction", "sample"]
+
 
 def standin(x, t):
     """The stand-in model: float32 in, float32 out, smooth and t-dependent."""

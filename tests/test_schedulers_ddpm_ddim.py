@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 from refharness import need
-from test_schedulers_base import LONG_TOL, run_pair, standin
+from test_schedulers_base import LONG_TOL, PREDS, SPACINGS, run_pair, standin
 
 import minisd.schedulers as ms
 
@@ -15,8 +15,6 @@ BETAS = {
            "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False},
     "cos": {"beta_schedule": "squaredcos_cap_v2"},
 }  # fmt: skip
-SPACINGS = ["leading", "trailing", "linspace"]
-PREDS = ["epsilon", "v_prediction", "sample"]
 GRID = list(itertools.product(BETAS, SPACINGS, PREDS, [1, 2, 7, 25]))
 
 

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from refharness import need
 from test_schedulers_base import (
+    BETAS,
     COS_TOL,
     LONG_TOL,
+    PREDS,
+    SPACINGS,
     ref_scheduler,
     run_pair,
     standin,
@@ -17,14 +20,6 @@ from test_schedulers_base import (
 import minisd.schedulers as ms
 from minisd.errors import ConfigError, InputError
 
-BETAS = {
-    "linear": {},
-    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-           "steps_offset": 1},
-    "cos": {"beta_schedule": "squaredcos_cap_v2"},
-}  # fmt: skip
-SPACINGS = ["leading", "trailing", "linspace"]
-PREDS = ["epsilon", "v_prediction", "sample"]
 # Solver variants; the eps-space ones ("dpmsolver", predict_x0=False, bh1) need a nonzero final
 # sigma: with sigma_last = 0 their last step is 0 * inf = NaN in diffusers too.
 DPM_VARIANTS = {

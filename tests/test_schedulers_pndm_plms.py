@@ -5,17 +5,9 @@ import itertools
 
 import numpy as np
 import pytest
-from test_schedulers_base import run_pair, standin
+from test_schedulers_base import BETAS, SPACINGS, run_pair, standin
 
 import minisd.schedulers as ms
-
-BETAS = {
-    "linear": {},
-    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-           "steps_offset": 1},
-    "cos": {"beta_schedule": "squaredcos_cap_v2"},
-}  # fmt: skip
-SPACINGS = ["leading", "trailing", "linspace"]
 
 
 @pytest.mark.parametrize(

@@ -4,18 +4,20 @@ import itertools
 
 import numpy as np
 import pytest
-from test_schedulers_base import COS_TOL, LONG_TOL, TRAJ_TOL, ref_scheduler, run_pair, start_sample
+from test_schedulers_base import (
+    BETAS,
+    COS_TOL,
+    LONG_TOL,
+    PREDS,
+    SPACINGS,
+    TRAJ_TOL,
+    ref_scheduler,
+    run_pair,
+    start_sample,
+)
 
 import minisd.schedulers as ms
 
-BETAS = {
-    "linear": {},
-    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-           "steps_offset": 1},
-    "cos": {"beta_schedule": "squaredcos_cap_v2"},
-}  # fmt: skip
-SPACINGS = ["leading", "trailing", "linspace"]
-PREDS = ["epsilon", "v_prediction", "sample"]
 # LMS: diffusers integrates the Lagrange weights with scipy's quad on float32 node values
 # (~1e-7 relative off the exact integral we use); that shifts sample-prediction runs by <2e-6.
 LMS_TOL = 3e-6
