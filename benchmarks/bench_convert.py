@@ -24,8 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
+from common import append_results, markdown_table  # noqa: E402
 
 from weights_tools.make_tiny import full_size_configs, original_shapes, random_tensor  # noqa: E402
 from weights_tools.stream import write_tensors  # noqa: E402
@@ -80,6 +82,24 @@ def measure(call):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def record(results, unet_bytes, file_bytes, what):
+    """Append the peak-memory table to RESULTS.md."""
+    mib = 2**20
+    rows = [
+        [name, f"{r['seconds']:.1f}", f"{r['baseline_kib'] / 1024:.0f}"]
+        + [f"{r['peak_kib'] / 1024:.0f}", f"{r['peak_kib'] * 1024 / unet_bytes:.2f}"]
+        for name, r in results.items()
+    ]
+    head = ["command", "seconds", "baseline MiB", "peak RSS MiB", "peak / UNet"]
+    note = (
+        f"Single file {file_bytes / mib:.0f} MiB, UNet {unet_bytes / mib:.0f} MiB; each command "
+        "in a fresh subprocess, peak = VmHWM (includes resident file pages). Goal < 1.5x UNet."
+    )
+    append_results(
+        f"weights_tools conversions, peak memory ({what})", markdown_table(head, rows), note
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,6 +107,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="quarter-width model (seconds)")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     ap.add_argument("--workdir", help="where to write the files (default: a temp folder)")
+    ap.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
     args = ap.parse_args()
     tag = {"fp16": "F16", "fp32": "F32"}[args.dtype]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
@@ -126,6 +147,8 @@ def main():
             f"{peak / unet_bytes:12.2f} {(peak - base) / unet_bytes:21.2f}"
         )
     worst = max(r["peak_kib"] * 1024 for r in results.values()) / unet_bytes
+    if args.record:
+        record(results, unet_bytes, file_bytes, f"SD1.5 {size}, {args.dtype}")
     if args.quick:
         print("quick run: the interpreter baseline dominates; the goal is judged at full size")
         return 0
