@@ -21,7 +21,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
-from common import append_results, machine, markdown_table, time_alternating  # noqa: E402
+from common import (  # noqa: E402
+    append_results,
+    gflops,
+    machine,
+    markdown_table,
+    meta_flops,
+    time_alternating,
+)
 
 from minisd import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
@@ -50,6 +57,18 @@ def build(dtype):
     return ref, ours
 
 
+def count_flops():
+    """FLOPs of one 2x77 encode, counted by torch on the meta device."""
+    import torch
+    import transformers
+
+    def run():
+        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**VIT_L))
+        model(torch.zeros((len(PROMPTS), 77), dtype=torch.long))
+
+    return meta_flops(run)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds instead of 7")
@@ -72,10 +91,13 @@ def main():
     res = time_alternating({"minisd": lambda: ours(ids), "transformers": run_ref},
                            reps=3 if args.quick else 7)  # fmt: skip
     ratio = res["minisd"]["median"] / res["transformers"]["median"]
-    rows = [[name, f"{r['median']:.3f}", f"{r['min']:.3f}"] for name, r in res.items()] + [
-        ["ratio minisd / transformers", f"{ratio:.2f}", ""]
-    ]
-    table = markdown_table(["CLIP ViT-L/14 2x77 " + args.dtype, "median s", "min s"], rows)
+    flop = count_flops()
+    rows = [
+        [name, f"{r['median']:.3f}", f"{r['min']:.3f}", f"{gflops(flop, r['median']):.0f}"]
+        for name, r in res.items()
+    ] + [["ratio minisd / transformers", f"{ratio:.2f}", "", ""]]
+    head = [f"CLIP ViT-L/14 2x77 {args.dtype} ({flop / 1e9:.1f} GFLOP)", "median s", "min s"]
+    table = markdown_table([*head, "GFLOP/s"], rows)
     print(machine())
     print("\n".join(table))
     print(f"max |minisd - transformers| = {err:.2e}")

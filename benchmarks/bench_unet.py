@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import append_results, gflops, machine, markdown_table  # noqa: E402
+from common import append_results, gflops, machine, markdown_table, meta_flops  # noqa: E402
 
 SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 BATCH, CTX_LEN, TIMESTEP = 2, 77, 500
@@ -130,15 +130,14 @@ def count_flops(size):
     """FLOPs of one batched forward, counted by torch on the meta device (no memory)."""
     import torch
     from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
+    def run():
         unet = UNet2DConditionModel(**SD15)
         x = torch.empty(BATCH, 4, size, size)
         ctx = torch.empty(BATCH, CTX_LEN, SD15["cross_attention_dim"])
-        with FlopCounterMode(display=False) as counter:
-            unet(x, torch.full((BATCH,), TIMESTEP), ctx)
-    return counter.get_total_flops()
+        unet(x, torch.full((BATCH,), TIMESTEP), ctx)
+
+    return meta_flops(run)
 
 
 def bench_size(folder, size, reps, warmup, tmp):

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, gflops, markdown_table, meta_flops  # noqa: E402
 
 SD_VAE = dict(
     block_out_channels=[128, 256, 512, 512],
@@ -83,6 +83,19 @@ def _diffusers_case(task):
     return run, x
 
 
+def count_flops(task):
+    """FLOPs of one decode / encode of the full-size VAE, counted by torch on the meta device."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    def run():
+        vae = AutoencoderKL(**SD_VAE)
+        x = torch.empty(TASKS[task])
+        vae.decode(x) if task == "decode" else vae.encode(x)
+
+    return meta_flops(run)
+
+
 def worker(side, task, reps):
     run, x = (_minisd_case if side == "minisd" else _diffusers_case)(task)
     loaded = rss_mib()
@@ -125,6 +138,7 @@ def main(argv=None):
     for task in args.tasks:
         r = {side: run_case(side, task, reps) for side in ("minisd", "diffusers")}
         med = {side: statistics.median(r[side]["times"]) for side in r}
+        flop = count_flops(task)
         m, d = r["minisd"], r["diffusers"]
         name = f"{task} {'x'.join(map(str, TASKS[task]))}"
         print(
@@ -135,16 +149,18 @@ def main(argv=None):
         )
         results.append(dict(task=task, shape=TASKS[task], median_s=med, runs=r))
         rows.append(
-            [name, f"{med['minisd']:.2f}", f"{med['diffusers']:.2f}"]
+            [name, f"{flop / 1e9:.0f}", f"{med['minisd']:.2f}", f"{med['diffusers']:.2f}"]
             + [f"{med['minisd'] / med['diffusers']:.2f}"]
+            + [f"{gflops(flop, med[s]):.0f}" for s in ("minisd", "diffusers")]
             + [f"{m['rss_peak']:.0f}", f"{d['rss_peak']:.0f}"]
         )
     print("# ratio = minisd time / diffusers time; (act.) = peak RSS above the loaded model")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.record:
-        head = ["case", "minisd s", "diffusers s", "minisd / diffusers", "minisd RSS MiB"]
-        table = markdown_table([*head, "diffusers RSS MiB"], rows)
+        head = ["case", "GFLOP", "minisd s", "diffusers s", "minisd / diffusers"]
+        head += ["minisd GFLOP/s", "diffusers GFLOP/s", "minisd RSS MiB", "diffusers RSS MiB"]
+        table = markdown_table(head, rows)
         title = "VAE: full-size SD VAE vs diffusers (CPU, float32)"
         note = f"Median of {reps} rep(s) per side, each side in its own subprocess."
         append_results(title, table, note)

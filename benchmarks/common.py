@@ -53,6 +53,18 @@ def gflops(flop, seconds):
     return flop / seconds / 1e9
 
 
+def meta_flops(run):
+    """FLOPs of ``run()`` as torch's FlopCounterMode counts them (convolutions, matmuls and
+    attention products, 2 per multiply-add), on the meta device: ``run`` builds its torch model
+    and inputs there, so nothing is allocated or computed."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
 def conv2d_flop(n, cin, cout, ho, wo, kh, kw):
     """Multiply-adds of a direct convolution, counted as 2 FLOP each."""
     return 2 * n * cout * ho * wo * cin * kh * kw
