@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compare import collect_outputs, layer_table
+from .compare import collect_outputs, layer_table, text_model_names
 
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2}
 
 
 def _print_table(title, rows, first, tol, limit=400):
-    print(f"\n== {title}: {len(rows)} layers, bound {tol:.0e} (relative = max-abs / max|ref|)")
+    """Print the rows; returns the number of layers compared (traced on both sides)."""
+    compared = sum(ok is not None for *_, ok in rows)
+    print(f"\n== {title}: {compared} of {len(rows)} reference modules compared, bound {tol:.0e}")
     print(f"{'layer':<64} {'shape':<20} {'max-abs':>10} {'relative':>10} {'cosine':>12}")
     for name, shape, diff, rel, cos, ok in rows[:limit]:
+        head = f"{name:<64} {str(tuple(shape)):<20}"
+        if ok is None:
+            print(f"{head} {'':>10} {'':>10} {'':>12}  (not traced by minisd)")
+            continue
         mark = "" if ok else "  <-- over"
-        print(f"{name:<64} {str(tuple(shape)):<20} {diff:10.2e} {rel:10.2e} {cos:12.9f}{mark}")
-    print(f"first diverging layer: {first}" if first else "all layers within the bound")
+        print(f"{head} {diff:10.2e} {rel:10.2e} {cos:12.9f}{mark}")
+    print(f"first diverging layer: {first}" if first else "all compared layers within the bound")
+    return compared
 
 
 def _torch_inputs(torch, dtype, rng, shape):
@@ -45,8 +52,8 @@ def run_parity(args):
         ctx = te(torch.from_numpy(ids))[0]
     with trace() as acts:
         pipe.text_encoder(ids)
-    rows, firsts["text_encoder"] = layer_table(acts, ref_acts, tol)
-    _print_table("text encoder", rows, firsts["text_encoder"], tol)
+    rows, firsts["text_encoder"] = layer_table(acts, text_model_names(ref_acts), tol)
+    counts = {"text_encoder": _print_table("text encoder", rows, firsts["text_encoder"], tol)}
 
     rng = np.random.default_rng(0)
     x = _torch_inputs(torch, tdt, rng, (1, unet.config.in_channels, 8, 8))
@@ -62,7 +69,7 @@ def run_parity(args):
     if island is not None:
         island.remove()
     rows, firsts["unet"] = layer_table(acts, ref_acts, tol)
-    _print_table("UNet (8x8 latents, t=500)", rows, firsts["unet"], tol)
+    counts["unet"] = _print_table("UNet (8x8 latents, t=500)", rows, firsts["unet"], tol)
 
     z = _torch_inputs(torch, tdt, rng, (1, vae.config.latent_channels, 8, 8))
     with torch.no_grad(), collect_outputs(vae) as ref_acts:
@@ -70,12 +77,13 @@ def run_parity(args):
     with trace() as acts:
         pipe.vae.decode(z.numpy().astype(ours_dtype))
     rows, firsts["vae"] = layer_table(acts, ref_acts, tol)
-    _print_table("VAE decode (8x8 latents)", rows, firsts["vae"], tol)
-    bad = {k: v for k, v in firsts.items() if v}
+    counts["vae"] = _print_table("VAE decode (8x8 latents)", rows, firsts["vae"], tol)
+    bad = {k: f"first diverging layer {v}" for k, v in firsts.items() if v}
+    bad.update({k: "no layer could be compared" for k, n in counts.items() if n == 0})
     print(
         "\nsummary:",
         "all components within the bound"
         if not bad
-        else "; ".join(f"{k}: first diverging layer {v}" for k, v in bad.items()),
+        else "; ".join(f"{k}: {v}" for k, v in bad.items()),
     )
     return 1 if bad else 0

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from minisd_parity.compare import collect_outputs, rel_err  # noqa: F401 (re-exported)
+from minisd_parity.compare import collect_outputs, rel_err, text_model_names  # noqa: F401
 
 REQUIRE = os.environ.get("MINISD_REQUIRE_REFERENCE") == "1"
 # Relative error bounds of the project (DESIGN.md): max |ours - ref| / max |ref|.

@@ -10,7 +10,16 @@ import json
 
 import numpy as np
 import pytest
-from refharness import TOL, assert_rel, collect_outputs, compare_traces, need, randomize_, to_np
+from refharness import (
+    TOL,
+    assert_rel,
+    collect_outputs,
+    compare_traces,
+    need,
+    randomize_,
+    text_model_names,
+    to_np,
+)
 
 import minisd
 from minisd import CLIPTextModel, CLIPTokenizer
@@ -65,11 +74,6 @@ def tiny_ids(cfg, n=3, seed=0):
     return ids
 
 
-def ref_names(acts):
-    """transformers 5 modules lack the `text_model.` level that SD's checkpoint keys have."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in acts.items()}
-
-
 @pytest.fixture(scope="module", params=sorted(TINY))
 def tiny(request, ref_cache):
     cfg = TINY[request.param]
@@ -87,7 +91,7 @@ def run_both(model, ours, ids, dtype):
         out = ref(torch.from_numpy(ids), output_hidden_states=True)
     with minisd.trace() as acts:
         last, states = ours(ids, output_hidden_states=True)
-    return ref, out, ref_names(ref_acts), last, states, acts
+    return ref, out, text_model_names(ref_acts), last, states, acts
 
 
 def check_all(model, ours, ids, dtype):

@@ -85,7 +85,7 @@ def drift_report(ref_acts, dev_acts, tol, title="device vs cpu", limit=60):
     worst = sorted(rows, key=lambda r: -np.nan_to_num(r[3], nan=np.inf))[:limit]
     print(f"\n== {title}: {len(rows)} layers, bound {tol:.0e}; worst {len(worst)} first")
     for name, shape, diff, rel, cos, ok in worst:
-        mark = "" if ok else "  <-- over"
+        mark = "  (not traced)" if ok is None else "" if ok else "  <-- over"
         print(f"{name:<60} {str(tuple(shape)):<18} {diff:10.2e} {rel:10.2e} {cos:.9f}{mark}")
     return rows, first
 

@@ -1,0 +1,53 @@
+"""`minisd parity` and the layer table behind it: every component compared, divergence named."""
+
+import numpy as np
+import pytest
+from refharness import need
+
+from minisd.cli import main
+from minisd_parity.compare import layer_table, text_model_names
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from weights_tools import make_tiny
+
+    folder = tmp_path_factory.mktemp("parity") / "sd1"
+    make_tiny(folder, family="sd1", seed=0)
+    return folder
+
+
+def test_layer_table_names_the_first_divergence_and_skips_untraced():
+    ref = {f"l{i}": np.full((2, 3), float(i + 1)) for i in range(4)}
+    ours = {k: v.copy() for k, v in ref.items() if k != "l1"}  # l1: not traced by minisd
+    ours["l2"] = ours["l2"] * (1 + 1e-3)
+    ours["l3"] = ours["l3"] * (1 + 1e-2)
+    rows, first = layer_table(ours, ref, tol=1e-4)
+    assert first == "l2"
+    assert [ok for *_, ok in rows] == [True, None, False, False]
+    assert np.isnan(rows[1][3]) and rows[2][3] == pytest.approx(1e-3)
+
+
+def test_text_model_names_adds_the_checkpoint_level():
+    acts = {"embeddings": 1, "text_model.final_layer_norm": 2}
+    assert text_model_names(acts) == {"text_model.embeddings": 1, "text_model.final_layer_norm": 2}
+
+
+def test_parity_command_compares_every_component(tiny_folder, capsys):
+    need("torch", "diffusers", "transformers")
+    assert main(["parity", "--model", str(tiny_folder)]) == 0
+    out = capsys.readouterr().out
+    for title in ("text encoder", "UNet", "VAE decode"):
+        line = next(s for s in out.splitlines() if s.startswith(f"== {title}"))
+        compared, total = (int(w) for w in line.split(":")[1].split()[:3:2])
+        assert 0.7 * total <= compared <= total, line  # the rest: dropouts, shared activations
+    assert "<-- over" not in out
+    assert "summary: all components within the bound" in out
+
+
+def test_parity_command_reports_a_divergence(tiny_folder, capsys):
+    """A bound below float32 round-off must produce a named first diverging layer and exit 1."""
+    need("torch", "diffusers", "transformers")
+    assert main(["parity", "--model", str(tiny_folder), "--tol", "1e-12"]) == 1
+    out = capsys.readouterr().out
+    assert "<-- over" in out and "first diverging layer" in out.split("summary:")[1]
