@@ -270,6 +270,13 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
     heads = max(1, ATTENTION_TILE // (lk * lq)) if rows == lq else 1
     out = np.empty((bh, lq, dv), dtype=q.dtype)  # (BH, Lq, Dv)
     row_tiles = -(-lq // rows)
+    # Scores far below their row's maximum would make exp underflow to subnormals (NumPy's SIMD
+    # exp then takes a slow path for the whole vector) and the second product multiply them
+    # (subnormal arithmetic is slow too): an attention whose rows span ~260 in logits took 12x
+    # longer. They are clamped at 0.8 log(tiny) (-69.9 in float32, -566.6 in float64), where a
+    # term weighs exp(floor) ~ 4e-31 (float32) against the row maximum's exp(0) = 1 instead of
+    # 0 or a subnormal: far below round-off, and every product stays a normal number.
+    floor = acc.type(0.8 * math.log(np.finfo(acc).tiny))
 
     def tiles(lo, hi):  # tiles [lo, hi) in (head group, row block) order
         s_buf = np.empty((min(heads, bh), rows, lk), dtype=acc)  # score tile
@@ -282,6 +289,7 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
             if mask is not None:
                 s += mask[i : i + g, r0 : r0 + r] if mask.shape[1] > 1 else mask[i : i + g]
             s -= s.max(axis=-1, keepdims=True)
+            np.maximum(s, floor, out=s)  # exp's underflow path is up to 10x slower
             np.exp(s, out=s)
             np.matmul(s, v1[i : i + g], out=o)
             np.divide(o[..., :dv], o[..., dv:], out=out[i : i + g, r0 : r0 + r])
