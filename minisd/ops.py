@@ -276,7 +276,12 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
     # longer. They are clamped at 0.8 log(tiny) (-69.9 in float32, -566.6 in float64), where a
     # term weighs exp(floor) ~ 4e-31 (float32) against the row maximum's exp(0) = 1 instead of
     # 0 or a subnormal: far below round-off, and every product stays a normal number.
+    # The clamp is a pass over the tile, so it runs only where some score can be that low: by
+    # Cauchy-Schwarz |s_ij| <= |q_i| max_j |k_j| =: reach_i, so no clamp is needed in rows with
+    # max_j s_ij + reach_i <= -floor (most rows of ordinary attention maps), nor without a mask.
     floor = acc.type(0.8 * math.log(np.finfo(acc).tiny))
+    reach = np.sqrt(np.einsum("bld,bld->bl", qs, qs))  # (BH, Lq): |q_i|, scale included
+    reach *= np.sqrt(np.einsum("bdl,bdl->bl", kt, kt).max(axis=1))[:, None]  # * max_j |k_j|
 
     def tiles(lo, hi):  # tiles [lo, hi) in (head group, row block) order
         s_buf = np.empty((min(heads, bh), rows, lk), dtype=acc)  # score tile
@@ -288,8 +293,10 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
             np.matmul(qs[i : i + g, r0 : r0 + r], kt[i : i + g], out=s)
             if mask is not None:
                 s += mask[i : i + g, r0 : r0 + r] if mask.shape[1] > 1 else mask[i : i + g]
-            s -= s.max(axis=-1, keepdims=True)
-            np.maximum(s, floor, out=s)  # exp's underflow path is up to 10x slower
+            m = s.max(axis=-1, keepdims=True)  # (g, r, 1)
+            s -= m
+            if mask is not None or (m[..., 0] + reach[i : i + g, r0 : r0 + r] > -floor).any():
+                np.maximum(s, floor, out=s)  # exp's underflow path is up to 10x slower
             np.exp(s, out=s)
             np.matmul(s, v1[i : i + g], out=o)
             np.divide(o[..., :dv], o[..., dv:], out=out[i : i + g, r0 : r0 + r])

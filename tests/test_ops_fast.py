@@ -83,19 +83,29 @@ def test_attention_tiled_equals_chunked(dtype, b, h, lq, lk, tile, chunk, monkey
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_attention_tiled_wide_logits_and_causal_mask(dtype):
-    """Rows whose logits span far more than exp's range (scores clamped at 0.8 log(tiny) below
-    the row maximum on the tiled path) and a causal mask of the dtype's lowest value still agree
-    with the reference, and the masked keys still contribute nothing visible."""
+@pytest.mark.parametrize("spread", [0.3, 6.0, 40.0])
+def test_attention_tiled_wide_logits_and_causal_mask(dtype, spread, monkeypatch):
+    """Rows whose logits span far more than exp's range and a causal mask of the dtype's lowest
+    value: exp never sees an argument below 0.8 log(tiny) (its slow subnormal path), the result
+    still agrees with the reference, and masked keys contribute nothing visible."""
     rng = np.random.default_rng(5)
-    spread = 6.0 if dtype == "float32" else 40.0  # row ranges ~260 (float32), ~3000 (float64)
     q, k = (rng.standard_normal((1, 2, 64, 40)).astype(dtype) * spread for _ in range(2))
     v = rng.standard_normal((1, 2, 64, 8)).astype(dtype)
     tol = 1e-13 if dtype == "float64" else 1e-6
     causal = np.where(np.triu(np.ones((64, 64), bool), 1), np.finfo(dtype).min, 0).astype(dtype)
-    for mask in (None, causal):
+    refs = [ops.attention_chunked(q, k, v, mask=mask) for mask in (None, causal)]
+    floor, real_exp, seen = 0.8 * np.log(np.finfo(dtype).tiny), np.exp, []
+
+    def exp(x, *args, **kw):
+        seen.append(float(x.min()))
+        return real_exp(x, *args, **kw)
+
+    monkeypatch.setattr(ops.np, "exp", exp)
+    for mask, ref in zip((None, causal), refs):
         ours = ops.attention_tiled(q, k, v, mask=mask)
-        assert_rel(ours, ops.attention_chunked(q, k, v, mask=mask), tol, "wide logits")
+        assert_rel(ours, ref, tol, "wide logits")
+    assert seen and min(seen) >= floor * (1 + 1e-6)
+    monkeypatch.undo()
     first = ops.attention_tiled(q[:, :, :1], k, v, mask=causal[:1])  # sees only key 0
     assert_rel(first, np.broadcast_to(v[:, :, :1], first.shape), tol, "causal row 0")
 
