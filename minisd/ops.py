@@ -250,9 +250,10 @@ def attention_chunked(q, k, v, *, scale=None, chunk_size=None, mask=None):
 def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
     """The same attention in cache-sized tiles (NumPy): g heads x r query rows per step, with
     g * r * Lk <= ATTENTION_TILE (short sequences: several heads per batched product; long
-    ones: one head, a block of rows). Per tile: S = (q scale) k^T, S -= rowmax, exp in place,
-    then one product with [v | 1], whose last column is the softmax denominator sum_j exp(S_ij)
-    (no separate reduction pass); o = (exp(S) v) / sum."""
+    ones: one head, a block of rows). Per tile: S = (q scale) k^T, S -= rowmax (clamped from
+    below where needed, see the body), exp in place, then one product with [v | 1], whose last
+    column is the softmax denominator sum_j exp(S_ij) (no separate reduction pass);
+    o = (exp(S) v) / sum."""
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
