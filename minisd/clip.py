@@ -210,13 +210,14 @@ class CLIPTextModel:
         cls, flat, config, source="state dict", *, dtype=None, device="cpu", weights="eager"
     ):
         """From a flat {key: array} in either key layout, with errors that name ``source``.
-        ``weights`` "lazy" / "stream": keep the arrays' dtype and cast to ``dtype`` on read
-        (arrays are used as given with "eager", the default)."""
+        ``weights`` "eager": arrays moved to ``device`` and cast to ``dtype`` now (used as given
+        when ``dtype`` is None); "lazy" / "stream": kept in their dtype, cast on read."""
         if not isinstance(config, CLIPTextConfig):
             config = CLIPTextConfig.from_dict(config, source)
         flat = strip_prefix(flat, source)
-        params = nest(flat)
-        if check_weights_mode(weights) != "eager":
+        if check_weights_mode(weights) == "eager" and dtype is None:
+            params = nest(flat)
+        else:
             dtype = dtype or flat["final_layer_norm.weight"].dtype
             params = prepare_weights(flat, dtype=dtype, device=device, weights=weights)
         try:

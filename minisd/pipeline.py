@@ -21,7 +21,6 @@ from .backend import (
     memory_info,
     resolve_device_dtype,
     resolve_dtype,
-    to_device,
     to_numpy,
 )
 from .errors import ConfigError, WeightsError
@@ -129,13 +128,7 @@ class StableDiffusion:
 
         kw = {"dtype": dtype, "device": device}
         te_cfg, te_flat = parts["text_encoder"]
-        if weights == "eager":
-            te_flat = {k: to_device(v, device, dtype) for k, v in te_flat.items()}
-        te_kw = {
-            "source": parts["source"],
-            "weights": weights,
-            **(kw if weights != "eager" else {}),
-        }
+        te_kw = {"source": parts["source"], "weights": weights, **kw}
         return cls(
             tokenizer=_tokenizer(parts),
             text_encoder=CLIPTextModel.from_state_dict(te_flat, te_cfg, **te_kw),
