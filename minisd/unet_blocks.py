@@ -105,6 +105,9 @@ def transformer_2d(
     else:
         h = _rec("proj_in", conv(h, p["proj_in"]))  # (B, inner, H, W)
         h = h.reshape(b, h.shape[1], hgt * wid).swapaxes(1, 2)  # (B, HW, inner)
+        # one copy into token order here: the layer norms and to_q/k/v of the first block
+        # would otherwise each work on (and copy) the strided view
+        h = array_module(h).ascontiguousarray(h)
     tb = p["transformer_blocks"]
     for i in range(len(tb)):
         h = traced(

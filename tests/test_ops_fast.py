@@ -110,6 +110,34 @@ def test_attention_tiled_wide_logits_and_causal_mask(dtype, spread, monkeypatch)
     assert_rel(first, np.broadcast_to(v[:, :, :1], first.shape), tol, "causal row 0")
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_attention_unshifted_exp_at_the_edge_of_its_bound(dtype, monkeypatch):
+    """Scores spanning [-R, R] with R just inside ops._unshifted_reach go into exp without the
+    row-maximum shift (exp sees arguments near +R, which a shifted softmax never does) and
+    still match the float64 reference; past the bound, the shifted path runs (max arg 0)."""
+    limit = ops._unshifted_reach(np.dtype(dtype), 64, np.ones(1))
+    assert limit == pytest.approx(69.87 if dtype == "float32" else 566.72, abs=0.01)
+    theta = np.linspace(0, np.pi, 64)
+    k = np.stack([np.cos(theta), np.sin(theta)], -1)[None, None]  # (1, 1, 64, 2), |k_j| = 1
+    v = np.random.default_rng(0).standard_normal((1, 1, 64, 3))
+    real_exp, seen = np.exp, []
+
+    def exp(x, *args, **kw):
+        seen.append(float(x.max()))
+        return real_exp(x, *args, **kw)
+
+    for reach, shifted in ((0.99 * limit, False), (1.01 * limit, True)):
+        q = np.array([[[[reach, 0.0], [0.0, reach], [-reach, 0.0]]]])  # (1, 1, 3, 2)
+        ref = ops.attention_chunked(q, k, v, scale=1.0)  # float64, shifted by the row max
+        monkeypatch.setattr(ops.np, "exp", exp)
+        ours = ops.attention_tiled(*(a.astype(dtype) for a in (q, k, v)), scale=1.0)
+        monkeypatch.undo()
+        assert np.isfinite(ours).all()
+        assert_rel(ours, ref, 1e-13 if dtype == "float64" else 2e-5, f"reach {reach}")
+        assert (max(seen) == 0.0) if shifted else max(seen) > 0.9 * limit
+        seen.clear()
+
+
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 2, 7])
 def test_run_ranges_covers_each_chunk_once(workers, n, monkeypatch):
