@@ -68,8 +68,11 @@ def gelu(x):
     return x * (0.5 * (1 + erf(x * x.dtype.type(1 / math.sqrt(2)))))
 
 
-# Elements per block of the in-place elementwise kernels (128 KiB of float32: L2-resident).
-_BLOCK = 1 << 15
+# Elements per block of the in-place elementwise kernels: 256 KiB of float32, so a block, its
+# work buffers and its output (~1.3 MB for GELU) stay in a core's L2 (2 MB here), while each
+# block is long enough that the ~20 NumPy calls per block (Python overhead, serialized by the
+# GIL across workers) cost little: GEGLU on 8192 x 1280 takes 38 ms, 50 ms with 32K blocks.
+_BLOCK = 1 << 16
 
 
 def gelu_fast(x):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from refharness import assert_rel, need
 
-from minisd import ops
+from minisd import ops, parallel
 
 
 def _gelu_exact(x):
@@ -143,8 +143,6 @@ def test_attention_unshifted_exp_at_the_edge_of_its_bound(dtype, monkeypatch):
 def test_run_ranges_covers_each_chunk_once(workers, n, monkeypatch):
     """Every chunk exactly once, in disjoint ranges; nested regions run serially; the BLAS
     thread count is restored."""
-    from minisd import parallel
-
     monkeypatch.setattr(parallel, "WORKERS", workers)
     blas = parallel._openblas()
     before = blas[0]() if blas else None
@@ -195,6 +193,27 @@ def test_group_norm_fast(shape, groups):
     xt = np.ascontiguousarray(np.swapaxes(x, -1, -2)).astype(np.float32)
     yt = ops.group_norm(np.swapaxes(xt, -1, -2), w.astype(np.float32), b, groups=groups, eps=1e-6)
     assert_rel(yt, ref, 1e-5, "group_norm float32, strided input")
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 40), (3, 1000, 320), (1, 3, ops._LN_BLOCK + 7)])
+def test_layer_norm_fast(shape, monkeypatch):
+    """Blocked float32 LayerNorm within 1e-5 of the float64 reference: blocks of many rows
+    (with a partial last one), rows longer than a block, a large mean (two-pass variance),
+    a strided input, a constant row (variance 0: eps alone), one worker and several."""
+    rng = np.random.default_rng(shape[-1])
+    x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32).astype(np.float64)
+    x[0, 0] = 7.0  # constant row
+    w, b = rng.standard_normal((2, shape[-1])).astype(np.float32).astype(np.float64)
+    ref = ops.layer_norm(x, w, b, eps=1e-5)  # float64: reference path
+    for workers in (1, 2):
+        monkeypatch.setattr(parallel, "WORKERS", workers)
+        y = ops.layer_norm(*(a.astype(np.float32) for a in (x, w, b)), eps=1e-5)
+        assert y.dtype == np.float32 and y.shape == x.shape
+        assert_rel(y, ref, 1e-5, "layer_norm float32")  # ulp(50) / std
+        np.testing.assert_allclose(y[0, 0], b, rtol=0, atol=1e-6)
+    xt = np.ascontiguousarray(np.swapaxes(x, 0, 1)).astype(np.float32)
+    yt = ops.layer_norm(np.swapaxes(xt, 0, 1), w.astype(np.float32), b.astype(np.float32), eps=1e-5)
+    assert_rel(yt, ref, 1e-5, "layer_norm float32, strided input")
 
 
 def test_quick_gelu_fast():
