@@ -46,6 +46,11 @@ WINOGRAD_TILE = int(os.environ.get("MINISD_WINOGRAD", "4"))
 _WINOGRAD_MIN_CHANNELS = 32
 _F4_MIN_PIXELS = 2048  # N*Ho*Wo; F(4x4) needs enough tiles to pay for 36 transformed weights
 _WINO_CHUNK_TILES = 256  # tiles (GEMM columns) per chunk: transforms stay in cache
+# Up to this many tiles, a convolution runs as one chunk whose GEMMs OpenBLAS threads itself,
+# splitting the transformed weights between the cores; one chunk per core would make each core
+# stream all of them (16 or 36 x Cout x Cin: 105 MB for 1280 channels), which dominates when
+# there are few tiles. UNet 64x64 batch 2: the 32x32 and smaller levels, convs 3.65 -> 2.86 s.
+_WINO_SHARED_TILES = 256
 
 
 def winograd_tile(x, w, stride, pads):
@@ -297,6 +302,8 @@ def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
     y = np.empty((n, cout, ty * m, tx * m), dtype=dt)  # (N, Cout, Ty*m, Tx*m)
     yt = y.reshape(n, cout, ty, m, tx, m).transpose(3, 5, 1, 0, 2, 4)  # (m, m, Cout, N, Ty, Tx)
     step = max(1, min(-(-ty // parallel.WORKERS), _WINO_CHUNK_TILES // max(1, n * tx)))  # rows
+    if n * ty * tx <= _WINO_SHARED_TILES:  # one chunk; OpenBLAS splits the weights over cores
+        step = ty
     st = xpad.strides
 
     def chunks(lo, hi):  # chunks [lo, hi) of ``step`` tile rows each

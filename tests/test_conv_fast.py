@@ -106,12 +106,21 @@ def test_winograd_matches_torch(dtype, m, case):
 
 
 @pytest.mark.parametrize("m", [2, 4])
-def test_winograd_chunks(monkeypatch, m):
-    """One tile row per chunk, partial last chunk."""
+@pytest.mark.parametrize("shared", [0, 10**6])
+def test_winograd_chunks(monkeypatch, m, shared):
+    """One tile row per chunk, partial last chunk (shared=0); or every tile in one chunk, as
+    convolutions with few tiles run (shared above the tile count), whatever the chunk size."""
     monkeypatch.setattr(conv_fast, "_WINO_CHUNK_TILES", 1)
+    monkeypatch.setattr(conv_fast, "_WINO_SHARED_TILES", shared)
+    chunks = []
+    real = conv_fast.parallel.run_ranges
+    monkeypatch.setattr(
+        conv_fast.parallel, "run_ranges", lambda fn, n: chunks.append(n) or real(fn, n)
+    )
     x, wt, b = _case(np, 2, 4, 3, 13, 10, 3, "float64", seed=5)
     ours = conv_fast.conv2d_winograd(x, wt, b, m=m)
     assert_rel(ours, _torch_conv(x, wt, b, 1, (1, 1, 1, 1)), OP_TOL["float64"], "chunked")
+    assert chunks == ([-(-13 // m)] if shared == 0 else [1])
 
 
 # Real UNet/VAE channel counts at small sizes: float32 error of each path on the real K.
