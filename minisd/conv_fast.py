@@ -49,8 +49,10 @@ _WINO_CHUNK_TILES = 256  # tiles (GEMM columns) per chunk: transforms stay in ca
 # Up to this many tiles, a convolution runs as one chunk whose GEMMs OpenBLAS threads itself,
 # splitting the transformed weights between the cores; one chunk per core would make each core
 # stream all of them (16 or 36 x Cout x Cin: 105 MB for 1280 channels), which dominates when
-# there are few tiles. UNet 64x64 batch 2: the 32x32 and smaller levels, convs 3.65 -> 2.86 s.
-_WINO_SHARED_TILES = 256
+# there are few tiles. UNet 64x64 batch 2: the 32x32 and smaller levels (<= 128 tiles), convs
+# 3.65 -> 2.86 s; at 256 tiles it depends on the shapes (VAE 512 channels at 64x64: 33 ms per
+# core, 50 ms shared), so larger convolutions keep one chunk per core.
+_WINO_SHARED_TILES = 128
 
 
 def winograd_tile(x, w, stride, pads):
