@@ -291,16 +291,22 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = _acc_dtype(q)
     bh = b * h
-    qs = q.reshape(bh, lq, d).astype(acc) * acc.type(scale)  # (BH, Lq, D), scaled once
-    kt = np.ascontiguousarray(k.reshape(bh, lk, d).swapaxes(1, 2), dtype=acc)  # (BH, D, Lk)
+    # One pass each from the (usually strided: heads split off the channels) inputs into the
+    # contiguous per-head operands.
+    qs = np.empty((bh, lq, d), dtype=acc)  # (BH, Lq, D), scaled once
+    np.multiply(q, acc.type(scale), out=qs.reshape(b, h, lq, d), dtype=acc)
+    kt = np.empty((bh, d, lk), dtype=acc)  # (BH, D, Lk)
+    np.copyto(kt.reshape(b, h, d, lk), k.swapaxes(-1, -2))
     v1 = np.empty((bh, lk, dv + 1), dtype=acc)  # (BH, Lk, Dv + 1): [v | 1]
-    v1[..., :dv] = v.reshape(bh, lk, dv)
+    v1.reshape(b, h, lk, dv + 1)[..., :dv] = v
     v1[..., dv] = 1
     if mask is not None:
         mq = mask.shape[-2] if mask.ndim >= 2 else 1
         mask = np.broadcast_to(mask, (b, h, mq, lk)).reshape(bh, mq, lk)  # (BH, mq, Lk)
     rows = max(1, min(lq, ATTENTION_TILE // lk, int(chunk_size or lq)))
-    heads = max(1, ATTENTION_TILE // (lk * lq)) if rows == lq else 1
+    heads = 1  # heads per tile: several for short sequences, but at least one tile per worker
+    if rows == lq:
+        heads = max(1, min(ATTENTION_TILE // (lk * lq), -(-bh // parallel.WORKERS)))
     out = np.empty((bh, lq, dv), dtype=q.dtype)  # (BH, Lq, Dv)
     row_tiles = -(-lq // rows)
     # Softmax is shift invariant, so exp(S) v / sum exp(S) needs no shift as long as exp(S)
@@ -347,7 +353,7 @@ def _unshifted_reach(acc, lk, v):
     below the dtype's maximum (the sums of the second product), and e^-R above e^floor, so no
     term becomes subnormal (0.8 log(tiny): 69.9 in float32, 566 in float64)."""
     info = np.finfo(acc)
-    vmax = float(np.abs(v).max()) if v.size else 0.0
+    vmax = float(max(v.max(), -v.min())) if v.size else 0.0
     high = math.log(float(info.max)) - 1.0 - math.log(lk * max(1.0, vmax))
     return min(high, -0.8 * math.log(float(info.tiny)))
 
