@@ -133,8 +133,8 @@ def test_attention_unshifted_exp_at_the_edge_of_its_bound(dtype, monkeypatch):
         ours = ops.attention_tiled(*(a.astype(dtype) for a in (q, k, v)), scale=1.0)
         monkeypatch.undo()
         assert np.isfinite(ours).all()
-        # exp of arguments near R ~ 70 (float32): relative error ~ R eps32 ~ 4e-6 either way
-        assert_rel(ours, ref, 1e-13 if dtype == "float64" else 2e-5, f"reach {reach}")
+        # exp of arguments near R ~ 70 (float32): relative error ~ R eps32, 1.6e-6 and 3.8e-6 here
+        assert_rel(ours, ref, 1e-13 if dtype == "float64" else 1e-5, f"reach {reach}")
         assert (max(seen) == 0.0) if shifted else max(seen) > 0.9 * limit
         seen.clear()
 
