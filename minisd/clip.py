@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blocks, ops, trace
+from . import blocks, ops, parallel, trace
 from .backend import array_module, resolve_dtype
 from .blocks import ln
 from .errors import ConfigError, InputError, WeightsError
@@ -253,7 +253,7 @@ class CLIPTextModel:
         xp, ids = self._check_ids(input_ids)
         cfg, p = self.config, self.params
         act = ACTIVATIONS[cfg.hidden_act]
-        with trace.scope("text_model"):
+        with trace.scope("text_model"), parallel.blas_threads():
             with trace.scope("embeddings"):
                 x = embeddings(ids, p["embeddings"], self._positions(xp))  # (N, L, D)
             trace.record("embeddings", x)

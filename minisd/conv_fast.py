@@ -46,12 +46,13 @@ WINOGRAD_TILE = int(os.environ.get("MINISD_WINOGRAD", "4"))
 _WINOGRAD_MIN_CHANNELS = 32
 _F4_MIN_PIXELS = 2048  # N*Ho*Wo; F(4x4) needs enough tiles to pay for 36 transformed weights
 _WINO_CHUNK_TILES = 256  # tiles (GEMM columns) per chunk: transforms stay in cache
-# Up to this many tiles, a convolution runs as one chunk whose GEMMs OpenBLAS threads itself,
-# splitting the transformed weights between the cores; one chunk per core would make each core
-# stream all of them (16 or 36 x Cout x Cin: 105 MB for 1280 channels), which dominates when
-# there are few tiles. UNet 64x64 batch 2: the 32x32 and smaller levels (<= 128 tiles), convs
-# 3.65 -> 2.86 s; at 256 tiles it depends on the shapes (VAE 512 channels at 64x64: 33 ms per
-# core, 50 ms shared), so larger convolutions keep one chunk per core.
+# Up to this many tiles, a convolution runs as one chunk whose GEMMs are split over the cores
+# (parallel.matmul), so each core reads part of the transformed weights; one chunk per core
+# would make each core stream all of them (16 or 36 x Cout x Cin: 105 MB for 1280 channels),
+# which dominates when there are few tiles. UNet 64x64 batch 2: the 32x32 and smaller levels
+# (<= 128 tiles), convs 3.65 -> 2.86 s; at 256 tiles it depends on the shapes (VAE 512
+# channels at 64x64: 33 ms per core, 50 ms shared), so larger convolutions keep one chunk per
+# core.
 _WINO_SHARED_TILES = 128
 
 
@@ -162,19 +163,32 @@ def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
     y = xp.empty((n, cout, ho, wo), dtype=x.dtype)
     rows_total = (n - 1) * hq + ho  # grid rows up to the last valid output row
     rows = max(1, min(rows_total, max(_CHUNK_ELEMS // cout, 2048) // wq))  # rows per chunk
-    acc = xp.empty((cout, rows * wq), dtype=x.dtype)  # (Cout, R*Wq)
-    tmp = xp.empty_like(acc)
-    for r0 in range(0, rows_total, rows):
-        r = min(rows, rows_total - r0)
-        a, t = acc[:, : r * wq], tmp[:, : r * wq]  # (Cout, r*Wq)
-        for k in range(kh * kw):
-            i, j = divmod(k, kw)
-            off = (r0 + i // s) * wq + j // s
-            xs = flat[i % s, j % s, :, off : off + r * wq]  # (Cin, r*Wq)
-            xp.matmul(wt[i, j], xs, out=a if k == 0 else t)
-            if k:
-                a += t
-        _copy_out(xp, a.reshape(cout, r, wq), y, b, r0, hq)
+
+    gemm = xp.matmul if is_cupy(x) else parallel.matmul  # (split over the cores if one chunk)
+
+    def chunks(lo, hi):  # chunks [lo, hi) of ``rows`` grid rows; they write disjoint rows of y
+        if is_cupy(x):
+            acc, tmp = (xp.empty((cout, rows * wq), dtype=x.dtype) for _ in range(2))
+        else:  # work arrays reused across calls
+            acc = parallel.scratch("direct.acc", (cout, rows * wq), x.dtype)  # (Cout, R*Wq)
+            tmp = parallel.scratch("direct.tmp", (cout, rows * wq), x.dtype)
+        for r0 in range(lo * rows, min(rows_total, hi * rows), rows):
+            r = min(rows, rows_total - r0)
+            a, t = acc[:, : r * wq], tmp[:, : r * wq]  # (Cout, r*Wq)
+            for k in range(kh * kw):
+                i, j = divmod(k, kw)
+                off = (r0 + i // s) * wq + j // s
+                xs = flat[i % s, j % s, :, off : off + r * wq]  # (Cin, r*Wq)
+                gemm(wt[i, j], xs, out=a if k == 0 else t)
+                if k:
+                    a += t
+            _copy_out(xp, a.reshape(cout, r, wq), y, b, r0, hq)
+
+    n_chunks = -(-rows_total // rows)
+    if is_cupy(x):  # one stream of large GPU products
+        chunks(0, n_chunks)
+    else:  # chunks on all cores, one BLAS thread each
+        parallel.run_ranges(chunks, n_chunks)
     return y
 
 
@@ -288,6 +302,14 @@ def _transform_weight(w, kg):
     return (kg @ w.reshape(cout * cin, 9).T).reshape(kg.shape[0], cout, cin)
 
 
+def _zero_border(xpad, top, left, h, wd):
+    """Zero xpad (..., H', W') outside rows [top, top + h) and columns [left, left + wd)."""
+    xpad[..., :top, :] = 0
+    xpad[..., top + h :, :] = 0
+    xpad[..., top : top + h, :left] = 0
+    xpad[..., top : top + h, left + wd :] = 0
+
+
 def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
     """F(m x m, 3 x 3) convolution, stride 1 (NumPy). x (N, Cin, H, W), w (Cout, Cin, 3, 3)."""
     n, cin, h, wd = x.shape
@@ -299,7 +321,8 @@ def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
     ty, tx = -(-ho // m), -(-wo // m)  # tiles per column / row
     kb, ka, kg = _kron_mats(m, dt.str)
     u = _derived(w, m, lambda: _transform_weight(w, kg))  # (a*a, Cout, Cin)  G g G^T
-    xpad = np.zeros((cin, n, ty * m + 2, tx * m + 2), dtype=dt)  # (Cin, N, Hp', Wp')
+    xpad = parallel.scratch("wino.x", (cin, n, ty * m + 2, tx * m + 2), dt)  # (Cin, N, Hp', Wp')
+    _zero_border(xpad, top, left, h, wd)
     xpad[:, :, top : top + h, left : left + wd] = x.transpose(1, 0, 2, 3)
     y = np.empty((n, cout, ty * m, tx * m), dtype=dt)  # (N, Cout, Ty*m, Tx*m)
     yt = y.reshape(n, cout, ty, m, tx, m).transpose(3, 5, 1, 0, 2, 4)  # (m, m, Cout, N, Ty, Tx)
@@ -307,6 +330,7 @@ def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
     if n * ty * tx <= _WINO_SHARED_TILES:  # one chunk; OpenBLAS splits the weights over cores
         step = ty
     st = xpad.strides
+    scratch, gemm = parallel.scratch, parallel.matmul  # (split over the cores if one chunk)
 
     def chunks(lo, hi):  # chunks [lo, hi) of ``step`` tile rows each
         for t0 in range(lo * step, min(ty, hi * step), step):
@@ -316,11 +340,16 @@ def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
                 shape=(a, a, cin, n, t, tx),
                 strides=(st[2], st[3], st[0], st[1], m * st[2], m * st[3]),
             )  # (a, a, Cin, N, t, Tx): tile (y, x) of channel c, overlapping windows
-            d = np.ascontiguousarray(tiles).reshape(a * a, cin * n * t * tx)  # (a*a, Cin*P)
-            v = (kb @ d).reshape(a * a, cin, n * t * tx)  # (a*a, Cin, P)  B^T d B
-            mm = np.matmul(u, v)  # (a*a, Cout, P)  sum over Cin of U . V
-            z = ka @ mm.reshape(a * a, cout * n * t * tx)  # (m*m, Cout*P)  A^T M A
-            yt[:, :, :, :, t0 : t0 + t] = z.reshape(m, m, cout, n, t, tx)
+            p = n * t * tx  # tiles in this chunk; work arrays reused across chunks and calls
+            d = scratch("wino.d", (a * a, cin * p), dt)  # (a*a, Cin*P)
+            np.copyto(d.reshape(tiles.shape), tiles)
+            v = scratch("wino.v", (a * a, cin, p), dt)  # (a*a, Cin, P)
+            gemm(kb, d, out=v.reshape(a * a, cin * p))  # B^T d B
+            mm = scratch("wino.m", (a * a, cout, p), dt)  # (a*a, Cout, P)
+            gemm(u, v, out=mm)  # sum over Cin of U . V
+            z = scratch("wino.z", (m * m, cout * p), dt)  # (m*m, Cout*P)
+            gemm(ka, mm.reshape(a * a, cout * p), out=z)  # A^T M A
+            yt[:, :, :, :, t0 : t0 + t] = z.reshape(m, m, cout, n, t, tx)  # A^T M A
 
     parallel.run_ranges(chunks, -(-ty // step))
     if b is not None and (ty * m, tx * m) == (ho, wo):

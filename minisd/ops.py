@@ -38,12 +38,18 @@ from .ops_act import (  # noqa: F401
 # --------------------------------------------------------------------------- linear / conv
 
 
-def linear(x, w, b=None):
-    """y = x W^T + b.  x (..., in), w (out, in), b (out,) -> (..., out).
+def linear(x, w, b=None, *, out=None):
+    """y = x W^T + b.  x (..., in), w (out, in), b (out,) -> (..., out), written into ``out``
+    (a C-contiguous array of that shape) if given.
 
     Leading axes are folded into one so BLAS sees a single 2-D GEMM (numpy's batched matmul
-    over a 3-D x is up to 2x slower)."""
-    y = x.reshape(-1, x.shape[-1]) @ w.T  # (prod(...), out)
+    over a 3-D x is up to 2x slower); NumPy's is split over the cores by ``parallel.matmul``."""
+    x2 = x.reshape(-1, x.shape[-1])  # (prod(...), in)
+    y = None if out is None else out.reshape(len(x2), w.shape[0])
+    if is_cupy(x):
+        y = array_module(x).matmul(x2, w.T, out=y)  # (prod(...), out)
+    else:
+        y = parallel.matmul(x2, w.T, out=y)  # (prod(...), out)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
@@ -72,7 +78,8 @@ def conv2d(x, w, b=None, *, stride=1, padding=0):
         raise ValueError(f"conv2d: input has {cin} channels, weight expects {cin_w}")
     pads = _pads(padding)
     if kh == kw == 1 and stride == 1 and not any(pads):
-        y = w.reshape(cout, cin) @ x.reshape(n, cin, h * wd)  # (N, Cout, HW)
+        w2, x3 = w.reshape(cout, cin), x.reshape(n, cin, h * wd)
+        y = w2 @ x3 if is_cupy(x) else parallel.matmul(w2, x3)  # (N, Cout, HW)
         if b is not None:
             y += b.reshape(1, cout, 1)
         return y.reshape(n, cout, h, wd)  # (N, Cout, H, W)
@@ -162,7 +169,7 @@ def group_norm_fast(x, w, b, *, groups, eps):
     bg = b.astype(np.float32).reshape(groups, cg, 1)  # (G, C/G, 1)
 
     def rows(lo, hi):
-        d = np.empty(xg.shape[1:], dtype=np.float32)  # (C/G, HW)
+        d = parallel.scratch("gn", xg.shape[1:], np.float32)  # (C/G, HW) work array
         for r in range(lo, hi):
             mean = np.add.reduce(xg[r], axis=None) / np.float32(length)
             np.subtract(xg[r], mean, out=d)
@@ -292,12 +299,12 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
     acc = _acc_dtype(q)
     bh = b * h
     # One pass each from the (usually strided: heads split off the channels) inputs into the
-    # contiguous per-head operands.
-    qs = np.empty((bh, lq, d), dtype=acc)  # (BH, Lq, D), scaled once
+    # contiguous per-head operands (work arrays reused across calls).
+    qs = parallel.scratch("attn.q", (bh, lq, d), acc)  # (BH, Lq, D), scaled once
     np.multiply(q, acc.type(scale), out=qs.reshape(b, h, lq, d), dtype=acc)
-    kt = np.empty((bh, d, lk), dtype=acc)  # (BH, D, Lk)
+    kt = parallel.scratch("attn.k", (bh, d, lk), acc)  # (BH, D, Lk)
     np.copyto(kt.reshape(b, h, d, lk), k.swapaxes(-1, -2))
-    v1 = np.empty((bh, lk, dv + 1), dtype=acc)  # (BH, Lk, Dv + 1): [v | 1]
+    v1 = parallel.scratch("attn.v", (bh, lk, dv + 1), acc)  # (BH, Lk, Dv + 1): [v | 1]
     v1.reshape(b, h, lk, dv + 1)[..., :dv] = v
     v1[..., dv] = 1
     if mask is not None:
@@ -325,8 +332,8 @@ def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):
     unshifted = _unshifted_reach(acc, lk, v) if mask is None else -1.0
 
     def tiles(lo, hi):  # tiles [lo, hi) in (head group, row block) order
-        s_buf = np.empty((min(heads, bh), rows, lk), dtype=acc)  # score tile
-        o_buf = np.empty((min(heads, bh), rows, dv + 1), dtype=acc)
+        s_buf = parallel.scratch("attn.s", (min(heads, bh), rows, lk), acc)  # score tile
+        o_buf = parallel.scratch("attn.o", (min(heads, bh), rows, dv + 1), acc)
         for n in range(lo, hi):
             i, r0 = n // row_tiles * heads, n % row_tiles * rows
             g, r = min(heads, bh - i), min(rows, lq - r0)

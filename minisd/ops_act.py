@@ -31,7 +31,7 @@ def silu_fast(x, alpha=1.0):
     out = np.empty(flat.shape, dtype=x.dtype)  # (n,)
 
     def blocks(lo, hi):
-        t = np.empty(min(_BLOCK, flat.size), dtype=np.float32)
+        t = parallel.scratch("silu", (min(_BLOCK, flat.size),), np.float32)  # work array
         with np.errstate(over="ignore"):
             for s in range(lo * _BLOCK, min(flat.size, hi * _BLOCK), _BLOCK):
                 blk = flat[s : s + _BLOCK]
@@ -81,7 +81,7 @@ def gelu_fast(x):
     out = np.empty(flat.shape, dtype=x.dtype)  # (n,)
 
     def blocks(lo, hi):
-        buf = np.empty((3, min(_BLOCK, flat.size)), dtype=np.float32)  # work buffers
+        buf = parallel.scratch("gelu", (3, min(_BLOCK, flat.size)), np.float32)  # work arrays
         for s in range(lo * _BLOCK, min(flat.size, hi * _BLOCK), _BLOCK):
             blk = flat[s : s + _BLOCK].astype(np.float32, copy=False)
             r, a, t = buf[:, : blk.size]
@@ -104,7 +104,7 @@ def geglu(a, g):
     rows = max(1, _BLOCK // d)
 
     def blocks(lo, hi):
-        buf = np.empty((3, min(rows, len(g2)), d), dtype=np.float32)  # work buffers
+        buf = parallel.scratch("geglu", (3, min(rows, len(g2)), d), np.float32)  # work arrays
         for s in range(lo * rows, min(len(g2), hi * rows), rows):
             blk = g2[s : s + rows].astype(np.float32, copy=False)
             r, u, t = buf[:, : len(blk)]

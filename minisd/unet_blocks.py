@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import blocks, ops, trace
+from . import blocks, ops, parallel, trace
 from .backend import array_module
 from .blocks import conv, gn, lin, ln
 from .errors import InputError
@@ -50,7 +50,12 @@ def traced(name, fn, *args, **kw):
 def geglu(x, p):
     """GEGLU (Shazeer 2020): [a, g] = proj(x) split on the last axis; a * gelu(g) (exact erf)."""
     xp = array_module(x)
-    h = _rec("proj", lin(x, p["proj"]))  # (B, L, 2 * inner)
+    w, b = p["proj"]["weight"], p["proj"].get("bias")
+    shape = x.shape[:-1] + w.shape[:1]  # (B, L, 2 * inner)
+    # NumPy: the projection (84 MB at 64x64 latents) goes to a reused work array, not a fresh
+    # one that the kernel must fault in page by page; a trace must keep it, so gets a new one.
+    out = None if xp is not np or trace.active() else parallel.scratch("ff.proj", shape, x.dtype)
+    h = _rec("proj", ops.linear(x, w, b, out=out))  # (B, L, 2 * inner)
     a, g = xp.split(h, 2, axis=-1)  # (B, L, inner) each
     return ops.geglu(a, g)  # (B, L, inner)  a * gelu(g)
 
