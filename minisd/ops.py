@@ -155,30 +155,39 @@ def group_norm(x, w, b, *, groups, eps):
     return y * w.reshape(shape) + b.reshape(shape)
 
 
+# Elements per GroupNorm block (1 MiB of float32: several groups, or one): few NumPy calls per
+# block, each over many channels, since per-call and per-row overheads (and the GIL between
+# the two workers' calls) dominate smaller blocks.
+_GN_BLOCK = 1 << 18
+
+
 def group_norm_fast(x, w, b, *, groups, eps):
-    """GroupNorm of a float32 NumPy array, one group at a time on all cores: mean (pairwise
-    sum), d = x - mean, var = d . d / L (two-pass, so no cancellation), then
-    y = d * (w_c / sqrt(var + eps)) + b_c per channel. Five passes over each group, which stays
-    in cache for UNet sizes. x (N, C, *spatial) -> same shape."""
+    """GroupNorm of a float32 NumPy array, a block of whole groups at a time on all cores: per
+    group, mean (pairwise sum), d = x - mean, var = d . d / L (two-pass, so no cancellation);
+    then y = d * (w_c / sqrt(var + eps)) + b_c per channel, d kept in the output. x (N, C,
+    *spatial) -> same shape."""
     n, c = x.shape[:2]
     cg = c // groups
-    xg = np.ascontiguousarray(x).reshape(n * groups, cg, -1)  # (N*G, C/G, HW)
-    y = np.empty(xg.shape, dtype=x.dtype)  # (N*G, C/G, HW)
-    length = xg.shape[1] * xg.shape[2]
+    xg = np.ascontiguousarray(x).reshape(n * groups, -1)  # (N*G, L), L = C/G * HW
+    y = np.empty(xg.shape, dtype=x.dtype)  # (N*G, L)
+    length = xg.shape[1]
     wg = w.astype(np.float32).reshape(groups, cg, 1)  # (G, C/G, 1)
     bg = b.astype(np.float32).reshape(groups, cg, 1)  # (G, C/G, 1)
+    per = max(1, _GN_BLOCK // length)  # groups per block
 
-    def rows(lo, hi):
-        d = parallel.scratch("gn", xg.shape[1:], np.float32)  # (C/G, HW) work array
-        for r in range(lo, hi):
-            mean = np.add.reduce(xg[r], axis=None) / np.float32(length)
-            np.subtract(xg[r], mean, out=d)
-            dv = d.reshape(-1)  # (L,)
-            rstd = np.float32(1) / np.sqrt(np.dot(dv, dv) / np.float32(length) + np.float32(eps))
-            np.multiply(d, wg[r % groups] * rstd, out=y[r])
-            y[r] += bg[r % groups]
+    def blocks(lo, hi):
+        for s in range(lo * per, min(len(xg), hi * per), per):
+            xb, d = xg[s : s + per], y[s : s + per]  # (k, L); d: the output as work space
+            mean = np.add.reduce(xb, axis=1, keepdims=True) / np.float32(length)  # (k, 1)
+            np.subtract(xb, mean, out=d)
+            var = np.einsum("ij,ij->i", d, d) / np.float32(length)  # (k,)
+            rstd = np.float32(1) / np.sqrt(var + np.float32(eps))  # (k,)
+            g = np.arange(s, s + len(d)) % groups  # group of each row
+            d3 = d.reshape(len(d), cg, -1)  # (k, C/G, HW)
+            d3 *= wg[g] * rstd[:, None, None]
+            d3 += bg[g]
 
-    parallel.run_ranges(rows, n * groups)
+    parallel.run_ranges(blocks, -(-len(xg) // per))
     return y.reshape(x.shape)
 
 
@@ -195,9 +204,10 @@ def layer_norm(x, w, b, *, eps):
     return y * w + b
 
 
-# Elements per LayerNorm block (256 KiB of float32: the block and its output stay in L2, and
-# the seven NumPy calls per block are few next to the work).
-_LN_BLOCK = 1 << 16
+# Elements per LayerNorm block (1 MiB of float32: the seven NumPy calls per block, each with
+# a per-row overhead, and the GIL hand-offs between workers are few next to the work; 3.1 ->
+# 2.2 ms for 8192 x 320 against 64K-element blocks).
+_LN_BLOCK = 1 << 18
 
 
 def layer_norm_fast(x, w, b, *, eps):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import image as imageproc
+from . import parallel
 from . import pipeline_steps as steps
 from .backend import (
     attention_chunk_for,
@@ -253,8 +254,10 @@ class StableDiffusion:
         return vae.decode(lat / self.vae.config.scaling_factor)  # (N, 3, H, W)
 
     def phase_done(self, phase):
-        """End of a phase (text encoding, denoising, decoding): release CuPy's cached blocks when
-        ``free_memory_between_phases`` is on. No-op on the CPU."""
+        """End of a phase (text encoding, denoising, decoding): free the work arrays the phase's
+        loops reused (``parallel.scratch``; the next phase's are sized differently) and release
+        CuPy's cached blocks when ``free_memory_between_phases`` is on."""
+        parallel.release_scratch()
         if getattr(self, "_free_phases", False):
             free_memory(self.device)
         done = {"text encoding": self.text_encoder, "denoising": self.unet, "decoding": self.vae}

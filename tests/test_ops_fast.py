@@ -181,16 +181,21 @@ def test_silu_fast(n):
 @pytest.mark.parametrize(
     "shape, groups", [((2, 64, 9, 7), 32), ((1, 6, 5), 3), ((3, 32, 4, 4, 2), 8)]
 )
-def test_group_norm_fast(shape, groups):
-    """Per-group float32 GroupNorm within 1e-5 of the float64 reference, on data with a large
-    mean (two-pass variance: no cancellation) and on a non-contiguous input."""
+def test_group_norm_fast(shape, groups, monkeypatch):
+    """Blocked float32 GroupNorm within 1e-5 of the float64 reference, on data with a large
+    mean (two-pass variance: no cancellation) and on a non-contiguous input; blocks of all
+    groups, of a few (with a partial last block) and of one, on one worker and several."""
     rng = np.random.default_rng(len(shape))
     x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32).astype(np.float64)
     w, b = rng.standard_normal((2, shape[1])).astype(np.float32).astype(np.float64)
     ref = ops.group_norm(x, w, b, groups=groups, eps=1e-6)  # float64: reference path
-    y = ops.group_norm(*(a.astype(np.float32) for a in (x, w, b)), groups=groups, eps=1e-6)
-    assert y.dtype == np.float32 and y.shape == x.shape
-    assert_rel(y, ref, 1e-5, "group_norm float32")  # ulp(50) / std
+    length = x.size // (shape[0] * groups)
+    for block, workers in [(ops._GN_BLOCK, 2), (3 * length - 1, 2), (1, 1), (1, 3)]:
+        monkeypatch.setattr(ops, "_GN_BLOCK", block)
+        monkeypatch.setattr(parallel, "WORKERS", workers)
+        y = ops.group_norm(*(a.astype(np.float32) for a in (x, w, b)), groups=groups, eps=1e-6)
+        assert y.dtype == np.float32 and y.shape == x.shape
+        assert_rel(y, ref, 1e-5, f"group_norm float32, block {block}")  # ulp(50) / std
     xt = np.ascontiguousarray(np.swapaxes(x, -1, -2)).astype(np.float32)
     yt = ops.group_norm(np.swapaxes(xt, -1, -2), w.astype(np.float32), b, groups=groups, eps=1e-6)
     assert_rel(yt, ref, 1e-5, "group_norm float32, strided input")
