@@ -30,6 +30,14 @@ def gn(x, p, *, groups, eps):
 _rec = trace.record
 
 
+def gn_silu(x, p, name, *, groups, eps):
+    """silu(GroupNorm(x)) with the GroupNorm's output recorded as ``name``: one fused pass
+    (``ops.group_norm(..., act="silu")``) unless a trace is recording, which needs it."""
+    if trace.active():
+        return ops.silu(_rec(name, gn(x, p, groups=groups, eps=eps)))
+    return ops.group_norm(x, p["weight"], p["bias"], groups=groups, eps=eps, act="silu")
+
+
 def ln(x, p, *, eps=1e-5):
     """A LayerNorm module's forward."""
     return ops.layer_norm(x, p["weight"], p["bias"], eps=eps)
@@ -55,8 +63,8 @@ def resnet_block(
     x (N, Cin, H, W), temb (N, T) or None -> (N, Cout, H, W).
     """
     groups_out = groups if groups_out is None else groups_out
-    h = _rec("norm1", gn(x, p["norm1"], groups=groups, eps=eps))
-    h = _rec("conv1", conv(ops.silu(h), p["conv1"], padding=1))  # (N, Cout, H, W)
+    h = gn_silu(x, p["norm1"], "norm1", groups=groups, eps=eps)  # silu(norm1(x))
+    h = _rec("conv1", conv(h, p["conv1"], padding=1))  # (N, Cout, H, W)
     t = None
     if temb is not None and "time_emb_proj" in p:
         t = _rec("time_emb_proj", lin(ops.silu(temb), p["time_emb_proj"]))  # (N, Cout or 2Cout)
@@ -64,12 +72,12 @@ def resnet_block(
     if time_norm == "scale_shift":
         c = h.shape[1]
         h = _rec("norm2", gn(h, p["norm2"], groups=groups_out, eps=eps))
-        h = h * (1 + t[:, :c]) + t[:, c:]
+        h = ops.silu(h * (1 + t[:, :c]) + t[:, c:])
     else:
         if t is not None:
             h = h + t
-        h = _rec("norm2", gn(h, p["norm2"], groups=groups_out, eps=eps))
-    h = _rec("conv2", conv(ops.silu(h), p["conv2"], padding=1))  # (N, Cout, H, W)
+        h = gn_silu(h, p["norm2"], "norm2", groups=groups_out, eps=eps)  # silu(norm2(h))
+    h = _rec("conv2", conv(h, p["conv2"], padding=1))  # (N, Cout, H, W)
     if "conv_shortcut" in p:
         x = _rec("conv_shortcut", conv(x, p["conv_shortcut"]))  # (N, Cout, H, W)
     out = x + h

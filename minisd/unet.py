@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import ops, trace
+from . import trace
 from .backend import array_module, device_of, to_device
-from .blocks import conv, gn
+from .blocks import conv, gn_silu
 from .errors import InputError
 from .unet_blocks import (
     BlockOpts,
@@ -168,9 +168,9 @@ class UNet2DConditionModel:
         if mid_block_additional_residual is not None:
             h = h + _residual(mid_block_additional_residual, h, "mid_block_additional_residual")
         h = self._up(h, states, temb, ctx, opts)  # (N, C0, H, W)
-        h = _rec("conv_norm_out", gn(h, p["conv_norm_out"], groups=opts.groups, eps=opts.eps))
+        h = gn_silu(h, p["conv_norm_out"], "conv_norm_out", groups=opts.groups, eps=opts.eps)
         pad = cfg.conv_out_kernel // 2
-        return _rec("conv_out", conv(ops.silu(h), p["conv_out"], padding=pad))  # (N, Cout, H, W)
+        return _rec("conv_out", conv(h, p["conv_out"], padding=pad))  # (N, Cout, H, W)
 
     def _down(self, h, temb, ctx, opts):
         cfg = self.config

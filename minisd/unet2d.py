@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import ops, trace
+from . import trace
 from .backend import array_module, device_of
-from .blocks import conv, gn
+from .blocks import conv, gn_silu
 from .errors import InputError
 from .unet_blocks import (
     BlockOpts,
@@ -247,5 +247,5 @@ class UNet2DModel:
             h = traced(
                 f"up_blocks.{i}", up_block, h, skips, temb, p["up_blocks"][i], opts, heads=heads
             )
-        h = _rec("conv_norm_out", gn(h, p["conv_norm_out"], groups=opts.groups, eps=opts.eps))
-        return _rec("conv_out", conv(ops.silu(h), p["conv_out"], padding=1))  # (N, Cout, H, W)
+        h = gn_silu(h, p["conv_norm_out"], "conv_norm_out", groups=opts.groups, eps=opts.eps)
+        return _rec("conv_out", conv(h, p["conv_out"], padding=1))  # (N, Cout, H, W)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blocks, ops, trace, vae_tiling
+from . import blocks, trace, vae_tiling
 from .backend import array_module, device_of, resolve_dtype, to_device
 from .errors import InputError
 from .vae_config import _ATTN_PROJ, VAEConfig, expected_shapes, fix_legacy_keys  # noqa: F401
@@ -71,8 +71,8 @@ def mid_block(h, p, cfg: VAEConfig):
 
 def _out(h, p, groups):
     """conv_norm_out -> conv_act (SiLU) -> conv_out, shared by encoder and decoder."""
-    h = trace.record("conv_norm_out", blocks.gn(h, p["conv_norm_out"], groups=groups, eps=EPS))
-    h = trace.record("conv_act", ops.silu(h))
+    h = blocks.gn_silu(h, p["conv_norm_out"], "conv_norm_out", groups=groups, eps=EPS)
+    h = trace.record("conv_act", h)  # silu(conv_norm_out(h))
     return trace.record("conv_out", blocks.conv(h, p["conv_out"], padding=1))  # (N, Cout, H, W)
 
 

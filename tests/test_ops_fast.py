@@ -199,12 +199,27 @@ def test_group_norm_fast(shape, groups, monkeypatch):
     for block, workers in [(ops._GN_BLOCK, 2), (3 * length - 1, 2), (1, 1), (1, 3)]:
         monkeypatch.setattr(ops, "_GN_BLOCK", block)
         monkeypatch.setattr(parallel, "WORKERS", workers)
-        y = ops.group_norm(*(a.astype(np.float32) for a in (x, w, b)), groups=groups, eps=1e-6)
+        args = [a.astype(np.float32) for a in (x, w, b)]
+        y = ops.group_norm(*args, groups=groups, eps=1e-6)
         assert y.dtype == np.float32 and y.shape == x.shape
         assert_rel(y, ref, 1e-5, f"group_norm float32, block {block}")  # ulp(50) / std
+        args[1] = args[1] * 60  # outputs up to ~+-200: exp(-y) overflows, silu -> -0
+        ys = ops.group_norm(*args, groups=groups, eps=1e-6, act="silu")
+        ref_s = ops.group_norm(x, args[1].astype(np.float64), b, groups=groups, eps=1e-6)
+        assert_rel(ys, ops.silu(ref_s), 1e-5, f"group_norm + silu float32, block {block}")
     xt = np.ascontiguousarray(np.swapaxes(x, -1, -2)).astype(np.float32)
     yt = ops.group_norm(np.swapaxes(xt, -1, -2), w.astype(np.float32), b, groups=groups, eps=1e-6)
     assert_rel(yt, ref, 1e-5, "group_norm float32, strided input")
+
+
+def test_group_norm_act_reference_and_errors():
+    """act="silu" on the reference path (float64) is silu(group_norm); other acts are refused."""
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 4, 3)), rng.standard_normal(4), rng.standard_normal(4)
+    ref = ops.silu(ops.group_norm(x, w, b, groups=2, eps=1e-5))
+    np.testing.assert_array_equal(ops.group_norm(x, w, b, groups=2, eps=1e-5, act="silu"), ref)
+    with pytest.raises(ValueError, match="act='gelu'"):
+        ops.group_norm(x, w, b, groups=2, eps=1e-5, act="gelu")
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 40), (3, 1000, 320), (1, 3, ops._LN_BLOCK + 7)])
