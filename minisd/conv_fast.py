@@ -82,9 +82,10 @@ def winograd_tile(x, w, stride, pads):
 
 # Derived weights (Winograd-domain U = G g G^T, the tap-major copy of the direct path) are
 # computed once per weight array and kept beside it, up to CONV_CACHE_BYTES in all
-# (MINISD_CONV_CACHE_MB; default 4096 or a quarter of the machine's memory, whichever is less;
+# (MINISD_CONV_CACHE_MB; default 6144 or a quarter of the machine's memory, whichever is less;
 # 0: recompute on every call). The checkpoint's arrays are untouched. Memory: the full SD1.5
-# UNet in float32 needs 4.2 GiB (F(4x4) weights are 4x, F(2x2) 16/9x the 3x3 weights); that
+# UNet in float32 needs 4.2 GiB at 64x64 latents, 4.6 GiB once 32x32 ran too (F(4x4) weights
+# are 4x, F(2x2) 16/9x the 3x3 weights; the smaller levels switch between them); that
 # saves ~1.9 s of a 13.7 s batch-2 64x64 forward on 2 cores (benchmarks/RESULTS.md), mostly in
 # the 640/1280-channel layers, where the transform costs 40-100% of the convolution. Entries
 # are keyed by id(weight) and dropped when that array is freed (weakref); nothing else is
@@ -94,12 +95,13 @@ def winograd_tile(x, w, stride, pads):
 
 
 def _default_cache_mb():
-    """4096 MiB, or a quarter of physical memory on smaller machines."""
+    """6144 MiB (all of SD1.5's; a 4096 default re-transformed ~200 MiB of them at every step,
+    0.17 s of a 7.4 s forward), or a quarter of physical memory on smaller machines."""
     try:
         total_kib = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0])
     except (OSError, IndexError, ValueError):
-        return 4096
-    return min(4096, total_kib // 4096)
+        return 6144
+    return min(6144, total_kib // 4096)
 
 
 _CACHE_MB = os.environ.get("MINISD_CONV_CACHE_MB") or _default_cache_mb()
