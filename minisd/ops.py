@@ -49,10 +49,10 @@ def linear(x, w, b=None, *, out=None):
     y = None if out is None else out.reshape(len(x2), w.shape[0])
     if is_cupy(x):
         y = array_module(x).matmul(x2, w.T, out=y)  # (prod(...), out)
-    else:
-        y = parallel.matmul(x2, w.T, out=y)  # (prod(...), out)
-    if b is not None:
-        y += b
+        if b is not None:
+            y += b
+    else:  # (the bias added by each core to its part)
+        y = parallel.matmul(x2, w.T, out=y, bias=b)  # (prod(...), out)
     return y.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
@@ -80,9 +80,13 @@ def conv2d(x, w, b=None, *, stride=1, padding=0):
     pads = _pads(padding)
     if kh == kw == 1 and stride == 1 and not any(pads):
         w2, x3 = w.reshape(cout, cin), x.reshape(n, cin, h * wd)
-        y = w2 @ x3 if is_cupy(x) else parallel.matmul(w2, x3)  # (N, Cout, HW)
-        if b is not None:
-            y += b.reshape(1, cout, 1)
+        bias = None if b is None else b.reshape(cout, 1)
+        if is_cupy(x):
+            y = w2 @ x3  # (N, Cout, HW)
+            if bias is not None:
+                y += bias
+        else:
+            y = parallel.matmul(w2, x3, bias=bias)  # (N, Cout, HW)
         return y.reshape(n, cout, h, wd)  # (N, Cout, H, W)
     tile = conv_fast.winograd_tile(x, w, stride, pads)
     if tile:

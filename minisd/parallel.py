@@ -92,14 +92,14 @@ _SPLIT_WORK = 1 << 22
 _ALIGN = 16  # split points are multiples of this (whole SIMD vectors per part)
 
 
-def matmul(a, b, out=None):
-    """np.matmul(a, b, out) for NumPy arrays, on all cores without waking OpenBLAS's threads
-    (module docstring): large products are split into WORKERS parts, by rows of ``a`` when it
-    has at least as many rows as ``b`` has columns, else by columns of ``b``; each part is one
-    one-thread BLAS call. Small products, nested calls and non-OpenBLAS builds run as a single
-    np.matmul."""
+def matmul(a, b, out=None, *, bias=None):
+    """np.matmul(a, b, out) (+ ``bias``, broadcast to the product) for NumPy arrays, on all
+    cores without waking OpenBLAS's threads (module docstring): large products are split into
+    WORKERS parts, by rows of ``a`` when it has at least as many rows as ``b`` has columns, else
+    by columns of ``b``; each part is one one-thread BLAS call, then its share of the bias.
+    Small products, nested calls and non-OpenBLAS builds run as a single np.matmul."""
     if getattr(_local, "blas_threads", False):  # inside ``blas_threads()``
-        return np.matmul(a, b, out=out)
+        return _add(np.matmul(a, b, out=out), bias)
     shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
     if out is None:
         out = np.empty(shape, dtype=np.result_type(a, b))
@@ -109,22 +109,27 @@ def matmul(a, b, out=None):
     if prod(shape[:-2]) * m * k * n < _SPLIT_WORK or parts < 2 or _openblas() is None:
         with _one_blas_thread():
             np.matmul(a, b, out=out)
-        return out
+        return _add(out, bias)
     cut = [
         min(m if rows else n, -(-(m if rows else n) * i // parts // _ALIGN) * _ALIGN)
         for i in range(parts + 1)
     ]
+    bias = None if bias is None else np.broadcast_to(bias, out.shape)
 
     def part(lo, hi):
         for i in range(lo, hi):
-            s = slice(cut[i], cut[i + 1])
-            if rows:
-                np.matmul(a[..., s, :], b, out=out[..., s, :])
-            else:
-                np.matmul(a, b[..., s], out=out[..., s])
+            s = (Ellipsis, slice(cut[i], cut[i + 1])) + ((slice(None),) if rows else ())
+            np.matmul(a[s] if rows else a, b if rows else b[s], out=out[s])
+            _add(out[s], None if bias is None else bias[s])
 
     run_ranges(part, parts)
     return out
+
+
+def _add(y, bias):
+    if bias is not None:
+        y += bias
+    return y
 
 
 @contextlib.contextmanager

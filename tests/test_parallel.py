@@ -37,6 +37,9 @@ def test_matmul_splits_match_numpy(shapes, workers, monkeypatch):
     out = np.full(ref.shape, np.nan)
     assert parallel.matmul(a, b, out=out) is out
     assert_rel(out, ref, 1e-14, "matmul into out")
+    for bias in (rng.standard_normal(ref.shape[-1]), rng.standard_normal((ref.shape[-2], 1))):
+        with_bias = parallel.matmul(a, b, bias=bias)
+        assert_rel(with_bias, ref + bias, 1e-14, f"matmul + bias {bias.shape}")
     bt = np.ascontiguousarray(np.swapaxes(b, -1, -2))
     assert_rel(parallel.matmul(a, np.swapaxes(bt, -1, -2)), ref, 1e-14, "transposed operand")
     if blas:
