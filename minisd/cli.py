@@ -129,7 +129,7 @@ def build_parser():
         default="eager",
         help="eager: cast all weights at load (fastest); lazy / stream: keep the files "
         "memory-mapped and cast each layer when used (stream also gives the pages back: "
-        "a 512x512 SD1.5 txt2img from float16 files peaks near 1.4 GiB)",
+        "a 512x512 SD1.5 txt2img from float16 files peaks near 1.2 GiB)",
     )
     t = sub.add_parser(
         "trace",
