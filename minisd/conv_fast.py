@@ -166,10 +166,11 @@ def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
     rows_total = (n - 1) * hq + ho  # grid rows up to the last valid output row
     rows = max(1, min(rows_total, max(_CHUNK_ELEMS // cout, 2048) // wq))  # rows per chunk
 
-    gemm = xp.matmul if is_cupy(x) else parallel.matmul  # (split over the cores if one chunk)
+    gpu = is_cupy(x)
+    gemm = xp.matmul if gpu else parallel.matmul  # (split over the cores if one chunk)
 
     def chunks(lo, hi):  # chunks [lo, hi) of ``rows`` grid rows; they write disjoint rows of y
-        if is_cupy(x):
+        if gpu:
             acc, tmp = (xp.empty((cout, rows * wq), dtype=x.dtype) for _ in range(2))
         else:  # work arrays reused across calls
             acc = parallel.scratch("direct.acc", (cout, rows * wq), x.dtype)  # (Cout, R*Wq)
@@ -187,7 +188,7 @@ def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
             _copy_out(xp, a.reshape(cout, r, wq), y, b, r0, hq)
 
     n_chunks = -(-rows_total // rows)
-    if is_cupy(x):  # one stream of large GPU products
+    if gpu:  # one stream of large GPU products
         chunks(0, n_chunks)
     else:  # chunks on all cores, one BLAS thread each
         parallel.run_ranges(chunks, n_chunks)
@@ -329,7 +330,7 @@ def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
     y = np.empty((n, cout, ty * m, tx * m), dtype=dt)  # (N, Cout, Ty*m, Tx*m)
     yt = y.reshape(n, cout, ty, m, tx, m).transpose(3, 5, 1, 0, 2, 4)  # (m, m, Cout, N, Ty, Tx)
     step = max(1, min(-(-ty // parallel.WORKERS), _WINO_CHUNK_TILES // max(1, n * tx)))  # rows
-    if n * ty * tx <= _WINO_SHARED_TILES:  # one chunk; OpenBLAS splits the weights over cores
+    if n * ty * tx <= _WINO_SHARED_TILES:  # one chunk, its GEMMs split over the cores
         step = ty
     st = xpad.strides
     scratch, gemm = parallel.scratch, parallel.matmul  # (split over the cores if one chunk)
@@ -351,7 +352,7 @@ def conv2d_winograd(x, w, b=None, *, pads=(1, 1, 1, 1), m=4):
             gemm(u, v, out=mm)  # sum over Cin of U . V
             z = scratch("wino.z", (m * m, cout * p), dt)  # (m*m, Cout*P)
             gemm(ka, mm.reshape(a * a, cout * p), out=z)  # A^T M A
-            yt[:, :, :, :, t0 : t0 + t] = z.reshape(m, m, cout, n, t, tx)  # A^T M A
+            yt[:, :, :, :, t0 : t0 + t] = z.reshape(m, m, cout, n, t, tx)  # into y
 
     parallel.run_ranges(chunks, -(-ty // step))
     if b is not None and (ty * m, tx * m) == (ho, wo):

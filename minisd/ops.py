@@ -27,6 +27,7 @@ from .ops_act import (  # noqa: F401
     _erf_as7126,
     _gelu_into,
     _sigmoid,
+    _silu_into,
     erf,
     geglu,
     gelu,
@@ -197,13 +198,8 @@ def group_norm_fast(x, w, b, *, groups, eps, act=None):
             d3 = d.reshape(len(d), cg, -1)  # (k, C/G, HW)
             d3 *= wg[g] * rstd[:, None, None]
             d3 += bg[g]
-            if act == "silu":
-                e = parallel.scratch("gn.silu", d.shape, np.float32)  # (k, L)
-                np.multiply(d, np.float32(-_LOG2E), out=e)
-                with np.errstate(over="ignore"):  # 2^big = inf: y / inf = -0, the limit
-                    np.exp2(e, out=e)  # exp(-y)
-                e += np.float32(1)
-                np.divide(d, e, out=d)
+            if act == "silu":  # in place, while the block is in cache
+                _silu_into(d, d, parallel.scratch("gn.silu", d.shape, np.float32))
 
     parallel.run_ranges(blocks, -(-len(xg) // per))
     return y.reshape(x.shape)

@@ -35,17 +35,22 @@ def silu_fast(x, alpha=1.0):
 
     def blocks(lo, hi):
         t = parallel.scratch("silu", (min(_BLOCK, flat.size),), np.float32)  # work array
-        with np.errstate(over="ignore"):
-            for s in range(lo * _BLOCK, min(flat.size, hi * _BLOCK), _BLOCK):
-                blk = flat[s : s + _BLOCK]
-                e = t[: blk.size]
-                np.multiply(blk, np.float32(-alpha * _LOG2E), out=e)
-                np.exp2(e, out=e)  # exp(-alpha x)
-                e += np.float32(1)
-                np.divide(blk, e, out=out[s : s + _BLOCK])
+        for s in range(lo * _BLOCK, min(flat.size, hi * _BLOCK), _BLOCK):
+            blk = flat[s : s + _BLOCK]
+            _silu_into(blk, out[s : s + _BLOCK], t[: blk.size], alpha)
 
     parallel.run_ranges(blocks, -(-flat.size // _BLOCK))
     return out.reshape(x.shape)
+
+
+def _silu_into(x, out, e, alpha=1.0):
+    """out = x / (1 + 2^(-alpha x log2 e)) for one block (out may be x); e: a float32 work
+    array of x's shape. An overflowing power gives x / inf = -0, the limit."""
+    np.multiply(x, np.float32(-alpha * _LOG2E), out=e)
+    with np.errstate(over="ignore"):
+        np.exp2(e, out=e)  # exp(-alpha x)
+    e += np.float32(1)
+    np.divide(x, e, out=out)
 
 
 def _sigmoid(xp, x):
