@@ -40,6 +40,18 @@ from .ops_act import (  # noqa: F401
 # --------------------------------------------------------------------------- linear / conv
 
 
+def matmul(a, b, bias=None):
+    """a @ b (+ bias broadcast to the product): NumPy's split over the cores by
+    ``parallel.matmul``, CuPy's as one product. Strided (e.g. transposed) operands are passed
+    to BLAS as they are, without a copy."""
+    if not is_cupy(a):
+        return parallel.matmul(a, b, bias=bias)
+    y = a @ b
+    if bias is not None:
+        y += bias
+    return y
+
+
 def linear(x, w, b=None, *, out=None):
     """y = x W^T + b.  x (..., in), w (out, in), b (out,) -> (..., out), written into ``out``
     (a C-contiguous array of that shape) if given.
@@ -80,14 +92,8 @@ def conv2d(x, w, b=None, *, stride=1, padding=0):
         raise ValueError(f"conv2d: input has {cin} channels, weight expects {cin_w}")
     pads = _pads(padding)
     if kh == kw == 1 and stride == 1 and not any(pads):
-        w2, x3 = w.reshape(cout, cin), x.reshape(n, cin, h * wd)
         bias = None if b is None else b.reshape(cout, 1)
-        if is_cupy(x):
-            y = w2 @ x3  # (N, Cout, HW)
-            if bias is not None:
-                y += bias
-        else:
-            y = parallel.matmul(w2, x3, bias=bias)  # (N, Cout, HW)
+        y = matmul(w.reshape(cout, cin), x.reshape(n, cin, h * wd), bias)  # (N, Cout, HW)
         return y.reshape(n, cout, h, wd)  # (N, Cout, H, W)
     tile = conv_fast.winograd_tile(x, w, stride, pads)
     if tile:

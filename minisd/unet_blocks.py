@@ -16,7 +16,7 @@ import numpy as np
 
 from . import blocks, ops, parallel, trace
 from .backend import array_module
-from .blocks import conv, gn, lin, ln
+from .blocks import gn, lin, ln
 from .errors import InputError
 
 _rec = trace.record
@@ -107,12 +107,12 @@ def transformer_2d(
     if linear_projection:
         h = h.reshape(b, c, hgt * wid).swapaxes(1, 2)  # (B, HW, C)
         h = _rec("proj_in", lin(h, p["proj_in"]))  # (B, HW, inner)
-    else:
-        h = _rec("proj_in", conv(h, p["proj_in"]))  # (B, inner, H, W)
-        h = h.reshape(b, h.shape[1], hgt * wid).swapaxes(1, 2)  # (B, HW, inner)
-        # one copy into token order here: the layer norms and to_q/k/v of the first block
-        # would otherwise each work on (and copy) the strided view
-        h = array_module(h).ascontiguousarray(h)
+    else:  # the 1x1 conv as one GEMM on the transposed view, straight into token order
+        w = p["proj_in"]["weight"]  # (inner, C, 1, 1)
+        h = h.reshape(b, c, hgt * wid).swapaxes(1, 2)  # (B, HW, C), a view
+        h = ops.matmul(h, w.reshape(-1, c).T, p["proj_in"].get("bias"))  # (B, HW, inner)
+        if trace.active():  # as the module's (B, inner, H, W) output
+            _rec("proj_in", h.swapaxes(1, 2).reshape(b, -1, hgt, wid))
     tb = p["transformer_blocks"]
     for i in range(len(tb)):
         h = traced(
@@ -128,9 +128,11 @@ def transformer_2d(
     if linear_projection:
         h = _rec("proj_out", lin(h, p["proj_out"]))  # (B, HW, C)
         h = h.swapaxes(1, 2).reshape(b, c, hgt, wid)  # (B, C, H, W)
-    else:
-        h = h.swapaxes(1, 2).reshape(b, h.shape[2], hgt, wid)  # (B, inner, H, W)
-        h = _rec("proj_out", conv(h, p["proj_out"]))  # (B, C, H, W)
+    else:  # the 1x1 conv on the transposed tokens: NCHW out, no reordering copy
+        w, bias = p["proj_out"]["weight"], p["proj_out"].get("bias")  # (C, inner, 1, 1)
+        bias = None if bias is None else bias.reshape(c, 1)
+        h = ops.matmul(w.reshape(c, -1), h.swapaxes(1, 2), bias)  # (B, C, HW)
+        h = _rec("proj_out", h.reshape(b, c, hgt, wid))  # (B, C, H, W)
     return h + x
 
 
