@@ -40,13 +40,13 @@ from .ops_act import (  # noqa: F401
 # --------------------------------------------------------------------------- linear / conv
 
 
-def matmul(a, b, bias=None):
-    """a @ b (+ bias broadcast to the product): NumPy's split over the cores by
-    ``parallel.matmul``, CuPy's as one product. Strided (e.g. transposed) operands are passed
-    to BLAS as they are, without a copy."""
+def matmul(a, b, bias=None, *, out=None):
+    """a @ b (+ bias broadcast to the product), into ``out`` if given: NumPy's split over the
+    cores by ``parallel.matmul`` (each core adds the bias to its part), CuPy's as one product.
+    Strided (e.g. transposed) operands are passed to BLAS as they are, without a copy."""
     if not is_cupy(a):
-        return parallel.matmul(a, b, bias=bias)
-    y = a @ b
+        return parallel.matmul(a, b, out=out, bias=bias)
+    y = array_module(a).matmul(a, b, out=out)
     if bias is not None:
         y += bias
     return y
@@ -57,15 +57,10 @@ def linear(x, w, b=None, *, out=None):
     (a C-contiguous array of that shape) if given.
 
     Leading axes are folded into one so BLAS sees a single 2-D GEMM (numpy's batched matmul
-    over a 3-D x is up to 2x slower); NumPy's is split over the cores by ``parallel.matmul``."""
+    over a 3-D x is up to 2x slower), through ``matmul``."""
     x2 = x.reshape(-1, x.shape[-1])  # (prod(...), in)
     y = None if out is None else out.reshape(len(x2), w.shape[0])
-    if is_cupy(x):
-        y = array_module(x).matmul(x2, w.T, out=y)  # (prod(...), out)
-        if b is not None:
-            y += b
-    else:  # (the bias added by each core to its part)
-        y = parallel.matmul(x2, w.T, out=y, bias=b)  # (prod(...), out)
+    y = matmul(x2, w.T, b, out=y)  # (prod(...), out)
     return y.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
