@@ -2,14 +2,14 @@
 
 Two algorithms, both pure array code (no compiled extension), both exact to round-off:
 
-``conv2d_direct``  any kernel, stride and padding; NumPy or CuPy. The input stays NCHW. Each
-    kernel tap (i, j) reads the padded image shifted by (i, j); flattening the padded rows makes
-    that shift a *contiguous slice* of length Ho*Wq of a (Cin, Hq*Wq) matrix, so every tap is one
-    copy-free GEMM  W[:, :, i, j] (Cout, Cin) @ X_flat[:, off : off + L] (Cin, L)  accumulated into
-    the output. The Wq - Wo extra columns of each output row (taps wrapping into the next row) are
-    dropped when the result is copied out. Stride s splits the padded input into s*s phases
-    x[pi::s, pj::s] first, so that strided taps become shifts too. Output rows are processed in
-    chunks so the accumulator stays in cache.
+``conv2d_direct``  any kernel, stride and padding; NumPy (CuPy takes ``conv_gemm``). The input
+    stays NCHW. Each kernel tap (i, j) reads the padded image shifted by (i, j); flattening the
+    padded rows makes that shift a *contiguous slice* of length Ho*Wq of a (Cin, Hq*Wq) matrix,
+    so every tap is one copy-free GEMM  W[:, :, i, j] (Cout, Cin) @ X_flat[:, off : off + L]
+    (Cin, L)  accumulated into the output. The Wq - Wo extra columns of each output row (taps
+    wrapping into the next row) are dropped when the result is copied out. Stride s splits the
+    padded input into s*s phases x[pi::s, pj::s] first, so that strided taps become shifts too.
+    Output rows are processed in chunks so the accumulator stays in cache.
 
 ``conv2d_winograd``  3x3, stride 1, NumPy: Winograd's minimal filtering F(m x m, 3 x 3)
     (Winograd 1980; Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"):
@@ -130,7 +130,7 @@ def _derived(w, kind, make):
     if hit is not None and hit[0]() is w:
         return hit[1]
     arr = make()
-    if is_cupy(w) or cache_bytes() + arr.nbytes > CONV_CACHE_BYTES:
+    if cache_bytes() + arr.nbytes > CONV_CACHE_BYTES:
         return arr
     try:
         ref = weakref.ref(w, lambda _, key=key, c=_cache: c.pop(key, None))
@@ -166,15 +166,9 @@ def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
     rows_total = (n - 1) * hq + ho  # grid rows up to the last valid output row
     rows = max(1, min(rows_total, max(_CHUNK_ELEMS // cout, 2048) // wq))  # rows per chunk
 
-    gpu = is_cupy(x)
-    gemm = xp.matmul if gpu else parallel.matmul  # (split over the cores if one chunk)
-
     def chunks(lo, hi):  # chunks [lo, hi) of ``rows`` grid rows; they write disjoint rows of y
-        if gpu:
-            acc, tmp = (xp.empty((cout, rows * wq), dtype=x.dtype) for _ in range(2))
-        else:  # work arrays reused across calls
-            acc = parallel.scratch("direct.acc", (cout, rows * wq), x.dtype)  # (Cout, R*Wq)
-            tmp = parallel.scratch("direct.tmp", (cout, rows * wq), x.dtype)
+        acc = parallel.scratch("direct.acc", (cout, rows * wq), x.dtype)  # (Cout, R*Wq), reused
+        tmp = parallel.scratch("direct.tmp", (cout, rows * wq), x.dtype)
         for r0 in range(lo * rows, min(rows_total, hi * rows), rows):
             r = min(rows, rows_total - r0)
             a, t = acc[:, : r * wq], tmp[:, : r * wq]  # (Cout, r*Wq)
@@ -182,16 +176,12 @@ def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
                 i, j = divmod(k, kw)
                 off = (r0 + i // s) * wq + j // s
                 xs = flat[i % s, j % s, :, off : off + r * wq]  # (Cin, r*Wq)
-                gemm(wt[i, j], xs, out=a if k == 0 else t)
+                parallel.matmul(wt[i, j], xs, out=a if k == 0 else t)  # split if one chunk
                 if k:
                     a += t
             _copy_out(xp, a.reshape(cout, r, wq), y, b, r0, hq)
 
-    n_chunks = -(-rows_total // rows)
-    if gpu:  # one stream of large GPU products
-        chunks(0, n_chunks)
-    else:  # chunks on all cores, one BLAS thread each
-        parallel.run_ranges(chunks, n_chunks)
+    parallel.run_ranges(chunks, -(-rows_total // rows))  # on all cores, one BLAS thread each
     return y
 
 

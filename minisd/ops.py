@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from . import conv_fast, parallel
+from . import conv_fast, conv_gemm, parallel
 from .backend import array_module, is_cupy
 
 # Every name of ops_act, private kernels included, stays reachable as ops.<name>.
@@ -78,8 +78,9 @@ def conv2d(x, w, b=None, *, stride=1, padding=0):
 
     x (N, Cin, H, W), w (Cout, Cin, kh, kw), b (Cout,) or None -> (N, Cout, Ho, Wo); padding is
     an int, (ph, pw) or (top, bottom, left, right). Dispatches to the fast paths of
-    ``conv_fast`` (GEMM on shifted slices; Winograd F(4x4, 3x3) / F(2x2, 3x3) for float32 3x3
-    stride-1 NumPy convolutions with enough channels); ``conv2d_reference`` is the readable version.
+    ``conv_fast`` on NumPy (GEMM on shifted slices; Winograd F(4x4, 3x3) / F(2x2, 3x3) for
+    float32 3x3 stride-1 convolutions with enough channels) and to ``conv_gemm`` (one im2col GEMM)
+    on CuPy; ``conv2d_reference`` is the readable version.
     """
     n, cin, h, wd = x.shape
     cout, cin_w, kh, kw = w.shape
@@ -90,6 +91,8 @@ def conv2d(x, w, b=None, *, stride=1, padding=0):
         bias = None if b is None else b.reshape(cout, 1)
         y = matmul(w.reshape(cout, cin), x.reshape(n, cin, h * wd), bias)  # (N, Cout, HW)
         return y.reshape(n, cout, h, wd)  # (N, Cout, H, W)
+    if is_cupy(x):  # a few large kernels per convolution (launch costs dominate on a GPU)
+        return conv_gemm.conv2d_im2col(x, w, b, stride=stride, pads=pads)
     tile = conv_fast.winograd_tile(x, w, stride, pads)
     if tile:
         return conv_fast.conv2d_winograd(x, w, b, pads=pads, m=tile)

@@ -18,6 +18,7 @@ views a subclass without asking it); the code is grepped for that instead.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import types
 
@@ -29,6 +30,10 @@ except Exception:  # pragma: no cover
     _real_cupy = None
 
 SYNCS = {"count": 0}
+# Device operations (a proxy for kernel launches): ufunc calls, xp.<function> calls, array
+# assignments, dtype casts, by name. Each is one or more CUDA kernels in CuPy, and each costs
+# a Python-side launch (~10 us), which bounds small-batch GPU speed.
+OPS: collections.Counter = collections.Counter()
 _UPLOAD = {"asarray", "array", "ascontiguousarray", "asanyarray"}
 
 
@@ -75,6 +80,7 @@ class DeviceArray(np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
         _reject_host(f"{ufunc.__name__}.{method}", inputs + (out or ()))
+        OPS[ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"] += 1
         if out is not None:
             kw["out"] = tuple(_host(o) for o in out)
         res = getattr(ufunc, method)(*_host(inputs), **kw)
@@ -92,7 +98,17 @@ class DeviceArray(np.ndarray):
 
     def __setitem__(self, idx, value):
         _reject_host("assignment", [value])
+        OPS["setitem"] += 1
         np.ndarray.__setitem__(self, _host(idx), _host(value))
+
+    def astype(self, dtype, *a, copy=True, **kw):
+        if copy or np.dtype(dtype) != self.dtype:
+            OPS["astype"] += 1
+        return np.ndarray.astype(self, dtype, *a, copy=copy, **kw)
+
+    def copy(self, *a, **kw):
+        OPS["copy"] += 1
+        return np.ndarray.copy(self, *a, **kw)
 
     def get(self):
         SYNCS["count"] += 1
@@ -124,8 +140,12 @@ class DeviceArray(np.ndarray):
 def _wrap(name, fn):
     def call(*args, **kw):
         if name in _UPLOAD:
+            a = args[0]
+            if isinstance(a, DeviceArray) and (name == "array" or not a.flags.c_contiguous):
+                OPS[name] += 1  # a device copy
             return _dev(np.array(_host(args[0]), *args[1:], **kw))  # upload = a copy
         _reject_host(f"xp.{name}", list(args) + list(kw.values()))
+        OPS[name] += 1
         return _dev(fn(*_host(args), **{k: _host(v) for k, v in kw.items()}))
 
     call.__name__ = name
@@ -178,6 +198,17 @@ class FakeCupy(types.ModuleType):
         super().__init__("fake_cupy")
         self.cuda, self._pool, self._pinned = _fake_cuda(free, total)
 
+    @property
+    def lib(self):
+        """cupy.lib.stride_tricks.as_strided: a view of a device array, as in CuPy."""
+
+        def as_strided(x, shape=None, strides=None):
+            if not isinstance(x, DeviceArray):
+                raise HostDeviceMix("cupy.lib.stride_tricks.as_strided: host array")
+            return _dev(np.lib.stride_tricks.as_strided(_host(x), shape, strides))
+
+        return _Namespace(stride_tricks=_Namespace(as_strided=as_strided))
+
     def get_default_memory_pool(self):
         return self._pool
 
@@ -206,6 +237,7 @@ def installed(**kw):
     saved = backend._cupy
     backend._cupy = fake
     SYNCS["count"] = 0
+    OPS.clear()
     try:
         yield fake
     finally:

@@ -49,9 +49,9 @@ DIRECT_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DIRECT_CASES)
-def test_direct_matches_torch_and_reference(xp, dtype, case):
+def test_direct_matches_torch_and_reference(dtype, case):
     n, cin, cout, h, w, k, stride, pads = case
-    x, wt, b = _case(xp, n, cin, cout, h, w, k, dtype)
+    x, wt, b = _case(np, n, cin, cout, h, w, k, dtype)
     ref = _torch_conv(x, wt, b, stride, pads)
     ours = conv_fast.conv2d_direct(x, wt, b, stride=stride, pads=pads)
     assert ours.dtype == np.dtype(dtype) and ours.shape == ref.shape
