@@ -2,7 +2,8 @@
 geglu, erf.
 
 float32/float16 NumPy arrays take blocked in-place kernels (cache-sized blocks, on all cores);
-float64 and CuPy evaluate the formulas directly. Every name here is re-exported by ``ops``
+float32/float16 CuPy arrays one fused CUDA kernel each (``gpu_kernels``); float64 (and CuPy when
+the kernels are off) evaluate the formulas directly. Every name here is re-exported by ``ops``
 (``ops.gelu`` etc.), which is where model code calls them.
 """
 
@@ -12,7 +13,7 @@ import math
 
 import numpy as np
 
-from . import parallel
+from . import gpu_kernels, parallel
 from .backend import array_module, is_cupy
 
 _LOG2E = 1.0 / math.log(2.0)  # exp(y) = 2^(y log2 e); np.exp2 is ~35% faster on float32
@@ -23,7 +24,8 @@ def silu(x):
     xp = array_module(x)
     if not is_cupy(x) and x.dtype != np.float64:
         return silu_fast(x)
-    return x * _sigmoid(xp, x)
+    y = gpu_kernels.silu(x)  # one fused kernel for float16/32 CuPy arrays, else None
+    return x * _sigmoid(xp, x) if y is None else y
 
 
 def silu_fast(x, alpha=1.0):
@@ -63,17 +65,20 @@ def quick_gelu(x):
     xp = array_module(x)
     if not is_cupy(x) and x.dtype != np.float64:
         return silu_fast(x, 1.702)
-    return x * _sigmoid(xp, x * x.dtype.type(1.702))
+    y = gpu_kernels.silu(x, 1.702)
+    return x * _sigmoid(xp, x * x.dtype.type(1.702)) if y is None else y
 
 
 def gelu(x):
     """Exact GELU, x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016).
 
     float32/float16 NumPy arrays take ``gelu_fast`` (same math, cache-sized blocks, in place);
-    float64 and CuPy evaluate the formula here with ``erf``."""
+    float32/float16 CuPy arrays ``gpu_kernels.gelu`` (CUDA's erff); float64 evaluates the
+    formula here with ``erf``."""
     if not is_cupy(x) and x.dtype != np.float64:
         return gelu_fast(x)
-    return x * (0.5 * (1 + erf(x * x.dtype.type(1 / math.sqrt(2)))))
+    y = gpu_kernels.gelu(x)
+    return x * (0.5 * (1 + erf(x * x.dtype.type(1 / math.sqrt(2))))) if y is None else y
 
 
 # Elements per block of the in-place elementwise kernels: 256 KiB of float32, so a block, its
@@ -105,7 +110,8 @@ def geglu(a, g):
 
     float32/float16 NumPy arrays are processed a block of rows at a time, in place."""
     if is_cupy(g) or g.dtype == np.float64:
-        return a * gelu(g)
+        y = gpu_kernels.geglu(a, g)
+        return a * gelu(g) if y is None else y
     d = g.shape[-1]
     a2, g2 = a.reshape(-1, d), g.reshape(-1, d)  # (rows, D), views of the projection
     out = np.empty(a2.shape, dtype=g.dtype)  # (rows, D)

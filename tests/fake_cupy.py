@@ -80,7 +80,8 @@ class DeviceArray(np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
         _reject_host(f"{ufunc.__name__}.{method}", inputs + (out or ()))
-        OPS[ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"] += 1
+        if not _QUIET["depth"]:
+            OPS[ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"] += 1
         if out is not None:
             kw["out"] = tuple(_host(o) for o in out)
         res = getattr(ufunc, method)(*_host(inputs), **kw)
@@ -100,6 +101,14 @@ class DeviceArray(np.ndarray):
         _reject_host("assignment", [value])
         OPS["setitem"] += 1
         np.ndarray.__setitem__(self, _host(idx), _host(value))
+
+    # Reductions CuPy runs as one kernel (mean: sum and divide fused) or two (var: the mean,
+    # then the fused sum of squared deviations); NumPy composes them from several ufuncs.
+    def mean(self, *a, **kw):
+        return _counted("mean", 1, np.ndarray.mean, self, *a, **kw)
+
+    def var(self, *a, **kw):
+        return _counted("var", 2, np.ndarray.var, self, *a, **kw)
 
     def astype(self, dtype, *a, copy=True, **kw):
         if copy or np.dtype(dtype) != self.dtype:
@@ -135,6 +144,19 @@ class DeviceArray(np.ndarray):
         return bool(self.view(np.ndarray))
 
     __index__ = __int__
+
+
+_QUIET = {"depth": 0}
+
+
+def _counted(name, kernels, fn, *a, **kw):
+    """fn(*a, **kw) counted as ``kernels`` device operations, whatever ufuncs NumPy uses."""
+    OPS[name] += kernels
+    _QUIET["depth"] += 1
+    try:
+        return fn(*a, **kw)
+    finally:
+        _QUIET["depth"] -= 1
 
 
 def _wrap(name, fn):
@@ -197,6 +219,19 @@ class FakeCupy(types.ModuleType):
     def __init__(self, free=8 << 30, total=16 << 30):
         super().__init__("fake_cupy")
         self.cuda, self._pool, self._pinned = _fake_cuda(free, total)
+
+    def ElementwiseKernel(self, *spec, **kw):  # noqa: N802 - CuPy's name
+        """The kernel body compiled for the CPU (fake_kernels), on device arrays."""
+        import fake_kernels
+
+        kernel = fake_kernels.ElementwiseKernel(*spec, **kw)
+
+        def launch(*args):
+            _reject_host(f"ElementwiseKernel {kernel.name}", list(args))
+            OPS[kernel.name] += 1
+            return _dev(kernel(*args))
+
+        return launch
 
     @property
     def lib(self):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from refharness import assert_rel, need
 
-from minisd import ops, parallel
+from minisd import ops, ops_norm, parallel
 
 
 def _gelu_exact(x):
@@ -197,7 +197,7 @@ def test_group_norm_fast(shape, groups, monkeypatch):
     ref = ops.group_norm(x, w, b, groups=groups, eps=1e-6)  # float64: reference path
     length = x.size // (shape[0] * groups)
     for block, workers in [(ops._GN_BLOCK, 2), (3 * length - 1, 2), (1, 1), (1, 3)]:
-        monkeypatch.setattr(ops, "_GN_BLOCK", block)
+        monkeypatch.setattr(ops_norm, "_GN_BLOCK", block)
         monkeypatch.setattr(parallel, "WORKERS", workers)
         args = [a.astype(np.float32) for a in (x, w, b)]
         y = ops.group_norm(*args, groups=groups, eps=1e-6)

@@ -1,0 +1,94 @@
+"""Fused elementwise CUDA kernels for the CuPy path (``cupy.ElementwiseKernel``).
+
+On a GPU every CuPy call is a kernel launch (~10 us of Python and driver time) and a pass over
+memory. The array formulas in ``ops`` / ``ops_act`` spend 9-20 calls on a SiLU, a GELU or a
+GroupNorm's normalize-and-scale; each kernel here does that work in one pass, reading float16
+or float32 and computing in float32 (as torch's CUDA kernels do: "opmath"):
+
+    silu         y = x / (1 + exp(-alpha x))             (alpha = 1.702: CLIP's quick_gelu)
+    gelu         y = x/2 (1 + erf(x / sqrt 2))
+    geglu        y = a * gelu(g)
+    norm_affine  y = (x - mean) / sqrt(var + eps) * w + b   (then silu if act): Group/LayerNorm
+
+The array formulas stay the readable reference and the fallback: they run on NumPy, for float64
+on CuPy, with MINISD_GPU_KERNELS=0, and when a kernel fails to build (a warning says so once).
+The bodies are plain C, compiled and checked against NumPy on the CPU by tests/test_gpu_kernels.py
+(and, through ``tests/fake_cupy.py``, inside whole models).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from .backend import array_module, is_cupy
+
+ENABLED = os.environ.get("MINISD_GPU_KERNELS", "1") != "0"
+
+_SILU = "v = v / (1.0f + expf(-alpha * v));"
+_GELU = "0.5f * u * (1.0f + erff(u * 0.70710678118654752f))"
+
+# name -> (input parameters, output parameters, body), in cupy.ElementwiseKernel's terms: T is
+# the array dtype (float16 or float32), the body sees one element of each broadcast operand.
+SOURCES = {
+    "silu": ("T x, float32 alpha", "T y", f"float v = (float)x; {_SILU} y = (T)v;"),
+    "gelu": ("T x", "T y", f"float u = (float)x; y = (T)({_GELU});"),
+    "geglu": ("T a, T g", "T y", f"float u = (float)g; y = (T)((float)a * {_GELU});"),
+    "norm_affine": (
+        "T x, float32 mean, float32 var, float32 eps, T w, T b, int32 act, float32 alpha",
+        "T y",
+        "float v = ((float)x - mean) / sqrtf(var + eps) * (float)w + (float)b;"
+        f" if (act) {{ {_SILU} }} y = (T)v;",
+    ),
+}
+
+_kernels: dict = {}
+_failed: set = set()
+
+
+def usable(x) -> bool:
+    """True when ``x`` should take the fused kernels: a float16/float32 CuPy array."""
+    return ENABLED and is_cupy(x) and x.dtype in (np.float16, np.float32)
+
+
+def run(name, *args):
+    """Kernel ``name`` on CuPy arrays (broadcast like a ufunc). None, so that the caller uses
+    its array formula, unless ``usable(args[0])`` and the kernel builds."""
+    if not usable(args[0]):
+        return None
+    xp = array_module(args[0])
+    key = (xp, name)
+    if key in _failed:
+        return None
+    try:
+        kernel = _kernels.get(key)
+        if kernel is None:
+            params, out, body = SOURCES[name]
+            kernel = _kernels[key] = xp.ElementwiseKernel(params, out, body, f"minisd_{name}")
+        return kernel(*args)
+    except Exception as err:  # a build or launch failure: never worse than the array code
+        _failed.add(key)
+        message = f"minisd: GPU kernel {name!r} failed ({err}); using the array code"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return None
+
+
+def silu(x, alpha=1.0):
+    return run("silu", x, np.float32(alpha))
+
+
+def gelu(x):
+    return run("gelu", x)
+
+
+def geglu(a, g):
+    return run("geglu", a, g)
+
+
+def norm_affine(x, mean, var, eps, w, b, act=None):
+    """(x - mean) / sqrt(var + eps) * w + b, then SiLU when act == "silu"; mean, var float32
+    arrays broadcast against x."""
+    act = np.int32(act == "silu")
+    return run("norm_affine", x, mean, var, np.float32(eps), w, b, act, np.float32(1))

@@ -1,0 +1,174 @@
+"""The fused CUDA kernels of minisd/gpu_kernels.py, without a GPU.
+
+Their bodies run on the CPU through ``fake_cupy`` (``fake_kernels`` compiles each body with the
+host C++ compiler, float16 as ``_Float16``): every op that uses one is compared with NumPy
+float64, whole models with kernels against the float64 reference, and the fallback to the
+array formulas is exercised. With nvcc installed, the bodies are also compiled as CUDA.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import fake_cupy
+import fake_kernels
+import numpy as np
+import pytest
+from refharness import TOL, assert_rel
+from test_gpu import FP16_TOL, cpu64, cpu_pipe, drift_report, rand, tiny, traced_unet  # noqa: F401
+
+import minisd
+from minisd import gpu_kernels, ops
+
+# One float32 / float16 rounding of a result computed in float32 (2^-24, 2^-11), with margin
+# for CUDA-style libm expf/erff (a few ulp) and, for the norms, float32 statistics.
+KERNEL_TOL = {"float32": 2e-6, "float16": 1.2e-3}
+
+needs_cxx = pytest.mark.skipif(fake_kernels.CXX is None, reason="no C++ compiler for the bodies")
+
+
+def _ops_cases(rng):
+    x = rng.standard_normal((2, 8, 6, 5)) * 3
+    g = rng.standard_normal((2, 7, 16)) * 3
+    w8, b8 = rng.standard_normal((2, 8))
+    w16, b16 = rng.standard_normal((2, 16))
+    return {
+        "silu": (lambda o, x: o.silu(x), (x,)),
+        "quick_gelu": (lambda o, x: o.quick_gelu(x), (x,)),
+        "gelu": (lambda o, x: o.gelu(x), (x,)),
+        "geglu": (lambda o, a, g: o.geglu(a, g), (g[..., ::-1], g)),
+        "group_norm": (lambda o, x, w, b: o.group_norm(x, w, b, groups=4, eps=1e-5), (x, w8, b8)),
+        "group_norm+silu": (
+            lambda o, x, w, b: o.group_norm(x, w, b, groups=2, eps=1e-6, act="silu"),
+            (x + 40, w8, b8),  # a large mean: the float32 statistics are two-pass
+        ),
+        "layer_norm": (lambda o, x, w, b: o.layer_norm(x, w, b, eps=1e-5), (g, w16, b16)),
+    }
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("op", list(_ops_cases(np.random.default_rng(0))))
+def test_kernel_ops_vs_float64(op, dtype):
+    """Each op on a float32/float16 device array runs one fused kernel (its name counted) and
+    lands within one rounding of the float64 formula."""
+    fn, args = _ops_cases(np.random.default_rng(0))[op]
+    want = fn(ops, *args)
+    with fake_cupy.installed() as fcp:
+        dev = [fcp.asarray(a.astype(dtype)) for a in args]
+        fake_cupy.OPS.clear()
+        got = fn(ops, *dev)
+        launched = [k for k in fake_cupy.OPS if k.startswith("minisd_")]
+    assert type(got) is fake_cupy.DeviceArray and got.dtype == np.dtype(dtype)
+    assert len(launched) == 1, dict(fake_cupy.OPS)
+    assert sum(fake_cupy.OPS.values()) <= 4, dict(fake_cupy.OPS)  # mean, var (2), kernel
+    assert_rel(got, want, KERNEL_TOL[dtype], f"{op} {dtype} kernel")
+
+
+@needs_cxx
+def test_float64_and_disabled_take_the_array_formulas(monkeypatch):
+    x = rand(3, 4, 5)
+    with fake_cupy.installed() as fcp:
+        ops.gelu(fcp.asarray(x))  # float64: the exact erf formula
+        assert not [k for k in fake_cupy.OPS if k.startswith("minisd_")]
+        monkeypatch.setattr(gpu_kernels, "ENABLED", False)
+        y = ops.silu(fcp.asarray(x.astype(np.float32)))
+        assert not [k for k in fake_cupy.OPS if k.startswith("minisd_")]
+    assert_rel(y, ops.silu(x), TOL["float32"], "array silu")
+
+
+def test_broken_kernel_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setitem(gpu_kernels.SOURCES, "gelu", ("T x", "T y", "y = not C;"))
+    monkeypatch.setattr(gpu_kernels, "_kernels", {})
+    monkeypatch.setattr(gpu_kernels, "_failed", set())
+    x = rand(4, 6).astype(np.float32)
+    with fake_cupy.installed() as fcp:
+        with pytest.warns(RuntimeWarning, match="GPU kernel 'gelu' failed"):
+            y1 = ops.gelu(fcp.asarray(x))
+        y2 = ops.gelu(fcp.asarray(x))  # no second build attempt, no second warning
+    assert len(gpu_kernels._failed) == 1
+    for y in (y1, y2):
+        assert_rel(y, ops.gelu(x.astype(np.float64)), TOL["float32"], "fallback gelu")
+
+
+@needs_cxx
+def test_fake_kernel_is_as_strict_as_cupy():
+    k = fake_kernels.ElementwiseKernel("T x, float32 m", "T y", "y = x + (T)m;", "k")
+    np.testing.assert_array_equal(k(np.ones(3, np.float16), np.float32(2)), np.full(3, 3.0))
+    with pytest.raises(TypeError, match="float64 array for a float32 parameter"):
+        k(np.ones(3, np.float16), np.ones(3))
+    with pytest.raises(TypeError, match="float32 array for a T parameter"):
+        fake_kernels.ElementwiseKernel("T a, T b", "T y", "y = a;", "k2")(
+            np.ones(2, np.float16), np.ones(2, np.float32)
+        )
+
+
+@needs_cxx
+def test_unet_with_kernels_vs_float64(tiny, cpu64):  # noqa: F811 (fixtures of test_gpu)
+    """A float32 UNet on the (fake) device, kernels in every norm and activation: each layer
+    within the float32 bound of the NumPy float64 reference."""
+    x, ctx = rand(2, 4, 8, 10), rand(2, 77, 32, seed=1)
+    ref = traced_unet(cpu64("sd2").unet, np, x, 500, ctx)
+    with fake_cupy.installed() as fcp:
+        unet = minisd.UNet2DConditionModel.from_pretrained(
+            tiny("sd2") / "unet", dtype="float32", device="cuda"
+        )
+        dev = traced_unet(unet, fcp, x.astype(np.float32), 500, ctx.astype(np.float32))
+        assert fake_cupy.OPS["minisd_norm_affine"] > 10 and fake_cupy.OPS["minisd_geglu"] > 0
+    rows, first = drift_report(ref, dev, TOL["float32"], "unet float32 with GPU kernels")
+    assert first is None, first
+
+
+@needs_cxx
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_fp16_pipeline_with_kernels_vs_float64(tiny, cpu64, family):  # noqa: F811
+    """float16 weights and activations end to end on the (fake) device (the GPU default), a
+    kernel in every norm and activation: within the float16 pipeline bound of float64, for the
+    same initial latents (float16 and float64 seeds draw different numbers, as in torch)."""
+    kw = dict(num_inference_steps=5, height=64, width=64, scheduler="pndm", progress=False)
+    kw.update(output_type="np")
+    latents = rand(1, 4, 8, 8, seed=5)
+    ref = cpu64(family)("a cat", latents=latents, **kw)
+    with fake_cupy.installed() as fcp:
+        pipe = minisd.StableDiffusion.from_pretrained(tiny(family), device="cuda")
+        assert pipe.unet.params["conv_in"]["weight"].dtype == np.float16
+        out = pipe("a cat", latents=fcp.asarray(latents.astype(np.float16)), **kw)
+        used = {k for k in fake_cupy.OPS if k.startswith("minisd_")}
+    unused = {"sd1": {"minisd_gelu"}, "sd2": set()}[family]  # SD1's CLIP: quick_gelu (silu)
+    assert used == {f"minisd_{k}" for k in gpu_kernels.SOURCES} - unused, used
+    err = assert_rel(out, ref, FP16_TOL["pipeline"], f"{family} float16 pipeline, kernels")
+    print(f"{family} float16 pipeline with kernels: {err:.2e}")
+
+
+NVCC_WRAPPER = """#include <cuda_fp16.h>
+typedef {ctype} T;
+extern "C" __global__ void k({args}) {{
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  {loads}
+  {body}
+  {store}
+}}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler (nvcc)")
+@pytest.mark.parametrize("name", list(gpu_kernels.SOURCES))
+def test_kernel_bodies_compile_as_cuda(name, tmp_path):
+    """Each body, with CUDA's __half for float16 and float, compiles to PTX for sm_80."""
+    ins, outs, body = gpu_kernels.SOURCES[name]
+    ctypes_ = {"T": "T", "float32": "float", "int32": "int"}
+    params = [p.split() for p in ins.split(",")]
+    (out_t, out_n) = outs.split()
+    for ctype in ("__half", "float"):
+        args = ", ".join([f"const {ctypes_[t]}* p_{n}" for t, n in params] + [f"T* p_{out_n}"])
+        loads = " ".join(f"const {ctypes_[t]} {n} = p_{n}[i];" for t, n in params)
+        src = NVCC_WRAPPER.format(
+            ctype=ctype, args=args, loads=loads + f" T {out_n};", body=body,
+            store=f"p_{out_n}[i] = {out_n};",
+        )  # fmt: skip
+        path = tmp_path / f"{name}_{ctype.strip('_')}.cu"
+        path.write_text(src)
+        cmd = ["nvcc", "-ptx", "-arch=sm_80", str(path), "-o", str(path.with_suffix(".ptx"))]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr + src
