@@ -1,14 +1,16 @@
-"""Fused elementwise CUDA kernels for the CuPy path (``cupy.ElementwiseKernel``).
+"""Fused CUDA kernels for the CuPy path (``cupy.ElementwiseKernel`` / ``ReductionKernel``).
 
 On a GPU every CuPy call is a kernel launch (~10 us of Python and driver time) and a pass over
-memory. The array formulas in ``ops`` / ``ops_act`` spend 9-20 calls on a SiLU, a GELU or a
-GroupNorm's normalize-and-scale; each kernel here does that work in one pass, reading float16
-or float32 and computing in float32 (as torch's CUDA kernels do: "opmath"):
+memory. The array formulas in ``ops`` / ``ops_act`` / ``ops_norm`` spend 9-20 calls on a SiLU,
+a GELU or a GroupNorm's normalize-and-scale, and six passes on a softmax; the kernels here do
+that work in one pass (the softmax in three), reading float16 or float32 and computing in
+float32 (as torch's CUDA kernels do: "opmath"):
 
-    silu         y = x / (1 + exp(-alpha x))             (alpha = 1.702: CLIP's quick_gelu)
+    silu         y = x / (1 + exp(-alpha x))              (alpha = 1.702: CLIP's quick_gelu)
     gelu         y = x/2 (1 + erf(x / sqrt 2))
     geglu        y = a * gelu(g)
-    norm_affine  y = (x - mean) / sqrt(var + eps) * w + b   (then silu if act): Group/LayerNorm
+    norm_affine  y = (x - mean) / sqrt(var + eps) * w + b  (then silu if act): Group/LayerNorm
+    softmax      p = exp(s - max) / sum exp(s - max)      (float32 attention scores)
 
 The array formulas stay the readable reference and the fallback: they run on NumPy, for float64
 on CuPy, with MINISD_GPU_KERNELS=0, and when a kernel fails to build (a warning says so once).
@@ -44,6 +46,17 @@ SOURCES = {
     ),
 }
 
+# name -> cupy.ReductionKernel(in, out, map, reduce, post-map, identity): reduced over the axis
+# given at the call, the other operands broadcast against the first.
+REDUCTIONS = {
+    "expsum": ("float32 s, float32 m", "float32 total", "expf(s - m)", "a + b", "total = a", "0"),
+}
+SOURCES["softmax_apply"] = (
+    "float32 s, float32 m, float32 total",
+    "T p",
+    "p = (T)(expf(s - m) / total);",
+)
+
 _kernels: dict = {}
 _failed: set = set()
 
@@ -53,9 +66,10 @@ def usable(x) -> bool:
     return ENABLED and is_cupy(x) and x.dtype in (np.float16, np.float32)
 
 
-def run(name, *args):
-    """Kernel ``name`` on CuPy arrays (broadcast like a ufunc). None, so that the caller uses
-    its array formula, unless ``usable(args[0])`` and the kernel builds."""
+def run(name, *args, **kw):
+    """Kernel ``name`` on CuPy arrays (broadcast like a ufunc; ``kw``: a reduction's axis and
+    keepdims). None, so that the caller uses its array formula, unless ``usable(args[0])`` and
+    the kernel builds."""
     if not usable(args[0]):
         return None
     xp = array_module(args[0])
@@ -65,14 +79,19 @@ def run(name, *args):
     try:
         kernel = _kernels.get(key)
         if kernel is None:
-            params, out, body = SOURCES[name]
-            kernel = _kernels[key] = xp.ElementwiseKernel(params, out, body, f"minisd_{name}")
-        return kernel(*args)
+            kernel = _kernels[key] = _build(xp, name)
+        return kernel(*args, **kw)
     except Exception as err:  # a build or launch failure: never worse than the array code
         _failed.add(key)
         message = f"minisd: GPU kernel {name!r} failed ({err}); using the array code"
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         return None
+
+
+def _build(xp, name):
+    if name in REDUCTIONS:
+        return xp.ReductionKernel(*REDUCTIONS[name], f"minisd_{name}")
+    return xp.ElementwiseKernel(*SOURCES[name], f"minisd_{name}")
 
 
 def silu(x, alpha=1.0):
@@ -92,3 +111,17 @@ def norm_affine(x, mean, var, eps, w, b, act=None):
     arrays broadcast against x."""
     act = np.int32(act == "silu")
     return run("norm_affine", x, mean, var, np.float32(eps), w, b, act, np.float32(1))
+
+
+def softmax(s, dtype):
+    """Softmax over the last axis of float32 scores s (..., L), as a new array of ``dtype``: the
+    row max (CuPy's reduction), sum exp(s - max) (one reduction kernel), then exp(s - max) / sum
+    (one elementwise kernel): three passes over the scores instead of six. None when
+    unavailable."""
+    if not usable(s):
+        return None
+    m = s.max(axis=-1, keepdims=True)  # (..., 1)
+    total = run("expsum", s, m, axis=-1, keepdims=True)  # (..., 1)
+    if total is None:
+        return None
+    return run("softmax_apply", s, m, total, array_module(s).empty(s.shape, dtype=dtype))

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from . import conv_fast, conv_gemm, parallel
+from . import conv_fast, conv_gemm, gpu_kernels, parallel
 from .backend import array_module, is_cupy
 
 # Every name of ops_act, private kernels included, stays reachable as ops.<name>.
@@ -206,14 +206,26 @@ def attention_chunked(q, k, v, *, scale=None, chunk_size=None, mask=None):
         scores = qs @ kt  # (B, H, chunk, Lk)
         if mask is not None:
             scores += mask if mask.shape[-2] == 1 else mask[..., s : s + step, :]
-        # softmax, normalized after the second product: exp(s - max) v / sum exp(s - max)
-        scores -= scores.max(axis=-1, keepdims=True)
-        xp.exp(scores, out=scores)
-        total = scores.sum(axis=-1, keepdims=True)  # (B, H, chunk, 1)
-        o = scores.astype(v.dtype, copy=False) @ v  # (B, H, chunk, Dv)
-        o /= total.astype(o.dtype, copy=False)
-        out[:, :, s : s + step] = o
+        if step >= lq:  # one chunk: straight into the output
+            return _softmax_times(scores, v, out)
+        out[:, :, s : s + step] = _softmax_times(scores, v)
     return out
+
+
+def _softmax_times(scores, v, out=None):
+    """softmax(scores) @ v, into ``out`` if given; ``scores`` (..., Lq, Lk) is overwritten. On
+    a GPU one fused softmax (``gpu_kernels.softmax``) then the product; otherwise normalized
+    after the product: exp(s - max) v / sum exp(s - max)."""
+    xp = array_module(scores)
+    probs = gpu_kernels.softmax(scores, v.dtype)  # three fused passes, or None
+    if probs is not None:
+        return xp.matmul(probs, v, out=out)
+    scores -= scores.max(axis=-1, keepdims=True)
+    xp.exp(scores, out=scores)
+    total = scores.sum(axis=-1, keepdims=True)  # (..., Lq, 1)
+    o = xp.matmul(scores.astype(v.dtype, copy=False), v, out=out)  # (..., Lq, Dv)
+    o /= total.astype(o.dtype, copy=False)
+    return o
 
 
 def attention_tiled(q, k, v, *, scale=None, chunk_size=None, mask=None):

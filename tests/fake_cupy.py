@@ -174,6 +174,17 @@ def _wrap(name, fn):
     return call
 
 
+def _launcher(kernel):
+    """A fake_kernels kernel on device arrays: one device operation per call."""
+
+    def launch(*args, **kw):
+        _reject_host(f"kernel {kernel.name}", list(args))
+        OPS[kernel.name] += 1
+        return _dev(kernel(*args, **kw))
+
+    return launch
+
+
 class _Namespace(types.SimpleNamespace):
     pass
 
@@ -224,14 +235,12 @@ class FakeCupy(types.ModuleType):
         """The kernel body compiled for the CPU (fake_kernels), on device arrays."""
         import fake_kernels
 
-        kernel = fake_kernels.ElementwiseKernel(*spec, **kw)
+        return _launcher(fake_kernels.ElementwiseKernel(*spec, **kw))
 
-        def launch(*args):
-            _reject_host(f"ElementwiseKernel {kernel.name}", list(args))
-            OPS[kernel.name] += 1
-            return _dev(kernel(*args))
+    def ReductionKernel(self, *spec, **kw):  # noqa: N802 - CuPy's name
+        import fake_kernels
 
-        return launch
+        return _launcher(fake_kernels.ReductionKernel(*spec, **kw))
 
     @property
     def lib(self):

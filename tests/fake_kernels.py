@@ -63,37 +63,108 @@ def _build(source):
     return _built[key]
 
 
+def _bind(kernel, params, args):
+    """Host arrays for ``args`` and the name of T. Arrays must have their parameter's dtype (all
+    T-bound ones the same), as CuPy requires; scalars are cast."""
+    if len(args) != len(params):
+        raise TypeError(f"{kernel}: {len(params)} arguments, got {len(args)}")
+    bound = [(t, a) for (t, _), a in zip(params, args) if isinstance(a, np.ndarray)]
+    tname = next((a.dtype.name for t, a in bound if t == "T"), "float32")  # (T unused: any)
+    for t, a in bound:
+        if a.dtype.name != (tname if t == "T" else t):
+            raise TypeError(f"{kernel}: {a.dtype} array for a {t} parameter ({tname})")
+    arrays = [np.asarray(a.view(np.ndarray) if isinstance(a, np.ndarray) else a) for a in args]
+    return arrays, tname
+
+
+def _typed(params, arrays, tname, shape):
+    """Contiguous copies of ``arrays`` broadcast to ``shape``, in their parameters' C types."""
+    return [
+        np.ascontiguousarray(np.broadcast_to(a.astype(tname if t == "T" else t), shape))
+        for (t, _), a in zip(params, arrays)
+    ]
+
+
+def _ptrs(arrays):
+    return [ctypes.c_void_p(a.ctypes.data) for a in arrays]
+
+
 class ElementwiseKernel:
     """CPU stand-in for cupy.ElementwiseKernel (see the module docstring)."""
 
     def __init__(self, in_params, out_params, operation, name="kernel"):
         if CXX is None:
             raise RuntimeError("no C++ compiler: fake ElementwiseKernel unavailable")
-        self.ins, self.outs, self.body, self.name = (
-            _params(in_params),
-            _params(out_params),
-            operation,
-            name,
-        )
+        self.ins, self.outs = _params(in_params), _params(out_params)
+        self.body, self.name = operation, name
 
     def __call__(self, *args):
-        """Arrays must have their parameter's dtype (all T-bound ones the same), as CuPy
-        requires; scalars are cast."""
-        if len(args) != len(self.ins):
-            raise TypeError(f"{self.name}: {len(self.ins)} arguments, got {len(args)}")
-        bound = [(t, a) for (t, _), a in zip(self.ins, args) if isinstance(a, np.ndarray)]
-        tname = next(a.dtype.name for t, a in bound if t == "T")
-        for t, a in bound:
-            if a.dtype.name != (tname if t == "T" else t):
-                raise TypeError(f"{self.name}: {a.dtype} array for a {t} parameter ({tname})")
-        arrays = [np.asarray(a.view(np.ndarray) if isinstance(a, np.ndarray) else a) for a in args]
+        """Inputs, then optionally the outputs to write (which may bind T), as in CuPy."""
+        given = args[len(self.ins) :]
+        if given and len(given) != len(self.outs):
+            raise TypeError(f"{self.name}: outputs must be given all or none")
+        arrays, tname = _bind(self.name, self.ins + self.outs[: len(given)], args)
         shape = np.broadcast_shapes(*(a.shape for a in arrays))
-        typed = [
-            np.ascontiguousarray(np.broadcast_to(a.astype(tname if t == "T" else t), shape))
-            for (t, _), a in zip(self.ins, arrays)
-        ]
+        typed = _typed(self.ins, arrays[: len(self.ins)], tname, shape)
         outs = [np.empty(shape, tname if t == "T" else t) for t, _ in self.outs]
-        fn = _build(_source(self.ins, self.outs, self.body, tname))
-        ptrs = [ctypes.c_void_p(a.ctypes.data) for a in typed + outs]
-        fn(ctypes.c_long(int(np.prod(shape))), *ptrs)
+        fn = _build(self.source(tname))
+        fn(ctypes.c_long(int(np.prod(shape))), *_ptrs(typed + outs))
+        if given:
+            for dst, src in zip(arrays[len(self.ins) :], outs):
+                np.copyto(dst, src)
+            outs = list(given)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def source(self, tname):
+        """The C++ the body is compiled in, T = ``tname``: one loop over the elements."""
+        return _source(self.ins, self.outs, self.body, tname)
+
+
+class ReductionKernel:
+    """CPU stand-in for cupy.ReductionKernel, reducing over the last axis (what minisd uses):
+    a = identity; a = reduce(a, map(element)) along the axis; then post_map(a)."""
+
+    def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map, identity, name):
+        if CXX is None:
+            raise RuntimeError("no C++ compiler: fake ReductionKernel unavailable")
+        self.ins, self.outs = _params(in_params), _params(out_params)
+        self.exprs, self.name = (map_expr, reduce_expr, post_map, identity), name
+
+    def __call__(self, *args, axis=None, keepdims=False):
+        if axis not in (-1,):
+            raise NotImplementedError(f"{self.name}: the fake reduces over axis -1 only")
+        arrays, tname = _bind(self.name, self.ins, args)
+        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        typed = _typed(self.ins, arrays, tname, shape)
+        rows, n = int(np.prod(shape[:-1])), shape[-1]
+        ((ot, _),) = self.outs
+        out = np.empty(shape[:-1] + ((1,) if keepdims else ()), tname if ot == "T" else ot)
+        fn = _build(self.source(tname))
+        fn(ctypes.c_long(rows), ctypes.c_long(n), *_ptrs(typed + [out]))
+        return out
+
+    def source(self, tname):
+        """The C++ the expressions are compiled in: a loop over rows, one over each row."""
+        ((ot, oname),) = self.outs
+        otype = _c(ot, tname)
+        map_expr, reduce_expr, post_map, identity = self.exprs
+        args = [f"const {_c(t, tname)}* p_{n}" for t, n in self.ins] + [f"{otype}* p_{oname}"]
+        loads = "".join(f"const {_c(t, tname)} {n} = p_{n}[i]; " for t, n in self.ins)
+        return (
+            "#include <math.h>\n"
+            f"typedef {_CTYPES[tname]} T;\n"
+            f'extern "C" void run(long rows, long n_, {", ".join(args)}) {{\n'
+            f"  for (long r = 0; r < rows; ++r) {{\n    {otype} a = ({identity});\n"
+            f"    for (long i = r * n_; i < (r + 1) * n_; ++i) {{ {loads}\n"
+            f"      {otype} b = ({map_expr}); a = ({reduce_expr}); }}\n"
+            f"    {otype} {oname}; {post_map}; p_{oname}[r] = {oname};\n  }}\n}}\n"
+        )
+
+
+def as_cuda(source):
+    """A kernel's C++ (``source()``) as CUDA: the loop in one __global__ function, float16 as
+    CUDA's __half. Compiled by nvcc in the tests, it checks the bodies with CUDA's types and
+    math library."""
+    source = source.replace("typedef _Float16 T;", "typedef __half T;")
+    source = source.replace('extern "C" void run', 'extern "C" __global__ void run')
+    return "#include <cuda_fp16.h>\n" + source
