@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from refharness import need
 
 import minisd
 from minisd import backend, trace
@@ -31,6 +32,19 @@ def test_trace_filter_and_off_by_default():
     assert list(acts) == ["conv_out"]
     assert not trace.active()
     assert trace.scope("x") is trace.scope("y")  # shared no-op when off
+
+
+def test_cupy_imports_without_gpu():
+    """CuPy (a test dependency; required in CI) imports on a machine without a GPU and says so;
+    minisd then refuses device="cuda" with a clear error. On a GPU machine it sees the GPU."""
+    import fake_cupy
+
+    cupy = need("cupy")
+    assert backend._cupy is cupy and fake_cupy._real_cupy is cupy  # the fake checks names
+    assert cupy.cuda.is_available() == backend.cuda_available()
+    if not cupy.cuda.is_available():
+        with pytest.raises(InputError, match="CuPy with a visible GPU is required"):
+            backend.to_device(np.ones(2), "cuda")
 
 
 def test_backend_dtypes_and_devices():
