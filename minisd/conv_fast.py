@@ -152,18 +152,13 @@ def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
     read once per chunk, which matters for 1280-channel layers at 8x8).
     """
     xp = array_module(x)
-    n, cin, h, wd = x.shape
+    n, cin = x.shape[:2]
     cout, _, kh, kw = w.shape
     s = stride
-    top, bottom, left, right = pads
-    hp, wp = h + top + bottom, wd + left + right
-    ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
-    hq, wq = -(-hp // s), -(-wp // s)  # phase size
-    flat = _phases(xp, x, s, hq, wq, top, left)  # (s, s, Cin, N*Hq*Wq + Wq + 1)
+    flat, (ho, wo, hq, wq, rows_total) = _flat_grid(xp, x, w.shape, s, pads)
     taps = lambda: xp.ascontiguousarray(w.transpose(2, 3, 0, 1))  # noqa: E731
     wt = _derived(w, "taps", taps)  # (kh, kw, Cout, Cin)
     y = xp.empty((n, cout, ho, wo), dtype=x.dtype)
-    rows_total = (n - 1) * hq + ho  # grid rows up to the last valid output row
     rows = max(1, min(rows_total, max(_CHUNK_ELEMS // cout, 2048) // wq))  # rows per chunk
 
     def chunks(lo, hi):  # chunks [lo, hi) of ``rows`` grid rows; they write disjoint rows of y
@@ -183,6 +178,19 @@ def conv2d_direct(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
 
     parallel.run_ranges(chunks, -(-rows_total // rows))  # on all cores, one BLAS thread each
     return y
+
+
+def _flat_grid(xp, x, w_shape, s, pads):
+    """The padded input as ``_phases`` lays it out, (s, s, Cin, N*Hq*Wq + Wq + 1), and the grid:
+    (Ho, Wo, Hq, Wq, rows) = output size, stride-phase size of the padded input, and the grid
+    rows (of Wq columns, images stacked) up to the last valid output row."""
+    n, _, h, wd = x.shape
+    kh, kw = w_shape[2:]
+    top, bottom, left, right = pads
+    hp, wp = h + top + bottom, wd + left + right
+    ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
+    hq, wq = -(-hp // s), -(-wp // s)
+    return _phases(xp, x, s, hq, wq, top, left), (ho, wo, hq, wq, (n - 1) * hq + ho)
 
 
 def _copy_out(xp, a, y, b, r0, hq):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 from .backend import array_module
-from .conv_fast import _copy_out, _phases
+from .conv_fast import _copy_out, _flat_grid
 
 COLS_BYTES = int(os.environ.get("MINISD_GPU_CONV_MB", "256")) << 20
 
@@ -34,22 +34,16 @@ def conv2d_im2col(x, w, b=None, *, stride=1, pads=(0, 0, 0, 0)):
     """x (N, Cin, H, W), w (Cout, Cin, kh, kw), b (Cout,) or None -> (N, Cout, Ho, Wo);
     pads (top, bottom, left, right). NumPy or CuPy (the same code)."""
     xp = array_module(x)
-    n, cin, h, wd = x.shape
+    n, cin = x.shape[:2]
     cout, _, kh, kw = w.shape
-    s = stride
-    top, bottom, left, right = pads
-    hp, wp = h + top + bottom, wd + left + right
-    ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
-    hq, wq = -(-hp // s), -(-wp // s)  # phase size
-    flat = _phases(xp, x, s, hq, wq, top, left)  # (s, s, Cin, N*Hq*Wq + Wq + 1)
+    flat, (ho, wo, hq, wq, rows_total) = _flat_grid(xp, x, w.shape, stride, pads)
     w2 = w.reshape(cout, cin * kh * kw)  # (Cout, Cin*kh*kw), rows (c, i, j)
     y = xp.empty((n, cout, ho, wo), dtype=x.dtype)
-    rows_total = (n - 1) * hq + ho  # grid rows up to the last valid output row
     per_row = cin * kh * kw * wq * x.dtype.itemsize  # bytes of X per grid row
     rows = max(1, min(rows_total, COLS_BYTES // per_row))  # grid rows per chunk
     for r0 in range(0, rows_total, rows):
         r = min(rows, rows_total - r0)
-        cols = _columns(xp, flat, r0 * wq, r * wq, (kh, kw), s, wq)  # (Cin*kh*kw, r*Wq)
+        cols = _columns(xp, flat, r0 * wq, r * wq, (kh, kw), stride, wq)  # (Cin*kh*kw, r*Wq)
         acc = xp.matmul(w2, cols)  # (Cout, r*Wq)
         _copy_out(xp, acc.reshape(cout, r, wq), y, b, r0, hq)
     return y

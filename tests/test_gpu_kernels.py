@@ -15,7 +15,7 @@ import fake_cupy
 import fake_kernels
 import numpy as np
 import pytest
-from refharness import TOL, assert_rel
+from refharness import TOL, assert_rel, rel_err
 from test_gpu import FP16_TOL, cpu64, cpu_pipe, drift_report, rand, tiny, traced_unet  # noqa: F401
 
 import minisd
@@ -141,6 +141,28 @@ def test_unet_with_kernels_vs_float64(tiny, cpu64):  # noqa: F811 (fixtures of t
         assert fake_cupy.OPS["minisd_norm_affine"] > 10 and fake_cupy.OPS["minisd_geglu"] > 0
     rows, first = drift_report(ref, dev, TOL["float32"], "unet float32 with GPU kernels")
     assert first is None, first
+
+
+@needs_cxx
+def test_fp16_components_with_kernels_vs_float64(tiny, cpu64):  # noqa: F811
+    """float16 CLIP, UNet and VAE on the (fake) device with every kernel, against float64: the
+    documented component bound, as NumPy's float16 path (test_gpu.test_fp16_components...)."""
+    ref = cpu64("sd2")
+    ids = ref.tokenizer(["a photo of a cat"])
+    x, ctx, z = rand(2, 4, 8, 8), rand(2, 77, 32, seed=1), rand(1, 4, 8, 8, seed=2)
+    with fake_cupy.installed() as fcp:
+        pipe = minisd.StableDiffusion.from_pretrained(tiny("sd2"), device="cuda")
+        h = lambda a: fcp.asarray(a.astype(np.float16))  # noqa: E731
+        got = {
+            "clip": pipe.text_encoder(fcp.asarray(ids)),
+            "unet": pipe.unet(h(x), 500, h(ctx)),
+            "vae decode": pipe.vae.decode(h(z)),
+        }
+    want = {"clip": ref.text_encoder(ids), "unet": ref.unet(x, 500, ctx)}
+    want["vae decode"] = ref.vae.decode(z)
+    errs = {k: rel_err(got[k], want[k]) for k in got}
+    print({k: f"{v:.2e}" for k, v in errs.items()})
+    assert max(errs.values()) <= FP16_TOL["component"], errs
 
 
 @needs_cxx
