@@ -202,7 +202,7 @@ def attention_chunked(q, k, v, *, scale=None, chunk_size=None, mask=None):
     acc = _acc_dtype(q)
     kt = xp.ascontiguousarray(k.swapaxes(-1, -2).astype(acc, copy=False))  # (B, H, D, Lk)
     for s in range(0, lq, step):
-        qs = q[:, :, s : s + step].astype(acc) * acc.type(scale)  # scale the small factor
+        qs = xp.multiply(q[:, :, s : s + step], acc.type(scale), dtype=acc)  # cast and scale
         scores = qs @ kt  # (B, H, chunk, Lk)
         if mask is not None:
             scores += mask if mask.shape[-2] == 1 else mask[..., s : s + step, :]
