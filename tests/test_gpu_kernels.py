@@ -187,6 +187,32 @@ def test_fp16_pipeline_with_kernels_vs_float64(tiny, cpu64, family):  # noqa: F8
     print(f"{family} float16 pipeline with kernels: {err:.2e}")
 
 
+@needs_cxx
+def test_device_operations_do_not_grow_with_image_size(tiny):  # noqa: F811
+    """Kernel launches per forward are a property of the architecture, not of the image size
+    (the CPU's cache-sized chunking made them grow with the pixels: ~3000 per VAE convolution
+    at 512x512); and fused kernels do the norms' and activations' elementwise work."""
+    counts = {}
+    with fake_cupy.installed() as fcp:
+        unet = minisd.UNet2DConditionModel.from_pretrained(
+            tiny("sd1") / "unet", dtype="float32", device="cuda"
+        )
+        unet.attention_chunk_size = None
+        vae = minisd.AutoencoderKL.from_pretrained(
+            tiny("sd1") / "vae", dtype="float32", device="cuda"
+        )
+        ctx = fcp.asarray(rand(2, 77, 32).astype(np.float32))
+        for size in (16, 48):  # (8: the 1x1 lowest level needs fewer copies)
+            fake_cupy.OPS.clear()
+            unet(fcp.asarray(rand(2, 4, size, size).astype(np.float32)), 500, ctx)
+            vae.decode(fcp.asarray(rand(1, 4, size, size).astype(np.float32)))
+            counts[size] = dict(fake_cupy.OPS)
+    assert counts[16] == counts[48], (counts[16], counts[48])
+    ops_ = counts[48]  # exp, divide: once each, in the sinusoidal timestep embedding
+    assert ops_.get("exp") == ops_.get("divide") == 1 and not {"sqrt", "where"} & set(ops_), ops_
+    assert ops_["minisd_norm_affine"] == ops_["mean"] > 20 and ops_["minisd_silu"] > 10
+
+
 def _fake_kernel(name):
     if name in gpu_kernels.REDUCTIONS:
         return fake_kernels.ReductionKernel(*gpu_kernels.REDUCTIONS[name], name)
