@@ -10,14 +10,15 @@ and the Wq - Wo wrapped columns of each row are dropped on the way out. The rows
 
 Why a GPU wants this rather than the CPU's tap-by-tap accumulation: every CuPy call is a kernel
 launch costing ~10 us of Python and driver time, which for the UNet's small convolutions is
-more than the arithmetic. Here a 3x3 stride-1 convolution is five kernels (zero-pad, gather X,
-one cuBLAS GEMM, two copies out for a CFG batch of two) instead of ~9 GEMMs, 8 adds and the
-copies per cache-sized chunk (~37 per UNet convolution at 64x64 latents, ~3000 for a VAE
-convolution at 512x512). One product over K = 9 Cin also accumulates the whole sum in cuBLAS's
-float32 accumulator, where nine float16 partial products would each be rounded before adding.
-The price is memory: X is kh*kw times the padded input, so it is built in chunks of output
-rows of at most ``COLS_BYTES`` (MINISD_GPU_CONV_MB, default 256 MiB: the UNet's largest, 9 x 320
-x 2 x 66 x 66 float16, is 50 MB; a 512x512 VAE decode takes a few chunks).
+more than the arithmetic. Here a 3x3 stride-1 convolution is six kernels (zero fill and copy
+for the padding, gather X, one cuBLAS GEMM, one copy out with the bias per image of a CFG batch
+of two) instead of 9 GEMMs, 8 adds and the copies per cache-sized chunk (~37 per UNet
+convolution at 64x64 latents, ~3000 for a VAE convolution at 512x512). One product over
+K = 9 Cin also accumulates the whole sum in cuBLAS's float32 accumulator, where nine float16
+partial products would each be rounded before adding. The price is memory: X is kh*kw times the
+padded input, so it is built in chunks of output rows of at most ``COLS_BYTES``
+(MINISD_GPU_CONV_MB, default 256 MiB: the UNet's largest, 9 x 320 x 2 x 66 x 66 float16, is
+50 MB; a 512x512 VAE decode takes a few chunks).
 """
 
 from __future__ import annotations

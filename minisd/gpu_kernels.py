@@ -82,6 +82,8 @@ def run(name, *args, **kw):
             kernel = _kernels[key] = _build(xp, name)
         return kernel(*args, **kw)
     except Exception as err:  # a build or launch failure: never worse than the array code
+        if "OutOfMemory" in type(err).__name__:  # the array code would need more, not less
+            raise
         _failed.add(key)
         message = f"minisd: GPU kernel {name!r} failed ({err}); using the array code"
         warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -192,7 +192,9 @@ def _acc_dtype(q):
 
 
 def attention_chunked(q, k, v, *, scale=None, chunk_size=None, mask=None):
-    """Reference attention: all heads at once, ``chunk_size`` query rows per step."""
+    """Reference attention (and the GPU's): all heads at once, ``chunk_size`` query rows per
+    step; scores in float32 for float16 inputs; the softmax and second product in
+    ``_softmax_times``."""
     xp = array_module(q)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale

@@ -115,6 +115,24 @@ def test_broken_kernel_warns_once_and_falls_back(monkeypatch):
         assert_rel(y, ops.gelu(x.astype(np.float64)), TOL["float32"], "fallback gelu")
 
 
+def test_out_of_memory_in_a_kernel_is_not_a_fallback(monkeypatch):
+    """A kernel that runs out of device memory raises (the array code would need more), and is
+    not marked failed."""
+
+    class OutOfMemoryError(MemoryError):  # cupy.cuda.memory.OutOfMemoryError's name
+        pass
+
+    def oom(*args, **kw):
+        raise OutOfMemoryError("out of memory allocating 1 GiB")
+
+    monkeypatch.setattr(gpu_kernels, "_failed", set())
+    with fake_cupy.installed() as fcp:
+        monkeypatch.setattr(gpu_kernels, "_kernels", {(fcp, "silu"): oom})
+        with pytest.raises(OutOfMemoryError):
+            ops.silu(fcp.asarray(np.ones(4, np.float32)))
+    assert not gpu_kernels._failed
+
+
 @needs_cxx
 def test_fake_kernel_is_as_strict_as_cupy():
     k = fake_kernels.ElementwiseKernel("T x, float32 m", "T y", "y = x + (T)m;", "k")
