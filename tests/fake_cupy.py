@@ -14,6 +14,11 @@ host-only numpy code never silently receives device arrays. Implicit syncs (``fl
 ``int(x)``, ``bool(x)``, ``x.item()``, ``x.get()``) are allowed, as in CuPy, and counted in
 ``SYNCS`` so tests can assert that hot loops do none. Not detectable: ``np.asarray(dev)`` (numpy
 views a subclass without asking it); the code is grepped for that instead.
+
+Device operations (ufuncs, ``xp.<function>`` calls, copies, casts, reductions as CuPy runs them,
+kernels) are counted by name in ``OPS``: on a GPU each is a kernel launch. ``ElementwiseKernel``
+and ``ReductionKernel`` run their C bodies compiled for the CPU (``fake_kernels``), and
+``lib.stride_tricks.as_strided`` gives device views.
 """
 
 from __future__ import annotations
