@@ -24,6 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import cupy; print('cupy', cupy.__version__, cupy.cuda.runtime.getDeviceCount())" \
     | tee -a "$OUT/gpu.txt" || { echo "CuPy sees no GPU: cupy cases would skip" >&2; exit 1; }
 rc=0
+python3 -m minisd selfcheck --device cuda 2>&1 | tee "$OUT/selfcheck.txt" || rc=1
 if [ "$what" != bench ]; then
     # GPU-specific files in full (drift tables printed), then every cupy case of the rest.
     python3 -m pytest -q -s tests/test_gpu.py tests/test_gpu_kernels.py tests/test_conv_gemm.py \

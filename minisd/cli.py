@@ -158,7 +158,10 @@ def build_parser():
     par.add_argument("--model", required=True, help="diffusers folder")
     par.add_argument("--dtype", default="float32", help="float64, float32 or float16")
     par.add_argument("--tol", type=float, default=None, help="divergence bound (default by dtype)")
-    sub.add_parser("selfcheck", help="print the version and check the core ops")
+    chk = sub.add_parser("selfcheck", help="print the version and check the core ops")
+    chk.add_argument(
+        "--device", default="cpu", help="cuda: also check the GPU path against NumPy float64"
+    )
     return p
 
 
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in (None, "selfcheck"):
-            return _selfcheck()
+            return _selfcheck(getattr(args, "device", "cpu"))
         if args.command == "demo":
             return _demo(args)
         if args.command == "generate":
@@ -183,11 +186,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def _selfcheck():
+def _selfcheck(device="cpu"):
     from . import __version__, selfcheck
 
     print(f"minisd {__version__}: core ops self-check")
-    return 0 if selfcheck.run() else 1
+    ok = selfcheck.run()
+    print(selfcheck.gpu_line())
+    if device != "cpu":
+        print(f"GPU path on {device} (float32 vs NumPy float64):")
+        ok &= selfcheck.run_device(device)
+    return 0 if ok else 1
 
 
 def cache_dir(arg=None):

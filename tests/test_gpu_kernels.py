@@ -231,6 +231,26 @@ def test_device_operations_do_not_grow_with_image_size(tiny):  # noqa: F811
     assert ops_["minisd_norm_affine"] == ops_["mean"] > 20 and ops_["minisd_silu"] > 10
 
 
+@needs_cxx
+def test_selfcheck_on_the_device(capsys, monkeypatch):
+    """`minisd selfcheck --device cuda` on the (fake) device: every case within 1e-5 of
+    float64 and every kernel built; a kernel that falls back fails the check by name."""
+    from minisd import cli, selfcheck
+
+    monkeypatch.setattr(gpu_kernels, "_kernels", {})
+    monkeypatch.setattr(gpu_kernels, "_failed", set())
+    with fake_cupy.installed():
+        assert cli.main(["selfcheck", "--device", "cuda"]) == 0
+        out = capsys.readouterr().out
+        assert "GPU: fake (CuPy ?)" in out and "every one built" in out
+        assert out.count(" ok") == 4 + len(selfcheck._device_cases(np.random.default_rng(0)))
+        monkeypatch.setitem(gpu_kernels.SOURCES, "silu", ("T x, float32 alpha", "T y", "y = ?;"))
+        monkeypatch.setattr(gpu_kernels, "_kernels", {})
+        with pytest.warns(RuntimeWarning, match="'silu' failed"):
+            assert not selfcheck.run_device("cuda")
+    assert "FAIL: fell back for silu" in capsys.readouterr().out
+
+
 def _fake_kernel(name):
     if name in gpu_kernels.REDUCTIONS:
         return fake_kernels.ReductionKernel(*gpu_kernels.REDUCTIONS[name], name)

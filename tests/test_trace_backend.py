@@ -67,3 +67,4 @@ def test_selfcheck_passes(capsys):
 
     assert selfcheck.run()
     assert "conv2d" in capsys.readouterr().out
+    assert selfcheck.gpu_line().startswith("GPU: ")
