@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import blocks, ops, parallel, trace
-from .backend import array_module, resolve_dtype
+from .backend import array_module, resolve_device_dtype, resolve_dtype
 from .blocks import ln
 from .errors import ConfigError, InputError, WeightsError
 from .weights import (
@@ -189,9 +189,11 @@ class CLIPTextModel:
         check_keys(flat, want, "CLIPTextModel params")
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", device="cpu", *, weights="eager"):
+    def from_pretrained(cls, folder, dtype=None, device="cpu", *, weights="eager"):
         """Load a transformers CLIPTextModel folder (config.json + model.safetensors).
-        ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy)."""
+        ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy).
+        ``dtype`` None: float32 on the CPU, float16 on a GPU (``backend.default_dtype``)."""
+        dtype = resolve_device_dtype(dtype, device)
         folder = Path(folder)
         config = CLIPTextConfig.from_dict(
             read_config(folder / "config.json"), folder / "config.json"

@@ -82,7 +82,7 @@ class UNet2DConditionModel:
         )
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", device="cpu", *, weights="eager"):
+    def from_pretrained(cls, folder, dtype=None, device="cpu", *, weights="eager"):
         """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``.
         ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy)."""
         return load_pretrained(cls, UNetConfig, folder, dtype=dtype, device=device, weights=weights)

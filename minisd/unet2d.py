@@ -174,7 +174,7 @@ class UNet2DModel:
         )
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", device="cpu"):
+    def from_pretrained(cls, folder, dtype=None, device="cpu"):
         """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``."""
         return load_pretrained(cls, UNet2DConfig, folder, dtype=dtype, device=device)
 

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backend import device_of, to_device
+from .backend import device_of, resolve_device_dtype, to_device
 from .errors import ConfigError, InputError
 from .unet_blocks import (
     block_shapes,
@@ -259,7 +259,9 @@ def prepare_params(params, shapes, *, dtype=None, device=None, source="params", 
 def load_pretrained(cls, config_cls, folder, *, dtype, device, weights="eager"):
     """``cls(config, params)`` from a diffusers folder: ``config.json`` (parsed by
     ``config_cls.from_dict``) and ``diffusion_pytorch_model.safetensors``. ``weights``: "eager"
-    casts while loading; "lazy" / "stream" keep the file's dtype and cast on read."""
+    casts while loading; "lazy" / "stream" keep the file's dtype and cast on read. ``dtype``
+    None: float32 on the CPU, float16 on a GPU (``backend.default_dtype``)."""
+    dtype = resolve_device_dtype(dtype, device)
     folder = Path(folder)
     config = config_cls.from_dict(
         read_config(folder / "config.json"), source=str(folder / "config.json")

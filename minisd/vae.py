@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import blocks, trace, vae_tiling
-from .backend import array_module, device_of, resolve_dtype, to_device
+from .backend import array_module, device_of, resolve_device_dtype, resolve_dtype, to_device
 from .errors import InputError
 from .vae_config import _ATTN_PROJ, VAEConfig, expected_shapes, fix_legacy_keys  # noqa: F401
 from .weights import (
@@ -216,9 +216,11 @@ class AutoencoderKL:
         self.tile_overlap_factor = 0.25
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", device="cpu", *, weights="eager"):
+    def from_pretrained(cls, folder, dtype=None, device="cpu", *, weights="eager"):
         """Load a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors);
-        a pipeline folder with a ``vae/`` subfolder also works. ``weights``: see __init__."""
+        a pipeline folder with a ``vae/`` subfolder also works. ``weights``: see __init__.
+        ``dtype`` None: float32 on the CPU, float16 on a GPU (``backend.default_dtype``)."""
+        dtype = resolve_device_dtype(dtype, device)
         folder = Path(folder)
         if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
             folder = folder / "vae"

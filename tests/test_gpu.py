@@ -328,6 +328,13 @@ def test_default_dtype_by_device(tiny):
         pipe = minisd.StableDiffusion.from_pretrained(tiny("sd1"), device="cuda")
         assert pipe.dtype == np.float16 and pipe.unet.dtype == np.float16
         assert pipe.vae.dtype == np.float16 and pipe.text_encoder.dtype == np.float16
+        for cls, sub in [
+            (minisd.UNet2DConditionModel, "unet"),
+            (minisd.AutoencoderKL, "vae"),
+            (minisd.CLIPTextModel, "text_encoder"),
+        ]:  # components on their own: the same default
+            assert cls.from_pretrained(tiny("sd1") / sub, device="cuda").dtype == np.float16
+            assert cls.from_pretrained(tiny("sd1") / sub).dtype == np.float32
 
 
 # --------------------------------------------------------------------------- memory policy
