@@ -2,8 +2,8 @@
 
 Three paths per layer, one formula (two-pass statistics: mean, then the mean squared deviation,
 so there is no cancellation; biased variance, as torch):
-- the reference (float64, float16 on NumPy): the formula as written, statistics of float16
-  accumulated in float32;
+- the reference (float64; float16 on NumPy; CuPy with the kernels off): the formula as
+  written, statistics of float16 accumulated in float32;
 - float32 NumPy: ``*_fast``, blocks of whole groups / rows on all cores, in cache;
 - float16/float32 CuPy: float32 statistics by CuPy's reductions, then one fused kernel for the
   normalize-scale-shift (+ SiLU) pass (``gpu_kernels.norm_affine``).
@@ -28,7 +28,8 @@ def group_norm(x, w, b, *, groups, eps, act=None):
     """GroupNorm (Wu & He 2018). x (N, C, *spatial); statistics over each group of C/groups
     channels and all spatial positions; biased variance, as torch. ``act="silu"``: return
     silu(GroupNorm(x)), the pair every ResNet block runs (one pass fewer on the fast path).
-    float32 NumPy arrays take ``group_norm_fast``; this is the reference."""
+    float32 NumPy arrays take ``group_norm_fast``, float16/32 CuPy arrays ``_fused_norm``; the
+    rest is the reference."""
     if act not in (None, "silu"):
         raise ValueError(f"group_norm: act={act!r}: expected None or 'silu'")
     if x.dtype == np.float32 and not is_cupy(x):
@@ -54,8 +55,7 @@ def group_norm(x, w, b, *, groups, eps, act=None):
 def _fused_norm(x, axes, w, b, eps, act=None):
     """Group/LayerNorm of a float16/32 CuPy array: float32 mean and (two-pass) variance over
     ``axes``, then ``gpu_kernels.norm_affine``: (x - mean) / sqrt(var + eps) * w + b (+ SiLU)
-    in one pass.
-    None if the kernel is unavailable."""
+    in one pass. None if the kernel is unavailable."""
     mean = x.mean(axis=axes, dtype=np.float32, keepdims=True)
     var = x.var(axis=axes, dtype=np.float32, keepdims=True)
     return gpu_kernels.norm_affine(x, mean, var, eps, w, b, act)
@@ -102,7 +102,7 @@ def group_norm_fast(x, w, b, *, groups, eps, act=None):
 
 def layer_norm(x, w, b, *, eps):
     """LayerNorm over the last axis (Ba et al. 2016). x (..., D). float32 NumPy arrays take
-    ``layer_norm_fast``; this is the reference."""
+    ``layer_norm_fast``, float16/32 CuPy arrays ``_fused_norm``; the rest is the reference."""
     if x.dtype == np.float32 and not is_cupy(x):
         return layer_norm_fast(x, w, b, eps=eps)
     if gpu_kernels.usable(x):
