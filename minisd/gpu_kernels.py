@@ -15,7 +15,8 @@ float32 (as torch's CUDA kernels do: "opmath"):
 The array formulas stay the readable reference and the fallback: they run on NumPy, for float64
 on CuPy, with MINISD_GPU_KERNELS=0, and when a kernel fails to build (a warning says so once).
 The bodies are plain C, compiled and checked against NumPy on the CPU by tests/test_gpu_kernels.py
-(and, through ``tests/fake_cupy.py``, inside whole models).
+(and, through ``tests/fake_cupy.py``, inside whole models); the CUDA source CuPy generates for
+each is compiled there by nvcc.
 """
 
 from __future__ import annotations

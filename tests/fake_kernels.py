@@ -5,8 +5,8 @@ operands like a ufunc and runs ``body`` once per element, as CuPy does on a GPU:
 declared as in CuPy (``T x, float32 alpha``), ``T`` takes the dtype of the first array bound to
 it, float16 is the compiler's ``_Float16``. The body is the very string minisd gives CuPy, so
 its arithmetic (float32 math on float16 data, expf, erff) is tested here without a GPU. What it
-cannot check: CuPy's code generation around the body and the CUDA compiler (tests compile the
-bodies with nvcc too when one is installed).
+cannot check: CuPy's code generation around the body and the CUDA compiler (tests compile
+CuPy's generated source with nvcc when one is installed, see cupy_codegen.py).
 """
 
 from __future__ import annotations
@@ -159,12 +159,3 @@ class ReductionKernel:
             f"      {otype} b = ({map_expr}); a = ({reduce_expr}); }}\n"
             f"    {otype} {oname}; {post_map}; p_{oname}[r] = {oname};\n  }}\n}}\n"
         )
-
-
-def as_cuda(source):
-    """A kernel's C++ (``source()``) as CUDA: the loop in one __global__ function, float16 as
-    CUDA's __half. Compiled by nvcc in the tests, it checks the bodies with CUDA's types and
-    math library."""
-    source = source.replace("typedef _Float16 T;", "typedef __half T;")
-    source = source.replace('extern "C" void run', 'extern "C" __global__ void run')
-    return "#include <cuda_fp16.h>\n" + source
