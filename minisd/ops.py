@@ -202,7 +202,7 @@ def attention_chunked(q, k, v, *, scale=None, chunk_size=None, mask=None):
     step = lq if not chunk_size else int(chunk_size)
     out = xp.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)  # (B, H, Lq, Dv)
     acc = _acc_dtype(q)
-    kt = xp.ascontiguousarray(k.swapaxes(-1, -2).astype(acc, copy=False))  # (B, H, D, Lk)
+    kt = xp.ascontiguousarray(k.swapaxes(-1, -2), dtype=acc)  # (B, H, D, Lk), one copy
     for s in range(0, lq, step):
         qs = xp.multiply(q[:, :, s : s + step], acc.type(scale), dtype=acc)  # cast and scale
         scores = qs @ kt  # (B, H, chunk, Lk)

@@ -170,7 +170,7 @@ def _wrap(name, fn):
             a = args[0]
             if isinstance(a, DeviceArray) and (name == "array" or not a.flags.c_contiguous):
                 OPS[name] += 1  # a device copy
-            return _dev(np.array(_host(args[0]), *args[1:], **kw))  # upload = a copy
+            return _dev(fn(np.array(_host(a)), *args[1:], **kw))  # upload = a copy
         _reject_host(f"xp.{name}", list(args) + list(kw.values()))
         OPS[name] += 1
         return _dev(fn(*_host(args), **{k: _host(v) for k, v in kw.items()}))

@@ -61,5 +61,7 @@ def test_fake_as_strided_keeps_the_boundary():
         d = fcp.asarray(np.arange(6.0))
         v = fcp.lib.stride_tricks.as_strided(d, shape=(2, 3), strides=(8, 8))
         assert type(v) is fake_cupy.DeviceArray and v.tolist() == [[0, 1, 2], [1, 2, 3]]
+        c = fcp.ascontiguousarray(v.T, dtype=np.float32)  # a device copy, as in CuPy
+        assert c.flags.c_contiguous and c.dtype == np.float32 and type(c) is fake_cupy.DeviceArray
         with pytest.raises(fake_cupy.HostDeviceMix):
             fcp.lib.stride_tricks.as_strided(np.arange(6.0), shape=(2, 3), strides=(8, 8))
