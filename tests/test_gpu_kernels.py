@@ -23,8 +23,9 @@ from test_gpu import FP16_TOL, cpu64, cpu_pipe, drift_report, rand, tiny, traced
 import minisd
 from minisd import gpu_kernels, ops
 
-# One float32 / float16 rounding of a result computed in float32 (2^-24, 2^-11), with margin
-# for CUDA-style libm expf/erff (a few ulp) and, for the norms, float32 statistics.
+# The inputs rounded to float32 / float16 and the result, computed in float32, rounded once
+# (unit roundoff 2^-24, 2^-11), with margin for libm's expf/erff (a few ulp) and, for the norms,
+# float32 statistics.
 KERNEL_TOL = {"float32": 2e-6, "float16": 1.2e-3}
 DTYPES = ["float16", "float32"]
 
