@@ -9,6 +9,7 @@ float32 (as torch's CUDA kernels do: "opmath"):
     silu         y = x / (1 + exp(-alpha x))              (alpha = 1.702: CLIP's quick_gelu)
     gelu         y = x/2 (1 + erf(x / sqrt 2))
     geglu        y = a * gelu(g)
+    moments      mean, var = sum (x - mean)^2 / n          (float32, two-pass): Group/LayerNorm
     norm_affine  y = (x - mean) / sqrt(var + eps) * w + b  (then silu if act): Group/LayerNorm
     softmax      p = exp(s - max) / sum exp(s - max)      (float32 attention scores)
 
@@ -51,6 +52,14 @@ SOURCES = {
 # given at the call, the other operands broadcast against the first.
 REDUCTIONS = {
     "expsum": ("float32 s, float32 m", "float32 total", "expf(s - m)", "a + b", "total = a", "0"),
+    "sqdev": (
+        "T x, float32 m, float32 inv_n",
+        "float32 v",
+        "((float)x - m) * ((float)x - m)",
+        "a + b",
+        "v = a * inv_n",
+        "0",
+    ),
 }
 SOURCES["softmax_apply"] = (
     "float32 s, float32 m, float32 total",
@@ -107,6 +116,17 @@ def gelu(x):
 
 def geglu(a, g):
     return run("geglu", a, g)
+
+
+def moments(x):
+    """float32 mean and biased variance over the last axis of a float16/32 CuPy array, two-pass
+    (the mean by CuPy's reduction, then sum (x - mean)^2 / n by one kernel): (..., 1) each.
+    None when unavailable."""
+    if not usable(x):
+        return None
+    mean = x.mean(axis=-1, dtype=np.float32, keepdims=True)  # (..., 1)
+    var = run("sqdev", x, mean, np.float32(1 / x.shape[-1]), axis=-1, keepdims=True)
+    return None if var is None else (mean, var)
 
 
 def norm_affine(x, mean, var, eps, w, b, act=None):

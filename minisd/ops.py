@@ -42,7 +42,6 @@ from .ops_act import (  # noqa: F401
 from .ops_norm import (  # noqa: F401
     _GN_BLOCK,
     _LN_BLOCK,
-    _fused_norm,
     _stat_dtype,
     group_norm,
     group_norm_fast,

@@ -5,8 +5,8 @@ so there is no cancellation; biased variance, as torch):
 - the reference (float64; float16 on NumPy; CuPy with the kernels off): the formula as
   written, statistics of float16 accumulated in float32;
 - float32 NumPy: ``*_fast``, blocks of whole groups / rows on all cores, in cache;
-- float16/float32 CuPy: float32 statistics by CuPy's reductions, then one fused kernel for the
-  normalize-scale-shift (+ SiLU) pass (``gpu_kernels.norm_affine``).
+- float16/float32 CuPy: float32 two-pass statistics in two reductions (``gpu_kernels.moments``),
+  then one fused kernel for the normalize-scale-shift (+ SiLU) pass (``gpu_kernels.norm_affine``).
 Re-exported by ``ops`` (``ops.group_norm`` is the name model code uses).
 """
 
@@ -28,17 +28,18 @@ def group_norm(x, w, b, *, groups, eps, act=None):
     """GroupNorm (Wu & He 2018). x (N, C, *spatial); statistics over each group of C/groups
     channels and all spatial positions; biased variance, as torch. ``act="silu"``: return
     silu(GroupNorm(x)), the pair every ResNet block runs (one pass fewer on the fast path).
-    float32 NumPy arrays take ``group_norm_fast``, float16/32 CuPy arrays ``_fused_norm``; the
+    float32 NumPy arrays take ``group_norm_fast``, float16/32 CuPy arrays the fused kernels; the
     rest is the reference."""
     if act not in (None, "silu"):
         raise ValueError(f"group_norm: act={act!r}: expected None or 'silu'")
     if x.dtype == np.float32 and not is_cupy(x):
         return group_norm_fast(x, w, b, groups=groups, eps=eps, act=act)
     n, c = x.shape[:2]
-    if gpu_kernels.usable(x):  # float32 statistics, then one fused pass (+ SiLU)
+    stats = gpu_kernels.moments(x.reshape(n, groups, -1))  # float16/32 CuPy: (N, G, 1) each
+    if stats is not None:  # then one fused pass (+ SiLU)
         x4 = x.reshape(n, groups, c // groups, -1)  # (N, G, C/G, HW)
         wb = (a.reshape(1, groups, c // groups, 1) for a in (w, b))  # (1, G, C/G, 1)
-        y = _fused_norm(x4, (2, 3), *wb, eps, act)
+        y = gpu_kernels.norm_affine(x4, *(s[..., None] for s in stats), eps, *wb, act)
         if y is not None:
             return y.reshape(x.shape)
     if act == "silu":
@@ -50,15 +51,6 @@ def group_norm(x, w, b, *, groups, eps, act=None):
     y = (xc / (var + eps) ** 0.5).astype(x.dtype, copy=False).reshape(x.shape)
     shape = (1, c) + (1,) * (x.ndim - 2)
     return y * w.reshape(shape) + b.reshape(shape)
-
-
-def _fused_norm(x, axes, w, b, eps, act=None):
-    """Group/LayerNorm of a float16/32 CuPy array: float32 mean and (two-pass) variance over
-    ``axes``, then ``gpu_kernels.norm_affine``: (x - mean) / sqrt(var + eps) * w + b (+ SiLU)
-    in one pass. None if the kernel is unavailable."""
-    mean = x.mean(axis=axes, dtype=np.float32, keepdims=True)
-    var = x.var(axis=axes, dtype=np.float32, keepdims=True)
-    return gpu_kernels.norm_affine(x, mean, var, eps, w, b, act)
 
 
 # Elements per GroupNorm block (1 MiB of float32: several groups, or one): few NumPy calls per
@@ -102,11 +94,12 @@ def group_norm_fast(x, w, b, *, groups, eps, act=None):
 
 def layer_norm(x, w, b, *, eps):
     """LayerNorm over the last axis (Ba et al. 2016). x (..., D). float32 NumPy arrays take
-    ``layer_norm_fast``, float16/32 CuPy arrays ``_fused_norm``; the rest is the reference."""
+    ``layer_norm_fast``, float16/32 CuPy arrays the fused kernels; the rest is the reference."""
     if x.dtype == np.float32 and not is_cupy(x):
         return layer_norm_fast(x, w, b, eps=eps)
-    if gpu_kernels.usable(x):
-        y = _fused_norm(x, -1, w, b, eps)
+    stats = gpu_kernels.moments(x)  # float16/32 CuPy: (..., 1) each, else None
+    if stats is not None:
+        y = gpu_kernels.norm_affine(x, *stats, eps, w, b)
         if y is not None:
             return y
     xs = x.astype(_stat_dtype(x), copy=False)

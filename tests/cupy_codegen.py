@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 # Parameters minisd passes as scalars; every other parameter gets an array.
-SCALARS = {"alpha", "eps", "act"}
+SCALARS = {"alpha", "eps", "act", "inv_n"}
 HEADER = "#include <cupy/complex.cuh>\n#include <cupy/carray.cuh>\n#include <cupy/atomics.cuh>\n"
 
 
@@ -60,22 +60,24 @@ def elementwise_source(name, spec, dtype, ndim=4):
     return HEADER + code
 
 
-def reduction_source(name, spec, block_size=512):
-    """CUDA source of ``cupy.ReductionKernel(*spec, name)`` over the last axis of 2-D input."""
+def reduction_source(name, spec, dtype, block_size=512):
+    """CUDA source of ``cupy.ReductionKernel(*spec, name)`` over the last axis of 2-D input,
+    T = ``dtype``."""
     cupy, K, R, carray, scalar = _cupy()
     in_params, out_params, map_expr, reduce_expr, post_map, identity = spec
     try:
         ins, outs = K._get_param_info(in_params, True), K._get_param_info(out_params, False)
         params = ins + outs + K._get_param_info("CIndexer _in_ind, CIndexer _out_ind", False)
         params += K._get_param_info("int32 _block_stride", True)
-        infos = tuple(_info(K, cupy, scalar, p, "float32", 2) for p in ins)
-        infos += tuple(_info(K, cupy, scalar, p, "float32", 1) for p in outs)
+        infos = tuple(_info(K, cupy, scalar, p, dtype, 2) for p in ins)
+        infos += tuple(_info(K, cupy, scalar, p, dtype, 1) for p in outs)
         infos += (K._ArgInfo(2, carray.Indexer, None, 2, True, True),)
         infos += (K._ArgInfo(2, carray.Indexer, None, 1, True, True),)
         infos += (K._ArgInfo(3, scalar.CScalar, np.int32, 0, True, True),)
         reduce_type = scalar.get_typename(outs[0].dtype)
         code = R._ReductionKernel_get_cached_function_code(
-            len(ins), len(outs), params, infos, K._TypeMap(()), name, block_size, reduce_type,
+            len(ins), len(outs), params, infos, K._TypeMap((("T", np.dtype(dtype).type),)),
+            name, block_size, reduce_type,
             identity, map_expr, reduce_expr, post_map, INDEX_T, (),
         )  # fmt: skip
     except (AttributeError, TypeError, AssertionError) as err:

@@ -122,7 +122,8 @@ class ElementwiseKernel:
 
 class ReductionKernel:
     """CPU stand-in for cupy.ReductionKernel, reducing over the last axis (what minisd uses):
-    a = identity; a = reduce(a, map(element)) along the axis; then post_map(a)."""
+    a = identity; a = reduce(a, map(element)) along the axis; then post_map(a). As in CuPy,
+    array parameters exist inside the loop only, scalar ones everywhere (post_map too)."""
 
     def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map, identity, name):
         if CXX is None:
@@ -139,21 +140,25 @@ class ReductionKernel:
         rows, n = int(np.prod(shape[:-1])), shape[-1]
         ((ot, _),) = self.outs
         out = np.empty(shape[:-1] + ((1,) if keepdims else ()), tname if ot == "T" else ot)
-        fn = _build(self.source(tname))
+        scalars = {n for (_, n), a in zip(self.ins, args) if not isinstance(a, np.ndarray)}
+        fn = _build(self.source(tname, scalars))
         fn(ctypes.c_long(rows), ctypes.c_long(n), *_ptrs(typed + [out]))
         return out
 
-    def source(self, tname):
-        """The C++ the expressions are compiled in: a loop over rows, one over each row."""
+    def source(self, tname, scalars=()):
+        """The C++ the expressions are compiled in: a loop over rows, one over each row;
+        ``scalars``: the parameters given as scalars."""
         ((ot, oname),) = self.outs
         otype = _c(ot, tname)
         map_expr, reduce_expr, post_map, identity = self.exprs
         args = [f"const {_c(t, tname)}* p_{n}" for t, n in self.ins] + [f"{otype}* p_{oname}"]
-        loads = "".join(f"const {_c(t, tname)} {n} = p_{n}[i]; " for t, n in self.ins)
+        ins = [(_c(t, tname), n) for t, n in self.ins]
+        consts = "".join(f"const {c} {n} = p_{n}[0]; " for c, n in ins if n in scalars)
+        loads = "".join(f"const {c} {n} = p_{n}[i]; " for c, n in ins if n not in scalars)
         return (
             "#include <math.h>\n"
             f"typedef {_CTYPES[tname]} T;\n"
-            f'extern "C" void run(long rows, long n_, {", ".join(args)}) {{\n'
+            f'extern "C" void run(long rows, long n_, {", ".join(args)}) {{\n  {consts}\n'
             f"  for (long r = 0; r < rows; ++r) {{\n    {otype} a = ({identity});\n"
             f"    for (long i = r * n_; i < (r + 1) * n_; ++i) {{ {loads}\n"
             f"      {otype} b = ({map_expr}); a = ({reduce_expr}); }}\n"
