@@ -122,7 +122,8 @@ class ElementwiseKernel:
 
 class ReductionKernel:
     """CPU stand-in for cupy.ReductionKernel, reducing over the last axis (what minisd uses):
-    a = identity; a = reduce(a, map(element)) along the axis; then post_map(a). As in CuPy,
+    a = identity; a = reduce(a, map(element)) along the axis, as partial results over blocks of
+    512 elements then reduced (a GPU block's threads, roughly); then post_map(a). As in CuPy,
     array parameters exist inside the loop only, scalar ones everywhere (post_map too)."""
 
     def __init__(self, in_params, out_params, map_expr, reduce_expr, post_map, identity, name):
@@ -155,12 +156,15 @@ class ReductionKernel:
         ins = [(_c(t, tname), n) for t, n in self.ins]
         consts = "".join(f"const {c} {n} = p_{n}[0]; " for c, n in ins if n in scalars)
         loads = "".join(f"const {c} {n} = p_{n}[i]; " for c, n in ins if n not in scalars)
-        return (
+        return (  # per row: partial results over blocks of 512, then reduced (as a GPU block)
             "#include <math.h>\n"
-            f"typedef {_CTYPES[tname]} T;\n"
+            f"typedef {_CTYPES[tname]} T;\n#define REDUCE(a, b) ({reduce_expr})\n"
             f'extern "C" void run(long rows, long n_, {", ".join(args)}) {{\n  {consts}\n'
             f"  for (long r = 0; r < rows; ++r) {{\n    {otype} a = ({identity});\n"
-            f"    for (long i = r * n_; i < (r + 1) * n_; ++i) {{ {loads}\n"
-            f"      {otype} b = ({map_expr}); a = ({reduce_expr}); }}\n"
+            f"    for (long i0 = r * n_; i0 < (r + 1) * n_; i0 += 512) {{\n"
+            f"      {otype} part = ({identity});\n"
+            f"      for (long i = i0; i < i0 + 512 && i < (r + 1) * n_; ++i) {{ {loads}\n"
+            f"        part = REDUCE(part, ({otype})({map_expr})); }}\n"
+            f"      a = REDUCE(a, part); }}\n"
             f"    {otype} {oname}; {post_map}; p_{oname}[r] = {oname};\n  }}\n}}\n"
         )
