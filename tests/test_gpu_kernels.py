@@ -18,7 +18,16 @@ import fake_kernels
 import numpy as np
 import pytest
 from refharness import TOL, assert_rel, rel_err
-from test_gpu import FP16_TOL, cpu64, cpu_pipe, drift_report, rand, tiny, traced_unet  # noqa: F401
+from test_gpu import (  # noqa: F401 (fixtures)
+    FP16_TOL,
+    _pipe_kwargs,
+    cpu64,
+    cpu_pipe,
+    drift_report,
+    rand,
+    tiny,
+    traced_unet,
+)
 
 import minisd
 from minisd import gpu_kernels, ops
@@ -214,6 +223,22 @@ def test_fp16_pipeline_with_kernels_vs_float64(tiny, cpu64, family):  # noqa: F8
     assert used == every - unused, used
     err = assert_rel(out, ref, FP16_TOL["pipeline"], f"{family} float16 pipeline, kernels")
     print(f"{family} float16 pipeline with kernels: {err:.2e}")
+
+
+@needs_cxx
+@pytest.mark.parametrize("family,mode", [("sd1", "img2img"), ("inpaint", "inpaint")])
+def test_float32_img2img_inpaint_with_kernels(tiny, cpu_pipe, family, mode):  # noqa: F811
+    """img2img and inpainting (the VAE encoder, masks, a 9-channel UNet) in float32 on the
+    (fake) device with every kernel, against NumPy float32, at the float32 bound 1e-4
+    (measured 6e-6 and 8e-6: expf/erff kernels vs the CPU's exp2/A&S erf, im2col vs Winograd)."""
+    kw = _pipe_kwargs(mode, "ddim", steps=3)
+    ref = cpu_pipe(family, "float32")("a cat", **kw)
+    with fake_cupy.installed():
+        pipe = minisd.StableDiffusion.from_pretrained(tiny(family), dtype="float32", device="cuda")
+        out = pipe("a cat", **kw)
+        assert fake_cupy.OPS["minisd_norm_affine"] > 0 and fake_cupy.OPS["minisd_softmax_apply"]
+    err = assert_rel(out, ref, TOL["float32"], f"{mode} float32 with kernels")
+    print(f"{mode} float32 with kernels vs NumPy: {err:.2e}")
 
 
 @needs_cxx
