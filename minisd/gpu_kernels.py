@@ -46,6 +46,11 @@ SOURCES = {
         "float v = ((float)x - mean) / sqrtf(var + eps) * (float)w + (float)b;"
         f" if (act) {{ {_SILU} }} y = (T)v;",
     ),
+    "softmax_apply": (  # T: the output's dtype (the probabilities, for the second product)
+        "float32 s, float32 m, float32 total",
+        "T p",
+        "p = (T)(expf(s - m) / total);",
+    ),
 }
 
 # name -> cupy.ReductionKernel(in, out, map, reduce, post-map, identity): reduced over the axis
@@ -61,11 +66,6 @@ REDUCTIONS = {
         "0",
     ),
 }
-SOURCES["softmax_apply"] = (
-    "float32 s, float32 m, float32 total",
-    "T p",
-    "p = (T)(expf(s - m) / total);",
-)
 
 _kernels: dict = {}
 _failed: set = set()
