@@ -15,8 +15,9 @@ for the padding, gather X, one cuBLAS GEMM, one copy out with the bias per image
 of two) instead of 9 GEMMs, 8 adds and the copies per cache-sized chunk (~37 per UNet
 convolution at 64x64 latents, ~3000 for a VAE convolution at 512x512). One product over
 K = 9 Cin also keeps the whole sum in cuBLAS's accumulator (float32 for float16 data under
-CuPy's default compute type), where nine float16 partial products would each be rounded. The price is memory: X is kh*kw times the
-padded input, so it is built in chunks of output rows of at most ``COLS_BYTES``
+CuPy's default compute type), where nine float16 partial products would each be rounded. The
+price is memory: X is kh*kw times the padded input, so it is built in chunks of output rows of
+at most ``COLS_BYTES``
 (MINISD_GPU_CONV_MB, default 256 MiB: the UNet's largest, 9 x 320 x 2 x 66 x 66 float16, is
 50 MB; a 512x512 VAE decode takes a few chunks).
 """
