@@ -17,9 +17,8 @@ convolution at 64x64 latents, ~3000 for a VAE convolution at 512x512). One produ
 K = 9 Cin also keeps the whole sum in cuBLAS's accumulator (float32 for float16 data under
 CuPy's default compute type), where nine float16 partial products would each be rounded. The
 price is memory: X is kh*kw times the padded input, so it is built in chunks of output rows of
-at most ``COLS_BYTES``
-(MINISD_GPU_CONV_MB, default 256 MiB: the UNet's largest, 9 x 320 x 2 x 66 x 66 float16, is
-50 MB; a 512x512 VAE decode takes a few chunks).
+at most ``COLS_BYTES`` (MINISD_GPU_CONV_MB, default 256 MiB: the UNet's largest, 9 x 320 x 2 x
+66 x 66 float16, is 50 MB; a 512x512 VAE decode takes a few chunks).
 """
 
 from __future__ import annotations
