@@ -34,14 +34,11 @@ def group_norm(x, w, b, *, groups, eps, act=None):
         raise ValueError(f"group_norm: act={act!r}: expected None or 'silu'")
     if x.dtype == np.float32 and not is_cupy(x):
         return group_norm_fast(x, w, b, groups=groups, eps=eps, act=act)
-    n, c = x.shape[:2]
-    stats = gpu_kernels.moments(x.reshape(n, groups, -1))  # float16/32 CuPy: (N, G, 1) each
-    if stats is not None:  # then one fused pass (+ SiLU)
-        x4 = x.reshape(n, groups, c // groups, -1)  # (N, G, C/G, HW)
-        wb = (a.reshape(1, groups, c // groups, 1) for a in (w, b))  # (1, G, C/G, 1)
-        y = gpu_kernels.norm_affine(x4, *(s[..., None] for s in stats), eps, *wb, act)
+    if gpu_kernels.usable(x):  # float16/32 CuPy: float32 statistics, one fused pass (+ SiLU)
+        y = _group_norm_kernels(x, w, b, groups, eps, act)
         if y is not None:
-            return y.reshape(x.shape)
+            return y
+    n, c = x.shape[:2]
     if act == "silu":
         return silu(group_norm(x, w, b, groups=groups, eps=eps))
     xg = x.reshape(n, groups, -1).astype(_stat_dtype(x), copy=False)  # (N, G, C/G * HW)
@@ -51,6 +48,19 @@ def group_norm(x, w, b, *, groups, eps, act=None):
     y = (xc / (var + eps) ** 0.5).astype(x.dtype, copy=False).reshape(x.shape)
     shape = (1, c) + (1,) * (x.ndim - 2)
     return y * w.reshape(shape) + b.reshape(shape)
+
+
+def _group_norm_kernels(x, w, b, groups, eps, act):
+    """GroupNorm by ``gpu_kernels``: moments of each group, then norm_affine per channel; None
+    when a kernel is unavailable."""
+    n, c = x.shape[:2]
+    stats = gpu_kernels.moments(x.reshape(n, groups, -1))  # (N, G, 1) each
+    if stats is None:
+        return None
+    x4 = x.reshape(n, groups, c // groups, -1)  # (N, G, C/G, HW)
+    wb = (a.reshape(1, groups, c // groups, 1) for a in (w, b))  # (1, G, C/G, 1)
+    y = gpu_kernels.norm_affine(x4, *(s[..., None] for s in stats), eps, *wb, act)
+    return None if y is None else y.reshape(x.shape)
 
 
 # Elements per GroupNorm block (1 MiB of float32: several groups, or one): few NumPy calls per
