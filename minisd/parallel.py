@@ -67,14 +67,13 @@ def run_ranges(fn, n):
     """fn(lo, hi) over a split of range(n) into up to WORKERS contiguous ranges (in parallel,
     OpenBLAS single-threaded), or fn(0, n) in this thread. fn must write disjoint outputs."""
     workers = min(WORKERS, n)
-    blas = _openblas() if workers > 1 else None
-    if blas is None or not _lock.acquire(blocking=False):
+    if workers < 2:
         fn(0, n)
         return
-    get, put = blas
-    try:
-        saved = get()
-        put(1)
+    with _one_blas_thread() as owned:
+        if not owned:  # no OpenBLAS to pin, or another region runs: in order, here
+            fn(0, n)
+            return
         bounds = [n * i // workers for i in range(workers + 1)]
         futures = [_pool().submit(fn, lo, hi) for lo, hi in zip(bounds[1:], bounds[2:])]
         try:
@@ -82,9 +81,6 @@ def run_ranges(fn, n):
         finally:
             for f in futures:
                 f.result()
-    finally:
-        put(saved)
-        _lock.release()
 
 
 # GEMMs below this many multiply-adds (m*k*n) run as one call with one BLAS thread.
@@ -148,16 +144,17 @@ def blas_threads():
 
 @contextlib.contextmanager
 def _one_blas_thread():
-    """OpenBLAS at one thread inside (unless another region owns the setting: then as is)."""
+    """OpenBLAS at one thread inside, owning the parallel region: yields True; False (and the
+    setting as is) when there is no OpenBLAS or another region owns it."""
     blas = _openblas()
     if blas is None or not _lock.acquire(blocking=False):
-        yield
+        yield False
         return
     get, put = blas
     try:
         saved = get()
         put(1)
-        yield
+        yield True
     finally:
         put(saved)
         _lock.release()
