@@ -15,8 +15,8 @@ counts  device operations per forward: ufunc and ``xp.<function>`` calls, copies
         VAE decoder (1 x 4 x size x size); float32 (float16 adds one cast per attention call).
 drift   the UNet in float16 (the GPU default) through the GPU code path against NumPy float64,
         layer by layer: what float16 storage costs with float32 accumulation in every GEMM
-        (NumPy's float16 matmul accumulates in float32, as cuBLAS does), norm, softmax and
-        activation kernel. Not covered: cuBLAS's summation order and CUDA's libm.
+        (the fake's float16 GEMMs sum in float32 and round once, as cuBLAS does), norm,
+        softmax and activation kernel. Not covered: cuBLAS's summation order and CUDA's libm.
 Counts and errors, not timings: the timings are bench_gpu.py's, on a GPU.
 """
 

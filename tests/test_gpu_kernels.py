@@ -166,6 +166,27 @@ def test_fake_kernel_is_as_strict_as_cupy():
 
 
 @needs_cxx
+def test_fake_float16_matmul_accumulates_in_float32():
+    """fake_cupy's float16 GEMMs: float32 sums rounded once, as cuBLAS and NumPy's own (slow)
+    float16 matmul compute them; a float16 running sum would lose the small terms."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 5, 300)).astype(np.float16)
+    b = rng.standard_normal((300, 4)).astype(np.float16)
+    with fake_cupy.installed() as fcp:
+        da, db = fcp.asarray(a), fcp.asarray(b)
+        out = fcp.empty((3, 5, 4), dtype=np.float16)
+        results = [da @ db, fcp.matmul(da, db), fcp.matmul(da, db, out=out)]
+    assert np.shares_memory(np.asarray(results[2]), np.asarray(out))  # written in place
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    for r in results:
+        assert r.dtype == np.float16
+        np.testing.assert_allclose(np.asarray(r, np.float64), exact, rtol=2e-3, atol=2e-3)
+        slow = np.matmul(a, b)  # NumPy's float16 matmul: the same sums in another order
+        assert np.all(np.abs(np.asarray(r) - slow) <= np.spacing(np.abs(slow)))  # <= 1 ulp
+    ones = np.full((1, 4096), 0.01, np.float16)
+    assert float(fake_cupy._matmul(ones, np.ones((4096, 1), np.float16))[0, 0]) == 40.96875
+
+
 def test_unet_with_kernels_vs_float64(tiny, cpu64):  # noqa: F811 (fixtures of test_gpu)
     """A float32 UNet on the (fake) device, kernels in every norm and activation: each layer
     within the float32 bound of the NumPy float64 reference."""
