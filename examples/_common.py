@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -20,3 +21,14 @@ def model_or_demo(model, tmp):
     folder = Path(tmp) / "demo"
     make_tiny(folder, family="sd1", seed=0)
     return folder
+
+
+def parser(doc, *, steps, out):
+    """The options the model-running examples share: --model, --prompt, --size, --steps, --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--model", help="diffusers folder or .safetensors (default: the demo model)")
+    p.add_argument("--prompt", default="a lighthouse at dusk")
+    p.add_argument("--size", type=int, default=128, help="image height and width (pixels)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--out", default=out)
+    return p

@@ -15,12 +15,11 @@ folder, so the numbers show the machinery, not a trained model's behaviour.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 
 import numpy as np
-from _common import model_or_demo
+from _common import model_or_demo, parser
 
 import minisd
 from minisd.image import latents_to_rgb
@@ -46,12 +45,7 @@ def print_table(acts, keep):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="diffusers folder or .safetensors (default: the demo model)")
-    p.add_argument("--prompt", default="a lighthouse at dusk")
-    p.add_argument("--size", type=int, default=128, help="image height and width (pixels)")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--out", default="latents_preview.png")
+    p = parser(__doc__, steps=8, out="latents_preview.png")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="minisd-example-") as tmp:
         model = model_or_demo(args.model, tmp)

@@ -13,12 +13,11 @@ folder: the image is noise-like, but every number is computed exactly as with re
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 
 import numpy as np
-from _common import model_or_demo
+from _common import model_or_demo, parser
 
 import minisd
 from minisd.image import numpy_to_pil
@@ -59,14 +58,9 @@ def decode(pipe, latents):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="diffusers folder or .safetensors (default: the demo model)")
-    p.add_argument("--prompt", default="a lighthouse at dusk")
-    p.add_argument("--size", type=int, default=128, help="image height and width (pixels)")
-    p.add_argument("--steps", type=int, default=10)
+    p = parser(__doc__, steps=10, out="by_hand.png")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="by_hand.png")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="minisd-example-") as tmp:
         model = model_or_demo(args.model, tmp)
