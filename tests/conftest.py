@@ -19,16 +19,24 @@ REQUIRE_REFERENCE = os.environ.get("MINISD_REQUIRE_REFERENCE") == "1"
 BACKENDS = ["numpy"] + (["cupy"] if cuda_available() else [])
 
 
-@pytest.fixture(params=["numpy", "cupy"])
+@pytest.fixture(params=["numpy", "fake_cupy", "cupy"])
 def xp(request):
-    """The array module under test: numpy always; cupy only where a GPU exists."""
+    """The array module under test: numpy; fake_cupy (tests/fake_cupy.py: the device code path
+    on the CPU, as strict as CuPy about host/device mixing, with the CUDA kernels' bodies
+    compiled for the CPU); cupy only where a GPU exists."""
     if request.param == "numpy":
-        return np
-    if not cuda_available():
-        pytest.skip("CuPy backend: no GPU on this machine")
-    import cupy
+        yield np
+    elif request.param == "fake_cupy":
+        import fake_cupy
 
-    return cupy
+        with fake_cupy.installed() as fcp:
+            yield fcp
+    elif not cuda_available():
+        pytest.skip("CuPy backend: no GPU on this machine")
+    else:
+        import cupy
+
+        yield cupy
 
 
 @pytest.fixture(scope="session")
