@@ -20,6 +20,7 @@ import tempfile
 
 import numpy as np
 from _common import model_or_demo, parser
+from PIL import Image
 
 import minisd
 from minisd.image import latents_to_rgb
@@ -77,8 +78,6 @@ def main(argv=None):
         moved = "" if prev is None else f"{np.abs(z - prev).mean():.4f}"
         print(f"  step {i:2d}  t = {t:4d}  std {z.std():.4f}  {moved}")
         prev = z
-    from PIL import Image
-
     Image.fromarray(latents_to_rgb(seen[-1][2])[0]).resize((256, 256), Image.NEAREST).save(args.out)
     print(f"wrote {args.out} (the final latents through the latent-to-RGB map)")
     return 0
