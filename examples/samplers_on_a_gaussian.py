@@ -17,7 +17,7 @@ is Stable Diffusion's (scaled_linear betas, 1000 training steps, steps_offset 1,
 timestep spacing as single-file conversions write it; --spacing changes it).
 
 What the table shows with the defaults (mu 0.5, s 0.3):
-- a mean ~3% of s low for every deterministic sampler, at any step count: even at t = 999
+- a mean 3-4% of s low for every deterministic sampler, at any step count: even at t = 999
   SD's schedule is not pure noise (alpha_bar = 0.0047, so x_t still holds 0.068 mu), yet
   sampling starts from N(0, 1); the exact flow maps that missing 0.068 mu to -0.068 mu s /
   sd(x_t) = -0.034 s at the end (Lin et al. 2024, "Common diffusion noise schedules and
