@@ -36,7 +36,7 @@ def text_conditioning(pipe, prompt):
 def sample(pipe, ctx, *, size, steps, guidance, seed):
     """The DDIM loop with classifier-free guidance (Ho & Salimans 2022):
     eps = eps(x, "") + w (eps(x, prompt) - eps(x, "")), then x_t -> x_{t-1} (DDIM eq. 12)."""
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8: the VAE's downsampling
+    f = pipe.vae_scale_factor  # 8 = 2^(VAE levels - 1): the VAE's downsampling
     shape = (1, pipe.unet.config.in_channels, size // f, size // f)  # (1, 4, h, w)
     x = make_rng(seed).standard_normal(shape, dtype=np.float32)  # torch.randn's numbers
     sched = DDIMScheduler.from_config(pipe.scheduler_config)  # the checkpoint's betas
