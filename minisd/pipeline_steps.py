@@ -60,8 +60,9 @@ def validate(
             raise InputError(f"{name}={v!r}: must be a positive multiple of 8")
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise InputError(f"num_inference_steps={steps!r}: must be an integer >= 1")
-    if guidance_scale < 0:
-        raise InputError(f"guidance_scale={guidance_scale!r}: must be >= 0")
+    g = guidance_scale  # a NaN would pass `g < 0` and give a NaN image
+    if not isinstance(g, (int, float, np.number)) or not np.isfinite(g) or g < 0:
+        raise InputError(f"guidance_scale={guidance_scale!r}: must be a finite number >= 0")
     if image is not None and not 0 < strength <= 1:
         raise InputError(f"strength={strength!r}: must be in (0, 1]")
     if num_images_per_prompt < 1:

@@ -16,6 +16,7 @@ from minisd.backend import cuda_available  # noqa: E402
 # MINISD_REQUIRE_REFERENCE=1 (set by .ci/run): missing torch/diffusers/transformers fail tests.
 REQUIRE_REFERENCE = os.environ.get("MINISD_REQUIRE_REFERENCE") == "1"
 
+
 @pytest.fixture(params=["numpy", "fake_cupy", "cupy"])
 def xp(request):
     """The array module under test: numpy; fake_cupy (tests/fake_cupy.py: the device code path

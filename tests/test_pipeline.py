@@ -164,6 +164,8 @@ def test_callback_clip_skip_and_pil(pair):
         (dict(width=0), "width=0"),
         (dict(num_inference_steps=0), "num_inference_steps=0"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(guidance_scale="7.5"), "guidance_scale"),
         (dict(prompt=[]), "empty prompt list"),
         (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "negative_prompt"),
         (dict(scheduler="k_dpm_3"), "scheduler='k_dpm_3'"),
