@@ -304,7 +304,7 @@ def test_vae_force_upcast(tiny, cpu64):
     assert pipe.vae.config.force_upcast and pipe.vae.needs_upcast
     lat = (rand(1, 4, 8, 8) * pipe.vae.config.scaling_factor).astype(np.float16)
     exact = minisd.AutoencoderKL(pipe.vae.config, pipe.vae.params, dtype="float64")
-    want = exact.decode(lat / np.float64(pipe.vae.config.scaling_factor))
+    want = exact.decode(lat.astype(np.float64) / pipe.vae.config.scaling_factor)
     up = pipe.decode_latents(lat)  # "auto": float32
     pipe.upcast_vae = False
     half = pipe.decode_latents(lat)
