@@ -197,16 +197,24 @@ def _copy_out(xp, a, y, b, r0, hq):
     """Grid rows [r0, r0 + r) of the accumulator -> valid output rows of each image, + bias."""
     n, cout, ho, wo = y.shape
     r = a.shape[1]
+    if r0 == 0 and (n - 1) * hq + ho <= r:  # every image in this chunk: one operation, not N
+        s0, s1, s2 = a.strides  # image k's rows start at grid row k * Hq
+        src = xp.lib.stride_tricks.as_strided(a, (n, cout, ho, wo), (hq * s1, s0, s1, s2))
+        return _add_bias(xp, src, b, y)
     for img in range(r0 // hq, min(n, -(-(r0 + r) // hq))):
         lo, hi = max(r0, img * hq), min(r0 + r, img * hq + ho)  # grid rows of this image
         if lo >= hi:
             continue
         src = a[:, lo - r0 : hi - r0, :wo]  # (Cout, rows, Wo)
-        dst = y[img, :, lo - img * hq : hi - img * hq]  # (Cout, rows, Wo)
-        if b is None:
-            dst[...] = src
-        else:
-            xp.add(src, b.reshape(cout, 1, 1), out=dst)
+        _add_bias(xp, src, b, y[img, :, lo - img * hq : hi - img * hq])  # (Cout, rows, Wo)
+
+
+def _add_bias(xp, src, b, dst):
+    """dst = src + b, b (Cout,) broadcast over the last two axes (or dst = src if b is None)."""
+    if b is None:
+        dst[...] = src
+    else:
+        xp.add(src, b.reshape(-1, 1, 1), out=dst)
 
 
 def _phases(xp, x, s, hq, wq, top, left):

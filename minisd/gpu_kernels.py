@@ -11,6 +11,7 @@ float32 (as torch's CUDA kernels do: "opmath"):
     geglu        y = a * gelu(g)
     moments      mean, var = sum (x - mean)^2 / n          (float32, two-pass): Group/LayerNorm
     norm_affine  y = (x - mean) / sqrt(var + eps) * w + b  (then silu if act): Group/LayerNorm
+    im2col       a convolution's columns X, zero padding included, from the unpadded input
     softmax      p = exp(s - max) / sum exp(s - max)      (float32 attention scores)
 
 The array formulas stay the readable reference and the fallback: they run on NumPy, for float64
@@ -45,6 +46,17 @@ SOURCES = {
         "T y",
         "float v = ((float)x - mean) / sqrtf(var + eps) * (float)w + (float)b;"
         f" if (act) {{ {_SILU} }} y = (T)v;",
+    ),
+    "im2col": (  # col[(c, i, j), (r, v)] = x_pad[img, c, oh s + i, v s + j], r = img Ho + oh
+        "raw T x, int32 cin, int32 hin, int32 win, int32 kh, int32 kw, int32 st, int32 pt,"
+        " int32 pl, int32 ho, int32 wo, int32 row0, int32 nrows",
+        "T col",
+        "long long q = i; const int v = q % wo; q /= wo;"
+        " const int r = row0 + (int)(q % nrows); q /= nrows;"
+        " const int tj = q % kw; q /= kw; const int ti = q % kh; const int ch = (int)(q / kh);"
+        " const int yy = (r % ho) * st - pt + ti, xx = v * st - pl + tj;"
+        " col = (yy >= 0 && yy < hin && xx >= 0 && xx < win)"
+        " ? x[(((long long)(r / ho) * cin + ch) * hin + yy) * win + xx] : (T)0.0f;",
     ),
     "softmax_apply": (  # T: the output's dtype (the probabilities, for the second product)
         "float32 s, float32 m, float32 total",
@@ -148,3 +160,17 @@ def softmax(s, dtype):
     if total is None:
         return None
     return run("softmax_apply", s, m, total, array_module(s).empty(s.shape, dtype=dtype))
+
+
+def im2col(x, kernel, stride, pads, out_size, row0, rows):
+    """X (Cin*kh*kw, rows*Wo) of ``conv_gemm``'s product for output rows [row0, row0 + rows)
+    of all images stacked (row r = image r // Ho, row r % Ho), gathered in one kernel from the
+    unpadded x (N, Cin, H, W); pads (top, left). None when unavailable."""
+    if not usable(x):
+        return None
+    xp = array_module(x)
+    n, c, h, w = x.shape
+    (kh, kw), (ho, wo) = kernel, out_size
+    col = xp.empty((c * kh * kw, rows * wo), dtype=x.dtype)
+    ints = (c, h, w, kh, kw, stride, pads[0], pads[1], ho, wo, row0, rows)
+    return run("im2col", xp.ascontiguousarray(x), *map(np.int32, ints), col)

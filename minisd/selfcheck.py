@@ -69,6 +69,7 @@ def _device_cases(rng):
     q, k, v = (rng.standard_normal((2, 3, 50, 16)) for _ in range(3))
     return {
         "conv2d (im2col)": (lambda o, x, w: o.conv2d(x, w, padding=1), (x, wc)),
+        "conv2d stride 2": (lambda o, x, w: o.conv2d(x, w, stride=2, padding=(0, 1)), (x, wc)),
         "group_norm + silu": (
             lambda o, x, w, b: o.group_norm(x, w, b, groups=4, eps=1e-5, act="silu"),
             (x, w, b),

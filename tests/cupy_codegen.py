@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
-# Parameters minisd passes as scalars; every other parameter gets an array.
-SCALARS = {"alpha", "eps", "act", "inv_n"}
+# Parameters minisd passes as scalars (besides every int32 one); the others get arrays.
+SCALARS = {"alpha", "eps", "inv_n"}
 HEADER = "#include <cupy/complex.cuh>\n#include <cupy/carray.cuh>\n#include <cupy/atomics.cuh>\n"
 
 
@@ -86,8 +86,9 @@ def reduction_source(name, spec, dtype, block_size=512):
 
 
 def _info(K, cupy, scalar, p, dtype, ndim):
-    """The argument CuPy would see for parameter ``p``: a scalar, or a (strided) array."""
+    """The argument CuPy would see for parameter ``p``: a scalar, or a (strided) array (a raw
+    parameter too: the whole array)."""
     t = np.dtype(dtype).type if p.ctype == "T" else p.dtype
-    if p.name in SCALARS:
+    if p.name in SCALARS or (not p.raw and p.dtype == np.int32):
         return K._ArgInfo(3, scalar.CScalar, t, 0, True, True)
     return K._ArgInfo(1, cupy.ndarray, t, ndim, False, True)

@@ -27,20 +27,26 @@ _built: dict = {}
 
 
 def _params(spec):
-    """'T x, float32 alpha' -> [('T', 'x'), ('float32', 'alpha')]."""
-    return [tuple(p.split()) for p in spec.split(",")]
+    """'T x, float32 alpha' -> [('T', 'x'), ('float32', 'alpha')] ("raw" dropped: _raw)."""
+    return [tuple(p.split()[-2:]) for p in spec.split(",")]
 
 
-def _source(ins, outs, body, tname):
+def _raw(spec):
+    """Names of the ``raw`` parameters: whole arrays, indexed by the body with a flat index."""
+    return {p.split()[-1] for p in spec.split(",") if p.split()[0] == "raw"}
+
+
+def _source(ins, outs, body, tname, raw=()):
     args = [f"const {_c(t, tname)}* p_{n}" for t, n in ins]
     args += [f"{_c(t, tname)}* p_{n}" for t, n in outs]
-    loads = "".join(f"const {_c(t, tname)} {n} = p_{n}[i]; " for t, n in ins)
+    whole = "".join(f"const {_c(t, tname)}* {n} = p_{n}; " for t, n in ins if n in raw)
+    loads = "".join(f"const {_c(t, tname)} {n} = p_{n}[i]; " for t, n in ins if n not in raw)
     decls = "".join(f"{_c(t, tname)} {n}; " for t, n in outs)
     stores = "".join(f"p_{n}[i] = {n}; " for _, n in outs)
     return (
         "#include <math.h>\n"
         f"typedef {_CTYPES[tname]} T;\n"
-        f'extern "C" void run(long n_, {", ".join(args)}) {{\n'
+        f'extern "C" void run(long n_, {", ".join(args)}) {{\n  {whole}\n'
         f"  for (long i = 0; i < n_; ++i) {{ {loads}{decls}\n    {body}\n    {stores}}}\n}}\n"
     )
 
@@ -77,12 +83,14 @@ def _bind(kernel, params, args):
     return arrays, tname
 
 
-def _typed(params, arrays, tname, shape):
-    """Contiguous copies of ``arrays`` broadcast to ``shape``, in their parameters' C types."""
-    return [
-        np.ascontiguousarray(np.broadcast_to(a.astype(tname if t == "T" else t), shape))
-        for (t, _), a in zip(params, arrays)
-    ]
+def _typed(params, arrays, tname, shape, raw=()):
+    """Contiguous copies of ``arrays`` broadcast to ``shape`` (raw ones as they are), in their
+    parameters' C types."""
+    typed = []
+    for (t, n), a in zip(params, arrays):
+        a = a.astype(tname if t == "T" else t)
+        typed.append(np.ascontiguousarray(a if n in raw else np.broadcast_to(a, shape)))
+    return typed
 
 
 def _ptrs(arrays):
@@ -96,16 +104,19 @@ class ElementwiseKernel:
         if CXX is None:
             raise RuntimeError("no C++ compiler: fake ElementwiseKernel unavailable")
         self.ins, self.outs = _params(in_params), _params(out_params)
-        self.body, self.name = operation, name
+        self.body, self.name, self.raw = operation, name, _raw(in_params)
 
     def __call__(self, *args):
         """Inputs, then optionally the outputs to write (which may bind T), as in CuPy."""
         given = args[len(self.ins) :]
         if given and len(given) != len(self.outs):
             raise TypeError(f"{self.name}: outputs must be given all or none")
-        arrays, tname = _bind(self.name, self.ins + self.outs[: len(given)], args)
-        shape = np.broadcast_shapes(*(a.shape for a in arrays))
-        typed = _typed(self.ins, arrays[: len(self.ins)], tname, shape)
+        params = self.ins + self.outs[: len(given)]
+        arrays, tname = _bind(self.name, params, args)
+        shape = np.broadcast_shapes(
+            *(a.shape for (_, n), a in zip(params, arrays) if n not in self.raw)
+        )
+        typed = _typed(self.ins, arrays[: len(self.ins)], tname, shape, self.raw)
         outs = [np.empty(shape, tname if t == "T" else t) for t, _ in self.outs]
         fn = _build(self.source(tname))
         fn(ctypes.c_long(int(np.prod(shape))), *_ptrs(typed + outs))
@@ -117,7 +128,7 @@ class ElementwiseKernel:
 
     def source(self, tname):
         """The C++ the body is compiled in, T = ``tname``: one loop over the elements."""
-        return _source(self.ins, self.outs, self.body, tname)
+        return _source(self.ins, self.outs, self.body, tname, self.raw)
 
 
 class ReductionKernel:

@@ -8,7 +8,7 @@ import pytest
 from refharness import OP_TOL, assert_rel
 from test_conv_fast import DIRECT_CASES, _case, _torch_conv
 
-from minisd import conv_gemm, ops
+from minisd import conv_gemm, gpu_kernels, ops
 from minisd.backend import to_numpy
 
 
@@ -27,23 +27,36 @@ def test_im2col_matches_torch_and_reference(xp, dtype, case):
     assert_rel(nobias, _torch_conv(x, wt, None, stride, pads), OP_TOL[dtype], "no bias")
 
 
+@pytest.mark.parametrize("gathered", [False, True])
 @pytest.mark.parametrize("budget", [1, 700, 3000])
 @pytest.mark.parametrize("stride,pads", [(1, (1, 1, 1, 1)), (2, (0, 1, 0, 1))])
-def test_im2col_chunks_straddle_images(monkeypatch, budget, stride, pads):
-    """A small column budget: one grid row per chunk (budget 1 byte), or chunk borders inside
-    images and between them."""
+def test_im2col_chunks_straddle_images(monkeypatch, budget, stride, pads, gathered):
+    """A small column budget: one row per chunk (budget 1 byte), or chunk borders inside images
+    and between them; the array code (NumPy, float64) and the fused gather (fake device)."""
     monkeypatch.setattr(conv_gemm, "COLS_BYTES", budget)
-    x, wt, b = _case(np, 3, 4, 5, 9, 7, 3, "float64", seed=3)
-    ours = conv_gemm.conv2d_im2col(x, wt, b, stride=stride, pads=pads)
-    assert_rel(ours, _torch_conv(x, wt, b, stride, pads), OP_TOL["float64"], "chunked im2col")
+    x, wt, b = _case(np, 3, 4, 5, 9, 7, 3, "float32" if gathered else "float64", seed=3)
+    ref = _torch_conv(x, wt, b, stride, pads)
+    with fake_cupy.installed() as fcp:
+        if gathered:
+            x, wt, b = (fcp.asarray(a) for a in (x, wt, b))
+        ours = conv_gemm.conv2d_im2col(x, wt, b, stride=stride, pads=pads)
+        assert gathered == (fake_cupy.OPS["minisd_im2col"] > 0)
+    assert_rel(ours, ref, OP_TOL[str(x.dtype)], "chunked im2col")
 
 
-@pytest.mark.parametrize("stride,pads,most", [(1, (1, 1, 1, 1), 6), (2, (0, 1, 0, 1), 16)])
-def test_conv2d_on_device_is_few_operations(stride, pads, most):
-    """On the (fake) device ops.conv2d takes im2col: zero-pad (zeros + copy; stride 2: twice),
-    gather (one strided copy for stride 1, one per tap for stride 2), one GEMM, one copy out
-    (+ bias) per image; allocations (``empty``) launch nothing. The tap-by-tap path took ~37
-    device operations for a 64x64 UNet convolution."""
+@pytest.mark.parametrize(
+    "kernels,stride,pads,most",
+    [(True, 1, (1, 1, 1, 1), 3), (True, 2, (0, 1, 0, 1), 3)]
+    + [(False, 1, (1, 1, 1, 1), 5), (False, 2, (0, 1, 0, 1), 15)],
+)
+def test_conv2d_on_device_is_few_operations(monkeypatch, kernels, stride, pads, most):
+    """On the (fake) device ops.conv2d takes im2col. With the fused kernels: gather X from the
+    unpadded input (one kernel, any stride), one GEMM, one copy out (+ bias) for all images.
+    The array code: zero-pad (zeros + copy; stride 2: twice), gather (one strided copy for
+    stride 1, one per tap for stride 2), the GEMM and the copy out. Allocations (``empty``)
+    launch nothing. The tap-by-tap path took ~37 device operations for a 64x64 UNet
+    convolution."""
+    monkeypatch.setattr(gpu_kernels, "ENABLED", kernels)
     x, wt, b = _case(np, 2, 8, 6, 12, 10, 3, "float32", seed=4)
     ref = ops.conv2d(x, wt, b, stride=stride, padding=pads)
     with fake_cupy.installed() as fcp:
