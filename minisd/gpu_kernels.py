@@ -169,7 +169,7 @@ def im2col(x, kernel, stride, pads, out_size, row0, rows):
     if not usable(x):
         return None
     xp = array_module(x)
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape  # (N, Cin, H, W)
     (kh, kw), (ho, wo) = kernel, out_size
     col = xp.empty((c * kh * kw, rows * wo), dtype=x.dtype)
     ints = (c, h, w, kh, kw, stride, pads[0], pads[1], ho, wo, row0, rows)
