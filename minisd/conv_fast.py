@@ -200,7 +200,8 @@ def _copy_out(xp, a, y, b, r0, hq):
     if r0 == 0 and (n - 1) * hq + ho <= r:  # every image in this chunk: one operation, not N
         s0, s1, s2 = a.strides  # image k's rows start at grid row k * Hq
         src = xp.lib.stride_tricks.as_strided(a, (n, cout, ho, wo), (hq * s1, s0, s1, s2))
-        return _add_bias(xp, src, b, y)
+        _add_bias(xp, src, b, y)
+        return
     for img in range(r0 // hq, min(n, -(-(r0 + r) // hq))):
         lo, hi = max(r0, img * hq), min(r0 + r, img * hq + ho)  # grid rows of this image
         if lo >= hi:
