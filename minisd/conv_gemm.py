@@ -68,6 +68,7 @@ def _conv_gathered(xp, x, w, b, s, pads):
     w2 = w.reshape(cout, cin * kh * kw)
     y = xp.empty((n, cout, ho, wo), dtype=x.dtype)
     rows = max(1, min(n * ho, COLS_BYTES // (cin * kh * kw * wo * x.dtype.itemsize)))
+    x = xp.ascontiguousarray(x)  # the kernel reads it by flat index; once, not per chunk
     for r0 in range(0, n * ho, rows):
         r = min(rows, n * ho - r0)
         cols = gpu_kernels.im2col(x, (kh, kw), s, (top, left), (ho, wo), r0, r)  # (K, r*Wo)

@@ -165,7 +165,7 @@ def softmax(s, dtype):
 def im2col(x, kernel, stride, pads, out_size, row0, rows):
     """X (Cin*kh*kw, rows*Wo) of ``conv_gemm``'s product for output rows [row0, row0 + rows)
     of all images stacked (row r = image r // Ho, row r % Ho), gathered in one kernel from the
-    unpadded x (N, Cin, H, W); pads (top, left). None when unavailable."""
+    unpadded, C-contiguous x (N, Cin, H, W); pads (top, left). None when unavailable."""
     if not usable(x):
         return None
     xp = array_module(x)
@@ -173,4 +173,4 @@ def im2col(x, kernel, stride, pads, out_size, row0, rows):
     (kh, kw), (ho, wo) = kernel, out_size
     col = xp.empty((c * kh * kw, rows * wo), dtype=x.dtype)
     ints = (c, h, w, kh, kw, stride, pads[0], pads[1], ho, wo, row0, rows)
-    return run("im2col", xp.ascontiguousarray(x), *map(np.int32, ints), col)
+    return run("im2col", x, *map(np.int32, ints), col)
