@@ -9,6 +9,7 @@ Nothing here ever unpickles: ``.ckpt`` / ``.pt`` / ``.bin`` files are refused.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from pathlib import Path
@@ -92,25 +93,30 @@ def _check_entry(path, name, e, start, size):
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
         raise WeightsError(f"{path}: key {name!r}: entry needs dtype, shape and data_offsets")
     tag, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-    if tag not in DTYPES:
+    if not isinstance(tag, str) or tag not in DTYPES:
         raise WeightsError(f"{path}: key {name!r}: unsupported dtype {tag!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+    if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_int, offs))):
         raise WeightsError(f"{path}: key {name!r}: data_offsets must be two integers")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise WeightsError(f"{path}: key {name!r}: bad shape {shape}")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise WeightsError(f"{path}: key {name!r}: bad shape {shape!r}")
     begin, end = start + offs[0], start + offs[1]
     if offs[0] < 0 or end < begin or end > size:
         raise WeightsError(
             f"{path}: key {name!r}: data offsets {offs} lie outside the file "
             f"(data section is {size - start} bytes; the file may be truncated)"
         )
-    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[tag].itemsize
+    nbytes = math.prod(shape) * DTYPES[tag].itemsize  # Python ints: no overflow
     if nbytes != end - begin:
         raise WeightsError(
             f"{path}: key {name!r}: shape {shape} x {tag} needs {nbytes} bytes, "
             f"offsets give {end - begin}"
         )
     return tag, tuple(shape), begin, end
+
+
+def _is_int(v):
+    """A JSON integer (bool is an int in Python, but not in JSON)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_overlaps(path, tensors):
@@ -244,6 +250,12 @@ def check_keys(flat, expected, source):
                 f"{source}: key {name!r} has shape {tuple(flat[name].shape)}, "
                 f"expected {tuple(shape)}"
             )
+        dtype = getattr(flat[name], "dtype", None)  # (shape-only stand-ins have none)
+        if dtype is not None and np.dtype(dtype).kind != "f" and not name.endswith("position_ids"):
+            raise WeightsError(
+                f"{source}: key {name!r} is stored as {np.dtype(dtype)}; weights must be "
+                "floating point (float16, bfloat16, float32 or float64)"
+            )
 
 
 def find_weights(folder, names=("diffusion_pytorch_model.safetensors", "model.safetensors")):
@@ -270,9 +282,12 @@ def read_config(path):
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_params(path, *, dtype=None, device="cpu"):

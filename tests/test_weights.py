@@ -78,6 +78,29 @@ def test_check_keys_errors_name_the_key():
         weights.check_keys(flat, {"x": (3, 2), "y": (3,)}, "f.safetensors")
 
 
+def test_check_keys_refuses_integer_weights():
+    # an int8 / bool tensor where a float weight belongs would otherwise load and compute garbage
+    want = {"x": (2, 3), "ids": (1, 4)}
+    for bad in (np.int8, np.uint8, np.bool_):
+        flat = {"x": np.zeros((2, 3), bad), "ids": np.zeros((1, 4), np.int64)}
+        with pytest.raises(WeightsError, match=r"f.safetensors: key 'x' is stored as"):
+            weights.check_keys(flat, want, "f.safetensors")
+    flat = {"x": np.zeros((2, 3), np.float16), "position_ids": np.zeros((1, 4), np.int64)}
+    weights.check_keys(flat, {"x": (2, 3), "position_ids": (1, 4)}, "f")  # integer buffer: fine
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [(b"\xff\xfe{}", "not valid JSON"), (b"[1]", "expected a JSON object"), (b"null", "object")],
+)
+def test_read_config_names_the_file(tmp_path, raw, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(raw)
+    with pytest.raises(MinisdError, match=message) as info:
+        weights.read_config(path)
+    assert str(path) in str(info.value)
+
+
 def _bad_files(tmp_path):
     good, _ = _good(tmp_path)
     raw = good.read_bytes()
@@ -94,9 +117,16 @@ def _bad_files(tmp_path):
     yield "size mismatch", {"w": {**e, "shape": [3]}}, "needs 12 bytes"
     yield "not an object", [1, 2], "not a JSON object"
     yield "negative offset", {"w": {**e, "data_offsets": [-4, 12]}}, "outside the file"
+    yield "shape not a list", {"w": {**e, "shape": 4}}, "bad shape"
+    yield "bool in shape", {"w": {**e, "shape": [True]}}, "bad shape"
+    yield "dtype not a string", {"w": {**e, "dtype": ["F32"]}}, "unsupported dtype"
+    yield "bool offset", {"w": {**e, "data_offsets": [False, 16]}}, "two integers"
+    # 2**64 elements: an int64 product wraps to 0 and would match empty data_offsets
+    huge = {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}
+    yield "overflowing shape", {"w": huge}, "needs 73786976294838206464 bytes"
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(17))
 def test_bad_files_raise_naming_the_file(tmp_path, case):
     name, content, message = list(_bad_files(tmp_path))[case]
     path = tmp_path / "bad.safetensors"
