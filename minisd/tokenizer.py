@@ -108,18 +108,25 @@ def write_vocab_files(folder, pad_token=EOS):
     return folder
 
 
-def _token_str(value, default):
+def _token_str(value, default, where):
     """A special token from a config: a string, or a dict with "content" (AddedToken)."""
     if value is None:
         return default
-    return value["content"] if isinstance(value, dict) else str(value)
+    if isinstance(value, dict):
+        if not isinstance(value.get("content"), str):
+            raise ConfigError(f"{where}: special token {value!r} has no string 'content'")
+        return value["content"]
+    return str(value)
 
 
 def _read_json(path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read tokenizer file ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _special_tokens(folder):
@@ -132,9 +139,13 @@ def _special_tokens(folder):
     if map_path.is_file() and "added_tokens_decoder" not in cfg:
         smap = _read_json(map_path)
         tokens.update({k: smap[k] for k in SPECIAL_KEYS if smap.get(k) is not None})
-    out = {k: _token_str(tokens[k], BOS if k == "bos_token" else EOS) for k in SPECIAL_KEYS}
+    out = {k: _token_str(tokens[k], BOS if k == "bos_token" else EOS, folder) for k in SPECIAL_KEYS}
     out["normalized_specials"] = _normalized_specials(folder, cfg, tokens, out)
     length = cfg.get("model_max_length", MAX_LENGTH)
+    if isinstance(length, int) and not isinstance(length, bool) and length < 3:
+        raise ConfigError(
+            f"{cfg_path}: model_max_length={length}: needs room for BOS, a token and EOS (>= 3)"
+        )
     out["model_max_length"] = int(length) if isinstance(length, int) and length < 10**6 else 77
     return out
 
@@ -226,7 +237,12 @@ class CLIPTokenizer:
         if not folder.is_dir():
             raise ConfigError(f"{folder}: no such tokenizer folder")
         vocab, merges = _read_vocab(folder)
-        return cls(vocab, merges, **_special_tokens(folder))
+        try:
+            return cls(vocab, merges, **_special_tokens(folder))
+        except ConfigError as e:  # name the folder whose files disagree
+            if str(folder) in str(e):
+                raise
+            raise ConfigError(f"{folder}: {e}") from None
 
     # ------------------------------------------------------------------ encoding
 
@@ -293,12 +309,19 @@ class CLIPTokenizer:
 
 def _as_list(prompts):
     if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        if not prompts:
-            raise InputError("prompts: empty list; give a string or a non-empty list of strings")
-        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise InputError(f"prompts: expected strings, got a {bad[0]}")
-        return list(prompts)
-    raise InputError(f"prompts: expected a string or a list of strings, got {type(prompts)}")
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise InputError(f"prompts: expected a string or a list of strings, got {type(prompts)}")
+    if not prompts:
+        raise InputError("prompts: empty list; give a string or a non-empty list of strings")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise InputError(f"prompts: expected strings, got a {bad[0]}")
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. a lone surrogate "\ud800"
+            raise InputError(
+                f"prompts: {p[:40]!r} is not valid Unicode text ({e.reason})"
+            ) from None
+    return list(prompts)

@@ -115,7 +115,7 @@ def test_truncated_text_matches_diffusers_report(folders, bundled):
     assert removed and repr(removed) in str(rec[0].message)
 
 
-@pytest.mark.parametrize("bad", [[], ["ok", 3], None, 5])
+@pytest.mark.parametrize("bad", [[], ["ok", 3], None, 5, ["ok", "lone \ud800 surrogate"]])
 def test_bad_prompts_raise(bundled, bad):
     with pytest.raises(InputError, match="prompts"):
         bundled(bad)
@@ -208,6 +208,24 @@ def test_missing_files_raise(tmp_path):
         CLIPTokenizer.from_pretrained(tmp_path / "nope")
     with pytest.raises(ConfigError, match="vocab.json"):
         CLIPTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("tokenizer_config.json", [1], "expected a JSON object"),
+        ("special_tokens_map.json", None, "expected a JSON object"),
+        ("special_tokens_map.json", {"pad_token": {"x": 1}}, "no string 'content'"),
+        ("tokenizer_config.json", {"model_max_length": 2}, "model_max_length=2"),
+        ("special_tokens_map.json", {"pad_token": "<nope>"}, "pad_token '<nope>' is not in"),
+    ],
+)
+def test_bad_tokenizer_files_raise_naming_the_folder(tmp_path, file, content, message):
+    folder = write_vocab_files(tmp_path / "tok")
+    (folder / file).write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(ConfigError, match=message) as info:
+        CLIPTokenizer.from_pretrained(folder)
+    assert str(folder) in str(info.value)
 
 
 def test_sd_style_config_without_special_map(folders, tmp_path):
