@@ -25,6 +25,7 @@ import numpy as np
 from . import blocks, ops, parallel, trace
 from .backend import array_module, resolve_device_dtype, resolve_dtype
 from .blocks import ln
+from .config import check_numbers
 from .errors import ConfigError, InputError, WeightsError
 from .weights import (
     check_keys,
@@ -64,6 +65,9 @@ class CLIPTextConfig:
             d = d["text_config"]
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        ints += ("num_attention_heads", "max_position_embeddings")
+        check_numbers(source, cfg, ints=ints, floats=("layer_norm_eps",))
         if cfg.hidden_act not in ACTIVATIONS:
             raise ConfigError(
                 f"{source}: hidden_act={cfg.hidden_act!r} is not supported "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backend import device_of, resolve_device_dtype, to_device
+from .config import check_divides, check_numbers
 from .errors import ConfigError, InputError
 from .unet_blocks import (
     block_shapes,
@@ -170,6 +171,7 @@ class UNetConfig:
         )
 
     def __post_init__(self):
+        check_numbers(self.source, self, ints=("block_out_channels",))
         n = len(self.block_out_channels)
         check_block_types(
             self, {"down_block_types": _DOWN, "up_block_types": _UP, "mid_block_type": _MID}
@@ -186,6 +188,20 @@ class UNetConfig:
             "attention_head_dim",
         ):
             per_block(self, name, n)
+        self._check_sizes()
+
+    def _check_sizes(self):
+        """Every size is a positive int, and group and head counts divide their channels."""
+        ints = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups")
+        ints += ("cross_attention_dim", "transformer_layers_per_block", "attention_head_dim")
+        ints += ("conv_in_kernel", "conv_out_kernel", "time_embedding_dim", "sample_size")
+        floats = ("freq_shift", "mid_block_scale_factor", "norm_eps")
+        optional = ("time_embedding_dim", "sample_size")
+        check_numbers(self.source, self, ints=ints, floats=floats, optional=optional)
+        c = self.block_out_channels
+        check_divides(self.source, "norm_num_groups", self.norm_num_groups, "channels", c)
+        # attention_head_dim is diffusers' misnomer for the number of heads (see the docstring)
+        check_divides(self.source, "attention_head_dim", self.attention_head_dim, "channels", c)
 
     @property
     def time_embed_dim(self):

@@ -203,7 +203,9 @@ class AutoencoderKL:
     ):
         """``weights``: "eager" casts now; "lazy" / "stream" keep the stored dtype and cast on
         read (weights.CastOnRead; the memory policy is described in minisd/weights.py)."""
-        self.config = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
+        self.config = (
+            config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config, source)
+        )
         flat = fix_legacy_keys(flatten(params))
         check_keys(flat, expected_shapes(self.config), source)
         first = flat["encoder.conv_in.weight"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .config import check_numbers
 from .errors import ConfigError, WeightsError
 
 
@@ -52,9 +53,11 @@ class VAEConfig:
         return cfg
 
     def validate(self, source="config"):
+        ints = ("in_channels", "out_channels", "block_out_channels", "layers_per_block")
+        ints += ("latent_channels", "norm_num_groups", "sample_size")
+        floats = ("scaling_factor", "shift_factor")
+        check_numbers(source, self, ints=ints, floats=floats, optional=("shift_factor",))
         n = len(self.block_out_channels)
-        if n == 0:
-            raise ConfigError(f"{source}: block_out_channels is empty")
         for key, kind in (
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),

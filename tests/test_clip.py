@@ -199,6 +199,14 @@ def test_bad_config_and_inputs(tiny, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(ConfigError, match="hidden_act"):
         CLIPTextModel.from_pretrained(tmp_path)
+    for field, value in (
+        ("num_attention_heads", 0),
+        ("hidden_size", "32"),
+        ("layer_norm_eps", "x"),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(ConfigError, match=f"config.json: {field}={value!r}"):
+            CLIPTextModel.from_pretrained(tmp_path)
     te = CLIPTextModel.from_pretrained(folder)
     ids = tiny_ids(te.config)
     for bad, what in ((ids[0], "input_ids"), (ids + 2000, "ids must"), (ids[:, :0], "length")):

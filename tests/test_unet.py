@@ -263,6 +263,28 @@ def test_unsupported_config_is_refused(tiny, tmp_path):
     assert "config.json" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("norm_num_groups", 0),  # ZeroDivisionError in a forward pass otherwise
+        ("norm_num_groups", 7),  # a reshape error in a forward pass otherwise
+        ("norm_num_groups", "8"),
+        ("attention_head_dim", 0),
+        ("attention_head_dim", 3),  # heads that do not divide the channels
+        ("block_out_channels", [32, "x"]),
+        ("block_out_channels", []),
+        ("sample_size", "8"),
+        ("norm_eps", "x"),
+    ],
+)
+def test_bad_config_values_are_refused_at_load(tiny, field, value):
+    _, folder = tiny("sd1")
+    cfg = json.loads((folder / "config.json").read_text())
+    with pytest.raises(ConfigError, match=f"cfg.json: {field}=") as e:
+        UNetConfig.from_dict({**cfg, field: value}, source="cfg.json")
+    assert repr(tuple(value) if isinstance(value, list) else value) in str(e.value)
+
+
 def test_input_errors(tiny):
     _, folder = tiny("sd1")
     unet = UNet2DConditionModel.from_pretrained(folder)

@@ -186,6 +186,9 @@ def test_load_errors(tmp_path):
         AutoencoderKL(dict(cfg, down_block_types=["AttnDownEncoderBlock2D"] * 2), flat)
     with pytest.raises(ConfigError, match="norm_num_groups"):
         AutoencoderKL(dict(cfg, norm_num_groups=3), flat)
+    for field, value in (("norm_num_groups", 0), ("scaling_factor", "0.18"), ("sample_size", -1)):
+        with pytest.raises(ConfigError, match=f"vae.safetensors: {field}={value!r}"):
+            AutoencoderKL(dict(cfg, **{field: value}), flat, source="vae.safetensors")
     with pytest.raises(WeightsError, match="no weights file"):
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         AutoencoderKL.from_pretrained(tmp_path)
