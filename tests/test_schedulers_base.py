@@ -168,7 +168,7 @@ def run_pair(ref_name, ours_cls, cfg, n, *, noisy=False, monkeypatch=None, step_
         {"beta_schedule": "squaredcos_cap_v2"},
         {"beta_schedule": "linear", "num_train_timesteps": 37, "beta_end": 0.3},
         {"rescale_betas_zero_snr": True, "beta_schedule": "scaled_linear"},
-        {"trained_betas": list(np.linspace(1e-4, 0.05, 50))},
+        {"trained_betas": list(np.linspace(1e-4, 0.05, 50)), "num_train_timesteps": 50},
     ],
 )
 def test_tables_bitwise(cfg):
@@ -218,6 +218,28 @@ def test_config_errors(tmp_path):
         ms.PNDMScheduler.from_config({"prediction_type": "sample"})
     with pytest.raises(ConfigError, match="scheduler_config.json"):
         ms.DDIMScheduler.from_config(tmp_path)
+    (tmp_path / "scheduler_config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="scheduler_config.json"):
+        ms.DDIMScheduler.from_config(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"steps_offset": 1000}, "steps_offset=1000"),  # would index past alphas_cumprod
+        ({"steps_offset": "1"}, "steps_offset='1'"),
+        ({"num_train_timesteps": 0}, "num_train_timesteps=0"),
+        ({"num_train_timesteps": "1000"}, "num_train_timesteps='1000'"),
+        ({"beta_start": "0.1"}, "beta_start='0.1'"),
+        ({"beta_end": 2.0}, r"beta_start / beta_end: .* in \[0, 1\)"),  # NaN images otherwise
+        ({"trained_betas": [0.1] * 10}, "must be 1000 values"),
+        ({"trained_betas": "abc"}, "trained_betas: expected a list of numbers"),
+    ],
+)
+def test_config_values_checked(name, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        getattr(ms, name).from_config(bad)
 
 
 ALL = [

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import array_module
+from ..config import check_numbers
 from ..errors import ConfigError, InputError
 from .tables import (  # noqa: F401
     betas_for_alpha_bar,
@@ -44,11 +45,6 @@ KNOWN_ELSEWHERE = {
     "flow_shift", "rescale_betas_zero_snr", "use_dynamic_shifting", "time_shift_type",
     "shift_terminal", "trained_betas", "timestep_spacing", "prediction_type",
 }  # fmt: skip
-
-UNSUPPORTED_FLAGS = (
-    "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
-    "use_dynamic_shifting", "shift_terminal",
-)  # fmt: skip
 
 COMMON_DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -96,7 +92,7 @@ def read_config(config) -> dict:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: cannot read scheduler config ({e})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
@@ -106,6 +102,10 @@ def read_config(config) -> dict:
 
 def split_config(cls_name: str, defaults: dict, given: dict) -> dict:
     """Defaults updated with the known keys of ``given``; unknown keys are noted and dropped."""
+    # diffusers' in-memory configs list the keys that hold the source class's defaults, not a
+    # user's choice; from_config drops them so the new class's own defaults apply
+    defaulted = set(given.get("_use_default_values") or ())
+    given = {k: v for k, v in given.items() if k not in defaulted}
     private = [k for k in given if k.startswith("_")]  # _class_name, _diffusers_version
     unknown = sorted(k for k in given if k not in defaults and k not in private)
     foreign = [k for k in unknown if k in KNOWN_ELSEWHERE]
@@ -187,11 +187,14 @@ class Scheduler:
     """
 
     DEFAULTS: dict = COMMON_DEFAULTS
+    # Options diffusers' class of the same name has and minisd does not implement: refused when
+    # set. (Other classes' options are ignored, as diffusers ignores them: configs are shared.)
+    UNSUPPORTED: tuple = ()
     order = 1
     init_noise_sigma = 1.0
 
     def __init__(self, **config):
-        for key in UNSUPPORTED_FLAGS:  # valid diffusers options minisd does not implement
+        for key in self.UNSUPPORTED:
             if config.get(key):
                 raise ConfigError(f"{key}={config[key]!r} is not supported by minisd")
         cfg = split_config(type(self).__name__, self.DEFAULTS, config)
@@ -213,6 +216,14 @@ class Scheduler:
         return cls(**data)
 
     def _validate(self):
+        name, cfg = type(self).__name__, self.config
+        check_numbers(name, cfg, ints=("num_train_timesteps",), floats=("beta_start", "beta_end"))
+        offset = cfg.steps_offset
+        if not (isinstance(offset, int) and 0 <= offset < cfg.num_train_timesteps):
+            raise ConfigError(
+                f"{name}: steps_offset={offset!r}: expected an int in "
+                f"[0, num_train_timesteps={cfg.num_train_timesteps})"
+            )
         choices = getattr(self, "PREDICTION_TYPES", ("epsilon", "v_prediction", "sample"))
         if self.config.prediction_type not in choices:
             raise ConfigError(

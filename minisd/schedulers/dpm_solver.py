@@ -74,7 +74,15 @@ class DPMSolverMultistepScheduler(Scheduler):
         "rescale_betas_zero_snr": False,
     }
 
+    UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+    UNSUPPORTED += ("use_flow_sigmas", "use_dynamic_shifting")
+
     def __init__(self, **config):
+        config = dict(config)
+        if config.get("solver_type") in ("logrho", "bh1", "bh2"):  # a UniPC config: diffusers
+            config["solver_type"] = "midpoint"  # swaps in midpoint, and
+        if config.get("algorithm_type") == "deis":  # a DEIS config's type for dpmsolver++
+            config["algorithm_type"] = "dpmsolver++"
         super().__init__(**config)
         cfg = self.config
         if cfg.algorithm_type not in ("dpmsolver++", "dpmsolver"):
@@ -140,11 +148,13 @@ class DPMSolverMultistepScheduler(Scheduler):
         if getattr(self, "_begin_index", None) is not None:
             self._step_index = self._begin_index
             return
+        self._step_index = self._index_of(timestep)
+
+    def _index_of(self, timestep) -> int:
         hits = np.nonzero(self.timesteps == as_index(timestep))[0]
         if len(hits) == 0:
-            self._step_index = len(self.timesteps) - 1
-        else:
-            self._step_index = int(hits[1] if len(hits) > 1 else hits[0])
+            return len(self.timesteps) - 1
+        return int(hits[1] if len(hits) > 1 else hits[0])
 
     def _round_karras_timesteps(self) -> bool:
         return self.config.beta_schedule != "squaredcos_cap_v2"
@@ -259,14 +269,16 @@ class DPMSolverMultistepScheduler(Scheduler):
                 - s_t * ((ep - h) / (h * h) - half) * d2)  # fmt: skip
 
     def add_noise(self, original_samples, noise, timesteps):
-        """x_t = alpha_t x_0 + sigma_t eps, alpha/sigma from this schedule's sigma at t (or at
-        the begin index, as diffusers)."""
+        """x_t = alpha_t x_0 + sigma_t eps, alpha/sigma from this schedule's sigma at t. As
+        diffusers: with a begin index (img2img, inpainting) the sigma is that of the current
+        step (the begin index before the first step), else looked up like ``_init_index``."""
         xp = array_module(original_samples)
         ts = np.asarray(timesteps.get() if hasattr(timesteps, "get") else timesteps).reshape(-1)
-        if getattr(self, "_begin_index", None) is not None:
-            idx = [self._begin_index] * len(ts)
+        if getattr(self, "_begin_index", None) is None:
+            idx = [self._index_of(t) for t in ts]
         else:
-            idx = [int(np.nonzero(self.timesteps == t)[0][0]) for t in ts]
+            current = self._begin_index if self._step_index is None else self._step_index
+            idx = [current] * len(ts)
         sig = self.sigmas[idx].astype(original_samples.dtype)  # (B,)
         a = 1 / np.sqrt(sig * sig + 1)  # (B,)
         nd = original_samples.ndim

@@ -55,8 +55,14 @@ def sigma_schedule(sched, n: int):
     return ts, sigmas
 
 
+# sigma spacings of diffusers' Euler, Heun and LMS that minisd does not implement
+SIGMA_UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas")
+
+
 class EulerDiscreteScheduler(SigmaScheduler):
     """Karras et al. 2022, Algorithm 2 with s_churn = 0 by default (deterministic Euler)."""
+
+    UNSUPPORTED = SIGMA_UNSUPPORTED
 
     DEFAULTS = {
         **SIGMA_DEFAULTS,

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..backend import array_module
 from .base import SchedulerOutput, SigmaScheduler, check_num_steps
-from .euler import SIGMA_DEFAULTS, sigma_schedule
+from .euler import SIGMA_DEFAULTS, SIGMA_UNSUPPORTED, sigma_schedule
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
@@ -23,9 +23,12 @@ class HeunDiscreteScheduler(SigmaScheduler):
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "use_karras_sigmas": False,
+        "sigma_min": None,  # Karras bounds: diffusers' Heun reads them when a config has them
+        "sigma_max": None,
         "clip_sample": False,
         "clip_sample_range": 1.0,
     }
+    UNSUPPORTED = SIGMA_UNSUPPORTED
     order = 2
 
     def set_timesteps(self, num_inference_steps: int):

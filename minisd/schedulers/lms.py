@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import SchedulerOutput, SigmaScheduler, check_num_steps
-from .euler import SIGMA_DEFAULTS, sigma_schedule
+from .euler import SIGMA_DEFAULTS, SIGMA_UNSUPPORTED, sigma_schedule
 
 
 def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
@@ -29,6 +29,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
     Lagrange weights of the last ``order`` (<= 4) slopes on the nonuniform sigma grid."""
 
     DEFAULTS = {**SIGMA_DEFAULTS, "use_karras_sigmas": False}
+    UNSUPPORTED = SIGMA_UNSUPPORTED
 
     def set_timesteps(self, num_inference_steps: int):
         n = check_num_steps(num_inference_steps, int(self.config.num_train_timesteps))

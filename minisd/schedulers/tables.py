@@ -68,7 +68,12 @@ def make_betas(cfg) -> np.ndarray:
     """beta_1..beta_T (float32) from ``beta_schedule`` / ``trained_betas``."""
     n = int(cfg.num_train_timesteps)
     if cfg.trained_betas is not None:
-        betas = np.asarray(cfg.trained_betas, dtype=np.float32)
+        try:
+            betas = np.asarray(cfg.trained_betas, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"trained_betas: expected a list of numbers, got {cfg.trained_betas!r:.60}"
+            ) from None
     elif cfg.beta_schedule == "linear":  # DDPM (Ho et al. 2020), sec. 4
         betas = linspace_f32(cfg.beta_start, cfg.beta_end, n)
     elif cfg.beta_schedule == "scaled_linear":  # latent diffusion: linear in sqrt(beta)
@@ -79,6 +84,12 @@ def make_betas(cfg) -> np.ndarray:
         raise ConfigError(
             f"beta_schedule={cfg.beta_schedule!r}: expected 'linear', 'scaled_linear' or "
             "'squaredcos_cap_v2'"
+        )
+    if betas.shape != (n,) or not np.all((betas >= 0) & (betas < 1)):  # (NaN fails too)
+        what = "trained_betas" if cfg.trained_betas is not None else "beta_start / beta_end"
+        raise ConfigError(
+            f"{what}: the beta schedule must be {n} values (num_train_timesteps) in [0, 1); "
+            f"got {betas.size} in [{betas.min(initial=np.inf):g}, {betas.max(initial=-np.inf):g}]"
         )
     if cfg.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)

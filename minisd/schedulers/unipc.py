@@ -32,6 +32,8 @@ class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
         "disable_corrector": [],
         "solver_p": None,
     }  # fmt: skip
+    UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
+    UNSUPPORTED += ("use_dynamic_shifting", "shift_terminal")
 
     def __init__(self, **config):
         cfg = dict(config)
