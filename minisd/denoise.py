@@ -54,7 +54,7 @@ def run(
     f = pipe.vae_scale_factor
     batch = len(prompts) * nipp
     shape = (batch, pipe.vae.config.latent_channels, height // f, width // f)
-    state = {"timesteps": sched.timesteps}
+    state = {"timesteps": sched.timesteps, "solver_steps": steps}
     if image is None:
         lat = _txt2img_latents(pipe, sched, shape, latents, rng)
     elif mask_image is None:
@@ -81,7 +81,7 @@ def _txt2img_latents(pipe, sched, shape, latents, rng):
 def _start(sched, state, steps, strength):
     """Cut the schedule for strength < 1 and tell the scheduler where it begins."""
     order = getattr(sched, "order", 1)
-    ts, begin, _ = img2img_timesteps(state["timesteps"], order, steps, strength)
+    ts, begin, state["solver_steps"] = img2img_timesteps(state["timesteps"], order, steps, strength)
     if len(ts) == 0:
         from .errors import InputError
 
@@ -174,12 +174,18 @@ def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress
             x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
         return guide(pipe.unet(x_in, t, ctx), cfg, scale)  # (B, 4, h, w)
 
+    # diffusers' legacy callback: once per solver step, after its last model call (Heun makes
+    # two per step; PNDM's warm-up calls and PLMS's extra first call report nothing), numbered
+    # model call // order
+    order = getattr(sched, "order", 1)
+    warmup = len(ts) - state["solver_steps"] * order
     for i, t in enumerate(tqdm(ts, desc="denoising", disable=not progress, leave=False)):
         lat = sched.step(model(lat, t), t, lat, **kw).prev_sample
         if "nine" in state and not state["nine"]:
             lat = _blend(sched, state, lat, ts, i)
-        if callback is not None:
-            callback(i, t, lat)
+        solver_step_done = i == len(ts) - 1 or (i + 1 > warmup and (i + 1) % order == 0)
+        if callback is not None and solver_step_done:
+            callback(i // order, t, lat)
     return lat
 
 

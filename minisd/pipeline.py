@@ -24,7 +24,7 @@ from .backend import (
     resolve_dtype,
     to_numpy,
 )
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, InputError, WeightsError
 from .weights import CastOnRead, check_weights_mode, read_config, refuse_pickle
 
 # diffusers scheduler class -> minisd scheduler name (for the checkpoint's default scheduler)
@@ -65,7 +65,7 @@ class StableDiffusion:
         self.image_processor = imageproc.ImageProcessor(self.vae_scale_factor)
         self.mask_processor = imageproc.mask_processor(self.vae_scale_factor)
         self.scheduler_name = _CLASS_TO_NAME.get(self.scheduler_config.get("_class_name"), "pndm")
-        self.scheduler = self.make_scheduler(self.scheduler_name)
+        self.scheduler = self.make_scheduler()
 
     # ------------------------------------------------------------------ loading
 
@@ -84,6 +84,11 @@ class StableDiffusion:
         path = Path(path)
         refuse_pickle(path)
         if path.is_dir():
+            if config is not None or prediction_type is not None:
+                raise InputError(
+                    f"{path}: config= and prediction_type= apply to single-file checkpoints; "
+                    "a folder brings its own configs (edit scheduler/scheduler_config.json)"
+                )
             return cls._from_folder(path, dtype, device, **kw)
         if path.suffix == ".safetensors" and path.is_file():
             return cls._from_single_file(path, dtype, device, config, prediction_type, **kw)
@@ -141,11 +146,16 @@ class StableDiffusion:
             **kw,
         )
 
-    def make_scheduler(self, name):
-        """A fresh scheduler ``name`` configured from the checkpoint's scheduler_config.json."""
-        from .schedulers import get_scheduler
+    def make_scheduler(self, name=None):
+        """A fresh scheduler ``name`` configured from the checkpoint's scheduler_config.json, as
+        diffusers' ``Cls.from_config(pipe.scheduler.config)``. None: the checkpoint's own
+        scheduler with its config as it is (no preset of ``schedulers.NAMES`` applied)."""
+        from . import schedulers
 
-        return get_scheduler(name, self.scheduler_config)
+        own = self.scheduler_config.get("_class_name")
+        if name is None and own in _CLASS_TO_NAME:
+            return getattr(schedulers, own).from_config(self.scheduler_config)
+        return schedulers.get_scheduler(name or self.scheduler_name, self.scheduler_config)
 
     # ------------------------------------------------------------------ generation
 
@@ -173,10 +183,13 @@ class StableDiffusion:
         free_memory_between_phases=None,
     ):
         """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
-        minisd.schedulers.NAMES), or None for the checkpoint's own scheduler class (PNDM for
-        SD1.x, as diffusers' pipelines do). ``rng`` overrides ``seed`` with any
-        generator that has ``standard_normal(shape, dtype)`` (minisd.rng.TorchGenerator by
-        default, which draws exactly what torch.Generator().manual_seed(seed) draws).
+        minisd.schedulers.NAMES), or None for the checkpoint's own scheduler, configured exactly
+        as its scheduler_config.json says (PNDM for SD1.x), as diffusers' pipelines do.
+        ``rng`` overrides ``seed`` with any generator that has ``standard_normal(shape, dtype)``
+        (minisd.rng.TorchGenerator by default, which draws exactly what
+        torch.Generator().manual_seed(seed) draws). ``callback(step, t, latents)`` runs as
+        diffusers' ``callback``: once per solver step, after its last model call (Heun makes
+        two; PNDM's and PLMS's warm-up calls report nothing), ``step`` = model call // order.
         ``free_memory_between_phases``: None uses the pipeline attribute of that name."""
         prompts = steps.as_prompt_list(prompt)
         negative = None
@@ -185,7 +198,6 @@ class StableDiffusion:
             if isinstance(negative_prompt, str):
                 negative = negative * len(prompts)
         height, width = self._resolve_size(height, width, image)
-        scheduler = self.scheduler_name if scheduler is None else scheduler
         steps.validate(
             prompts=prompts,
             negative=negative,
@@ -196,9 +208,12 @@ class StableDiffusion:
             strength=strength,
             image=image,
             mask_image=mask_image,
-            scheduler=scheduler,
+            scheduler=self.scheduler_name if scheduler is None else scheduler,
             output_type=output_type,
             num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            clip_skip=clip_skip,
+            callback=callback,
         )
         if rng is None:
             from .rng import make_rng
@@ -292,10 +307,14 @@ class StableDiffusion:
         if image is not None:
             h, w = steps.image_size(image)
             dh, dw = int(h) // f * f, int(w) // f * f
-        else:
+        elif height is None or width is None:
             size = self.unet.config.sample_size
+            if size is None:
+                raise InputError("height, width: the UNet config has no sample_size; give both")
             dh, dw = (size, size) if isinstance(size, int) else size
             dh, dw = dh * f, dw * f
+        else:
+            dh, dw = height, width
         return (dh if height is None else height), (dw if width is None else width)
 
 

@@ -53,6 +53,9 @@ def validate(
     scheduler,
     output_type,
     num_images_per_prompt,
+    eta=0.0,
+    clip_skip=None,
+    callback=None,
 ):
     """Check every argument up front, before any heavy work; raise InputError naming it."""
     for name, v in (("height", height), ("width", width)):
@@ -61,12 +64,19 @@ def validate(
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise InputError(f"num_inference_steps={steps!r}: must be an integer >= 1")
     g = guidance_scale  # a NaN would pass `g < 0` and give a NaN image
-    if not isinstance(g, (int, float, np.number)) or not np.isfinite(g) or g < 0:
+    if not _is_real(g) or g < 0:
         raise InputError(f"guidance_scale={guidance_scale!r}: must be a finite number >= 0")
-    if image is not None and not 0 < strength <= 1:
-        raise InputError(f"strength={strength!r}: must be in (0, 1]")
-    if num_images_per_prompt < 1:
-        raise InputError(f"num_images_per_prompt={num_images_per_prompt!r}: must be >= 1")
+    if image is not None and not (_is_real(strength) and 0 < strength <= 1):
+        raise InputError(f"strength={strength!r}: must be a number in (0, 1]")
+    n = num_images_per_prompt
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise InputError(f"num_images_per_prompt={n!r}: must be an integer >= 1")
+    if not (_is_real(eta) and eta >= 0):  # DDIM's and DDPM's noise weight; NaN gives NaN images
+        raise InputError(f"eta={eta!r}: must be a finite number >= 0")
+    if clip_skip is not None and (not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0):
+        raise InputError(f"clip_skip={clip_skip!r}: must be None or an integer >= 0")
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback={callback!r}: must be callable as callback(step, t, latents)")
     if negative is not None and len(negative) != len(prompts):
         raise InputError(
             f"negative_prompt: {len(negative)} negative prompt(s) for {len(prompts)} prompt(s); "
@@ -74,9 +84,9 @@ def validate(
         )
     if mask_image is not None and image is None:
         raise InputError("mask_image: inpainting needs `image` too")
-    if mask_image is not None and image_size(mask_image) != image_size(image):
+    if mask_image is not None and image_size(mask_image, "mask_image") != image_size(image):
         raise InputError(
-            f"mask_image: size {image_size(mask_image)} differs from image size "
+            f"mask_image: size {image_size(mask_image, 'mask_image')} differs from image size "
             f"{image_size(image)} (height, width); give a mask of the image's size"
         )
     if scheduler not in SCHEDULERS:
@@ -85,14 +95,32 @@ def validate(
         raise InputError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
 
 
-def image_size(img):
-    """(height, width) of a PIL image, an HWC / NHWC array or an NCHW array in [-1, 1]."""
-    if hasattr(img, "size") and not hasattr(img, "shape"):
-        w, h = img.size
-        return h, w
+def _is_real(v):
+    """A finite int or float (bool excluded)."""
+    numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return numeric and bool(np.isfinite(v))
+
+
+def image_size(img, name="image"):
+    """(height, width) of a PIL image, an HWC / NHWC array or an NCHW array in [-1, 1], or of the
+    first of a list of them; anything else is an InputError naming the argument."""
+    from PIL import Image
+
+    if isinstance(img, Image.Image):
+        return img.size[::-1]
     if isinstance(img, (list, tuple)):
-        return image_size(img[0])
-    a = np.asarray(img) if not hasattr(img, "shape") else img
+        if not img:
+            raise InputError(f"{name}: empty list")
+        return image_size(img[0], name)
+    a = img
+    if not (hasattr(a, "shape") and hasattr(a, "dtype") and 2 <= a.ndim <= 4):
+        raise InputError(
+            f"{name}: expected a PIL image, an array (H, W[, C]), (N, H, W, C) or (N, C, H, W), "
+            f"or a list of them; got {type(img).__name__}"
+            + (f" of shape {tuple(a.shape)}" if hasattr(a, "shape") else "")
+        )
+    if a.dtype.kind not in "uif":
+        raise InputError(f"{name}: expected a uint8 or float array, got {a.dtype}")
     if a.ndim == 4 and a.shape[1] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
         return a.shape[2], a.shape[3]
     return (a.shape[1], a.shape[2]) if a.ndim == 4 else (a.shape[0], a.shape[1])

@@ -104,8 +104,18 @@ def test_img2img_same_seed(pair, scheduler):
     assert_rel(got, expect, TOL, f"img2img {scheduler}")
 
 
-@pytest.mark.parametrize("kind,strength", [("inpaint", 1.0), ("inpaint", 0.7), ("sd1", 0.8)])
-def test_inpaint_same_seed(kind, strength, tmp_path_factory):
+@pytest.mark.parametrize(
+    "kind,strength,scheduler",
+    [
+        ("inpaint", 1.0, "ddim"),
+        ("inpaint", 0.7, "ddim"),
+        ("sd1", 0.8, "ddim"),
+        # 4-channel blending re-noises the image latents to the current step's sigma
+        ("sd1", 0.7, "dpmpp_2m"),
+        ("sd1", 1.0, "unipc"),
+    ],
+)
+def test_inpaint_same_seed(kind, strength, scheduler, tmp_path_factory):
     """9-channel inpainting UNets, and mask blending for ordinary (4-channel) UNets.
 
     Random-weight UNets make sampling chaotic: near t=999 DDIM divides by sqrt(alpha_bar) ~ 0.07,
@@ -120,9 +130,9 @@ def test_inpaint_same_seed(kind, strength, tmp_path_factory):
     ours = minisd.StableDiffusion.from_pretrained(folder)
     kw = dict(prompt=PROMPTS[0], image=_image(seed=1), mask_image=_mask(), strength=strength,
               num_inference_steps=4, guidance_scale=4.0, height=64, width=64)  # fmt: skip
-    expect = _run_ref(ref, "ddim", seed=11, output_type="np", **kw)
-    got = ours(**kw, seed=11, scheduler="ddim", output_type="np", progress=False)
-    assert_rel(got, expect, TOL, f"inpaint {kind}")
+    expect = _run_ref(ref, scheduler, seed=11, output_type="np", **kw)
+    got = ours(**kw, seed=11, scheduler=scheduler, output_type="np", progress=False)
+    assert_rel(got, expect, TOL, f"inpaint {kind} {scheduler}")
 
 
 def test_plms_and_heun_and_lms_run(pair):
@@ -136,25 +146,122 @@ def test_plms_and_heun_and_lms_run(pair):
         assert 0 <= out.min() and out.max() <= 1
 
 
+class _CountingUNet:
+    """The pipeline's UNet, recording the timestep of every call."""
+
+    def __init__(self, unet):
+        self.unet, self.seen = unet, []
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, x, t, *args, **kw):
+        self.seen.append(int(t))
+        return self.unet(x, t, *args, **kw)
+
+
 def test_img2img_plms_starts_mid_schedule(pair):
     """PLMS re-lists its calls when img2img skips steps: strength 0.5 of 6 steps = 3 base steps,
-    i.e. 4 model calls (the first step takes two)."""
+    i.e. 4 model calls (the first step takes two: at t, then at the next timestep, which the
+    second step calls again), and one callback per solver step, numbered by model call as
+    diffusers numbers steps after warm-up calls (PNDM's)."""
     _, ours = pair
-    seen = []
-    out = ours("a cat", image=_image(), strength=0.5, num_inference_steps=6, scheduler="plms",
-               callback=lambda i, t, x: seen.append(int(t)), output_type="latent",
-               progress=False)  # fmt: skip
+    counting, saved = _CountingUNet(ours.unet), ours.unet
+    steps = []
+    try:
+        ours.unet = counting
+        out = ours("a cat", image=_image(), strength=0.5, num_inference_steps=6,
+                   scheduler="plms", callback=lambda i, t, x: steps.append(i),
+                   output_type="latent", progress=False)  # fmt: skip
+    finally:
+        ours.unet = saved
+    seen = counting.seen
     assert len(seen) == 4 and seen[1] == seen[2] and np.isfinite(out).all()
+    assert steps == [1, 2, 3]
 
 
-def test_callback_clip_skip_and_pil(pair):
+@pytest.mark.parametrize("scheduler", ["heun", "ddim", "pndm"])
+def test_callback_as_diffusers(pair, scheduler):
+    """diffusers' callback(step, t, latents): once per solver step (Heun makes two model calls
+    per step), with the same step numbers, timesteps and latents."""
+    ref, ours = pair
+    kw = dict(prompt="a cat", num_inference_steps=3, height=64, width=64, output_type="latent")
+    seen_ref, seen = [], []
+    _run_ref(ref, scheduler, seed=1, callback_steps=1, **kw,
+             callback=lambda i, t, x: seen_ref.append((i, float(t), x.numpy().copy())))  # fmt: skip
+    ours(**kw, seed=1, scheduler=scheduler, progress=False,
+         callback=lambda i, t, x: seen.append((i, float(t), np.asarray(x).copy())))  # fmt: skip
+    assert [(i, t) for i, t, _ in seen] == [(i, t) for i, t, _ in seen_ref]
+    assert len(seen) == 3
+    for (i, _, got), (_, _, expect) in zip(seen, seen_ref):
+        assert_rel(got, expect, TOL, f"{scheduler} callback latents at step {i}")
+
+
+def test_default_scheduler_is_the_checkpoint_s_own(pair):
+    """scheduler=None: the checkpoint's scheduler class with its config as it is (here a
+    third-order DPM-Solver, which the name "dpmpp_2m" would turn into second order)."""
+    diffusers = need("diffusers")
+    ref, ours = pair
+    own = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config, solver_order=3)
+    config = dict(own.config, _class_name="DPMSolverMultistepScheduler")
+    parts = ("tokenizer", "text_encoder", "unet", "vae")
+    pipe = minisd.StableDiffusion(**{k: getattr(ours, k) for k in parts}, scheduler_config=config)
+    assert pipe.scheduler.config.solver_order == 3
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(prompt="a cat", num_inference_steps=5, height=64, width=64, latents=latents,
+              output_type="latent")  # fmt: skip
+    saved, ref.scheduler = ref.scheduler, own
+    try:
+        torch = need("torch")
+        with torch.no_grad():
+            expect = ref(**{**kw, "latents": torch.from_numpy(latents)}).images.numpy()
+    finally:
+        ref.scheduler = saved
+    assert_rel(pipe(**kw, scheduler=None, progress=False), expect, TOL, "own scheduler")
+    second = pipe(**kw, scheduler="dpmpp_2m", progress=False)
+    assert np.abs(second - expect).max() > 1e-3 * np.abs(expect).max()  # the name's preset
+
+
+def test_callback_and_pil(pair):
     ref, ours = pair
     seen = []
-    images = ours(["a", "b"], num_inference_steps=3, height=32, width=32, clip_skip=1,
+    images = ours(["a", "b"], num_inference_steps=3, height=32, width=32, scheduler="ddim",
                   callback=lambda i, t, x: seen.append((i, x.shape)), progress=False)  # fmt: skip
-    assert [i for i, _ in seen] == list(range(len(seen))) and len(seen) >= 3
+    assert [i for i, _ in seen] == [0, 1, 2]
     assert all(s == (2, 4, 4, 4) for _, s in seen)
     assert len(images) == 2 and images[0].size == (32, 32)
+
+
+def _embeds(ref, prompts, clip_skip):
+    """diffusers' encode_prompt with clip_skip, written out: hidden_states[-(k + 1)] through the
+    final layer norm (diffusers' own path reaches for `text_encoder.text_model`, which
+    transformers 5 no longer has)."""
+    torch = need("torch")
+    tok, te = ref.tokenizer, ref.text_encoder
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        out = te(ids, output_hidden_states=True)
+        if clip_skip is None:
+            return out[0]
+        norm = next(m for n, m in te.named_modules() if n.endswith("final_layer_norm"))
+        return norm(out.hidden_states[-(clip_skip + 1)])
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_as_diffusers(pair, clip_skip):
+    """clip_skip applies to the prompt, not to the negative prompt, as diffusers."""
+    torch = need("torch")
+    ref, ours = pair
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(num_inference_steps=3, height=64, width=64, output_type="latent")
+    with torch.no_grad():
+        expect = ref(prompt_embeds=_embeds(ref, ["a red cat"], clip_skip),
+                     negative_prompt_embeds=_embeds(ref, ["blurry"], None),
+                     latents=torch.from_numpy(latents), **kw).images.numpy()  # fmt: skip
+    got = ours("a red cat", negative_prompt="blurry", clip_skip=clip_skip, latents=latents,
+               scheduler=None, progress=False, **kw)  # fmt: skip
+    assert_rel(got, expect, TOL, f"clip_skip={clip_skip}")
 
 
 @pytest.mark.parametrize(
@@ -173,6 +280,17 @@ def test_callback_clip_skip_and_pil(pair):
         (dict(mask_image="m"), "mask_image"),
         (dict(image="img", strength=0.0), "strength"),
         (dict(image="img", strength=1.5), "strength"),
+        (dict(image="img", strength="0.5"), "strength"),
+        (dict(image=5), "image: expected a PIL image"),
+        (dict(image=[]), "image: empty list"),
+        (dict(image="img", mask_image=3), "mask_image: expected a PIL image"),
+        (dict(num_images_per_prompt="2"), "num_images_per_prompt"),
+        (dict(num_images_per_prompt=1.5), "num_images_per_prompt"),
+        (dict(eta=float("nan")), "eta=nan"),
+        (dict(eta=-1.0), "eta=-1.0"),
+        (dict(clip_skip=1.5), "clip_skip=1.5"),
+        (dict(callback=5), "callback=5"),
+        (dict(prompt="lone \ud800"), "not valid Unicode"),
     ],
 )
 def test_bad_arguments_raise_before_any_work(pair, kw, message):
