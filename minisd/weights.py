@@ -176,12 +176,16 @@ def save_file(flat, path, metadata=None) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep data 8-byte aligned, as the reference writer does
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name in sorted(arrays):
-            f.write(arrays[name].astype(arrays[name].dtype.newbyteorder("<"), copy=False).data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name in sorted(arrays):
+                f.write(arrays[name].astype(arrays[name].dtype.newbyteorder("<"), copy=False).data)
+        os.replace(tmp, path)
+    except OSError as e:  # a missing folder, a folder of that name, a full disk, ...
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------- nested params

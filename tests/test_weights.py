@@ -78,6 +78,16 @@ def test_check_keys_errors_name_the_key():
         weights.check_keys(flat, {"x": (3, 2), "y": (3,)}, "f.safetensors")
 
 
+def test_save_file_failure_leaves_nothing(tmp_path):
+    flat = {"w": np.ones(3, np.float32)}
+    (tmp_path / "taken").mkdir()  # a folder where the file should go
+    for out in (tmp_path / "taken", tmp_path / "missing" / "w.safetensors"):
+        with pytest.raises(WeightsError, match="cannot write it") as info:
+            weights.save_file(flat, out)
+        assert str(out) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no .partial left
+
+
 def test_check_keys_refuses_integer_weights():
     # an int8 / bool tensor where a float weight belongs would otherwise load and compute garbage
     want = {"x": (2, 3), "ids": (1, 4)}

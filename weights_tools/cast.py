@@ -3,6 +3,9 @@
 Integer tensors are kept. float16 overflow (|x| >= 65520 becomes inf) is warned about, naming
 the key. bfloat16 is written with our own round-to-nearest-even of the float32 bits (numpy has
 no bfloat16), which matches torch's ``.to(torch.bfloat16)`` bit for bit.
+
+Every input file is validated before anything is written; a folder is built aside and moved into
+place when complete (see weights_tools.output), so a failed cast leaves ``out`` as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from .folders import is_pipeline_folder, weights_paths
+from .output import building_folder, check_out_file, check_out_folder, path_arg
 from .stream import FLOAT_TAGS, Lazy, LazyFile, cast_array, target_tag, write_tensors
 
 
@@ -18,24 +22,39 @@ def cast(path, out, dtype):
     """Cast a .safetensors file, or every weights file of a diffusers pipeline folder (configs
     and tokenizer are copied), to ``dtype``. Returns {"tensors": n, "cast": n_float}."""
     tag = target_tag(dtype)
-    path, out = Path(path), Path(out)
-    if path.is_dir() and is_pipeline_folder(path):
-        paths = weights_paths(path)
-        if path.resolve() != out.resolve():
-            names = {p.name for p in paths.values()}
-            shutil.copytree(
-                path, out, dirs_exist_ok=True, ignore=lambda d, fs: [f for f in fs if f in names]
-            )
-        total = {"tensors": 0, "cast": 0}
-        for p in paths.values():
-            done = _cast_file(p, out / p.relative_to(path), tag)
-            total = {k: total[k] + done[k] for k in total}
-        return total
-    return _cast_file(path, out, tag)
-
-
-def _cast_file(path, out, tag):
+    path = path_arg(path, "path")
+    path_arg(out, "out")
+    if is_pipeline_folder(path):
+        return _cast_folder(path, check_out_folder(out, "out"), tag)
     src = LazyFile(path)
+    return _cast_file(src, check_out_file(out, "out"), tag)
+
+
+def _cast_folder(path, out, tag):
+    paths = weights_paths(path)
+    srcs = {p: LazyFile(p) for p in paths.values()}  # every header validated before writing
+    total = {"tensors": 0, "cast": 0}
+    with building_folder(out) as tmp:
+        if path.resolve() != out.resolve():
+            _copy_others(path, tmp, skip={p.name for p in paths.values()}, avoid=(tmp, out))
+        for p, src in srcs.items():
+            done = _cast_file(src, tmp / p.relative_to(path), tag)
+            total = {k: total[k] + done[k] for k in total}
+    return total
+
+
+def _copy_others(folder, dest, skip, avoid):
+    """Copy ``folder`` (configs, tokenizer, ...) into ``dest``, without the files named in
+    ``skip`` and without the folders ``avoid`` (the output, when it lies inside ``folder``)."""
+    avoid = {a.resolve() for a in avoid}
+
+    def ignore(d, names):
+        return [n for n in names if n in skip or (Path(d) / n).resolve() in avoid]
+
+    shutil.copytree(folder, dest, dirs_exist_ok=True, ignore=ignore)
+
+
+def _cast_file(src, out, tag):
     items, n_float = [], 0
     for name in src.tensors:
         source = src.tag(name)

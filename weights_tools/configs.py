@@ -37,6 +37,7 @@ from .keymaps import (
 )
 from .presets import (  # noqa: F401  (re-exported: the config builders live in presets.py)
     PREDICTION_TYPES,
+    check_prediction_type,
     family_of,
     model_index,
     scheduler_config,
@@ -267,8 +268,9 @@ def infer_configs(flat, *, config=None, prediction_type=None, hints=None, source
     metadata (a dict, or the metadata dict holding ``minisd_configs``); ``prediction_type``
     overrides the scheduler's. ``source`` (a file name) is named in error messages.
     """
+    check_prediction_type(prediction_type)
     try:
-        return _infer(shapes_of(flat), config, prediction_type, hints)
+        return _infer(shapes_of(flat), config, prediction_type, hints, source)
     except (WeightsError, ConfigError) as e:
         msg = str(e)
         if source is not None and msg.startswith("checkpoint:"):
@@ -276,7 +278,7 @@ def infer_configs(flat, *, config=None, prediction_type=None, hints=None, source
         raise
 
 
-def _infer(shapes, config, prediction_type, hints):
+def _infer(shapes, config, prediction_type, hints, source):
     layout = text_layout(shapes)
     if layout is None:
         raise WeightsError("checkpoint: no text encoder (cond_stage_model.*) keys")
@@ -286,13 +288,18 @@ def _infer(shapes, config, prediction_type, hints):
         "vae": _vae_from_shapes(shapes),
         "text_encoder": _text_from_shapes(shapes, layout),
     }
-    given, source = _given_configs(config, hints), "inferred"
+    given, source = _given_configs(config, hints, source), "inferred"
     if given:
         source = "config" if config is not None else "hints"
         for part in STRUCTURE:
             if part in given:
                 out[part] = _checked(out[part], given[part], part, source, config)
     pred = prediction_type or given.get("scheduler", {}).get("prediction_type")
+    if pred is not None and pred not in PREDICTION_TYPES:  # (hints are checked when read)
+        raise ConfigError(
+            f"{config}: scheduler/scheduler_config.json: prediction_type={pred!r}: expected one "
+            f"of {', '.join(PREDICTION_TYPES)}"
+        )
     pred = pred or _default_prediction(sd2, out["unet"]["in_channels"])
     if "scheduler" in given:
         out["scheduler"] = {**given["scheduler"], "prediction_type": pred}
@@ -325,20 +332,50 @@ def _default_prediction(sd2, in_channels):
     return "v_prediction"
 
 
-def _given_configs(config, hints):
+def _given_configs(config, hints, source):
     if config is not None:
         from .folders import read_folder_configs
 
         return read_folder_configs(config)
     if isinstance(hints, dict) and HINTS_KEY in hints:
-        try:
-            hints = json.loads(hints[HINTS_KEY])
-        except (TypeError, json.JSONDecodeError):
-            warnings.warn(
-                f"checkpoint metadata: {HINTS_KEY} is not valid JSON; ignored", stacklevel=3
-            )
-            return {}
-    return dict(hints) if isinstance(hints, dict) else {}
+        return _parse_hints(hints[HINTS_KEY], source)
+    if not isinstance(hints, dict):
+        return {}
+    return {k: v for k, v in hints.items() if isinstance(v, dict)}  # not metadata's strings
+
+
+def _parse_hints(raw, source):
+    """The configs that to_original stored in a file's metadata, or {} with a warning when they
+    cannot be used (the architecture is then inferred from the tensors alone)."""
+    try:
+        hints = json.loads(raw)
+    except (TypeError, json.JSONDecodeError):
+        problem = "is not valid JSON"
+    else:
+        problem = _hints_problem(hints)
+    if problem is None:
+        return hints
+    warnings.warn(
+        f"{source or 'checkpoint'}: metadata {HINTS_KEY} {problem}; ignored", stacklevel=5
+    )
+    return {}
+
+
+def _hints_problem(hints):
+    """What is wrong with decoded hints (None: nothing)."""
+    if not isinstance(hints, dict):
+        return "is not a JSON object"
+    for part, cfg in hints.items():
+        if not isinstance(cfg, dict):
+            return f"has {part!r} of type {type(cfg).__name__}, not a JSON object"
+    pred = hints.get("scheduler", {}).get("prediction_type")
+    if pred is not None and pred not in PREDICTION_TYPES:
+        return f"has prediction_type={pred!r}, not one of {', '.join(PREDICTION_TYPES)}"
+    if "scheduler" in hints and not isinstance(hints["scheduler"].get("_class_name"), str):
+        return "has a scheduler config without _class_name"
+    if "tokenizer" in hints and not isinstance(hints["tokenizer"].get("pad_token"), str):
+        return "has a tokenizer entry without pad_token"
+    return None
 
 
 def _checked(inferred, given, part, source, config):

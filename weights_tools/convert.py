@@ -3,7 +3,8 @@
 Streaming: the source is memory-mapped, the output header is planned from names and shapes,
 and tensors are written one at a time (their source pages released after use), so converting a
 4 GB checkpoint needs about one tensor of memory on top of the interpreter. Output files appear
-under their final names only when complete. Nothing is ever unpickled.
+under their final names only when complete (folders too: see weights_tools.output). Nothing is
+ever unpickled.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from minisd.errors import WeightsError
 from minisd.weights import check_keys, load_file, read_header
 
 from . import plan as pl
-from .configs import HINTS_KEY, infer_configs
+from .configs import HINTS_KEY, check_prediction_type, infer_configs
 from .folders import COMPONENTS, read_folder_configs, text_prefix_of, weights_paths, write_configs
+from .output import building_folder, check_out_file, check_out_folder, path_arg
 from .schema import component_shapes
 from .stream import FLOAT_TAGS, Lazy, LazyFile, cast_array, target_tag, write_tensors
 
@@ -96,7 +98,7 @@ def load_single_file(path, config=None, prediction_type=None, extract_ema=False)
     "scheduler": config, "tokenizer": tokenizer folder or None, "pad_token": str, "family": str}.
     Arrays come from minisd.weights.load_file (memory-mapped; bf16 widened to float32).
     """
-    path = Path(path)
+    path = path_arg(path, "path")
     _, meta, _, _ = read_header(path)
     flat = load_file(path)
     configs = infer_configs(
@@ -125,6 +127,11 @@ def to_diffusers(
     ``extract_ema``: take the UNet from the EMA copy of a full training checkpoint.
     ``dtype``: optionally cast floats (fp32 / fp16 / bf16). Returns the configs used.
     """
+    single_file = path_arg(single_file, "single_file")
+    out = check_out_folder(out_folder, "out_folder")
+    config = None if config is None else path_arg(config, "config")
+    check_prediction_type(prediction_type)
+    tag = target_tag(dtype) if dtype is not None else None
     src = LazyFile(single_file)
     shapes = {k: src.shape(k) for k in src.tensors}
     configs = infer_configs(
@@ -132,13 +139,12 @@ def to_diffusers(
     )
     text_prefix = _text_prefix(config)
     plans, _ = _plan(shapes, configs, extract_ema, text_prefix, src.path)
-    tag = target_tag(dtype) if dtype is not None else None
-    out = Path(out_folder)
-    for part, moves in plans.items():
-        sub, name = COMPONENTS[part]
-        items = [_item(src, m, tag) for m in moves]
-        write_tensors(out / sub / name, items, metadata={"format": "pt"})
-    write_configs(out, configs, Path(config) / "tokenizer" if config is not None else None)
+    with building_folder(out) as tmp:
+        for part, moves in plans.items():
+            sub, name = COMPONENTS[part]
+            items = [_item(src, m, tag) for m in moves]
+            write_tensors(tmp / sub / name, items, metadata={"format": "pt"})
+        write_configs(tmp, configs, config / "tokenizer" if config is not None else None)
     return configs
 
 
@@ -167,7 +173,9 @@ def to_original(folder, out_file, dtype=None):
     OpenCLIP layout with fused q/k/v. The folder's configs are stored in the file's metadata
     (``minisd_configs``) so that to_diffusers can restore them exactly; other tools ignore it.
     """
-    folder = Path(folder)
+    folder = path_arg(folder, "folder")
+    out_file = check_out_file(out_file, "out_file")
+    tag = target_tag(dtype) if dtype is not None else None
     paths = weights_paths(folder)
     configs = read_folder_configs(folder)
     srcs = {part: LazyFile(p) for part, p in paths.items()}
@@ -176,7 +184,6 @@ def to_original(folder, out_file, dtype=None):
     moves, unknown = pl.to_original(shapes, layout)
     if unknown:
         raise WeightsError(f"{folder}: {len(unknown)} keys fit no known layout, e.g. {unknown[0]}")
-    tag = target_tag(dtype) if dtype is not None else None
     items = [_item(srcs[m.src[0][0]], m, tag) for m in moves]
     hints = {k: configs[k] for k in ("unet", "vae", "text_encoder", "scheduler", "model_index")}
     hints["tokenizer"] = configs.get("tokenizer") or {
@@ -184,4 +191,4 @@ def to_original(folder, out_file, dtype=None):
     }
     meta = {"format": "pt", HINTS_KEY: json.dumps(hints, sort_keys=True)}
     write_tensors(out_file, items, metadata=meta)
-    return Path(out_file)
+    return out_file

@@ -10,6 +10,7 @@ from minisd.errors import ConfigError, WeightsError
 from minisd.weights import find_weights, read_config, read_header
 
 from .keymaps import TEXT_MODEL_PREFIX
+from .output import path_arg
 
 # component -> (subfolder, weights file name as save_pretrained writes it)
 COMPONENTS = {
@@ -64,7 +65,7 @@ def pad_token_of(folder):
 def read_folder_configs(folder):
     """{"unet", "vae", "text_encoder", "scheduler", "model_index", "tokenizer"} configs of a
     diffusers pipeline folder (used by ``config=``)."""
-    folder = Path(folder)
+    folder = path_arg(folder, "config")
     if not folder.is_dir():
         raise ConfigError(f"{folder}: config folder not found")
     out = {}

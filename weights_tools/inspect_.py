@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from pathlib import Path
 
 from minisd.errors import MinisdError, WeightsError
 from minisd.weights import find_weights, read_config, read_header
@@ -16,12 +15,13 @@ from minisd.weights import find_weights, read_config, read_header
 from .configs import HINTS_KEY, component_of, family_of, infer_configs
 from .folders import COMPONENTS, is_pipeline_folder, weights_paths
 from .keymaps import UNUSED_ORIGINAL
+from .output import path_arg
 
 
 def inspect(path):
     """Describe a checkpoint: a single .safetensors file (original or diffusers layout) or a
     diffusers pipeline folder. Returns a dict (see :func:`format_report` for the text form)."""
-    path = Path(path)
+    path = path_arg(path, "path")
     if path.is_dir():
         return _inspect_folder(path)
     tensors, meta, _, size = read_header(path)

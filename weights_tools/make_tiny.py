@@ -14,7 +14,6 @@ the real architecture without real weights.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +23,7 @@ from . import configs as C
 from . import plan as pl
 from .folders import COMPONENTS, write_configs
 from .keymaps import OPENCLIP_PREFIX
+from .output import building_folder, check_out_folder
 from .schema import component_shapes
 from .stream import write_tensors
 
@@ -144,12 +144,20 @@ def make_tiny(out_folder, family="sd1", seed=0):
     """Write a small random pipeline folder of ``family`` ("sd1", "sd2", "inpaint") into
     ``out_folder``; the same seed gives the same bytes. Returns the configs written."""
     configs = tiny_configs(family)
-    out = Path(out_folder)
-    for index, part in enumerate(PARTS):
-        rng = np.random.default_rng([seed, index])
-        shapes = component_shapes(part, configs[part])
-        items = [(k, "F32", s, random_tensor(k, s, rng)) for k, s in sorted(shapes.items())]
-        sub, name = COMPONENTS[part]
-        write_tensors(out / sub / name, items, metadata={"format": "pt"})
-    write_configs(out, configs)
+    seed = check_seed(seed)
+    with building_folder(check_out_folder(out_folder, "out_folder")) as tmp:
+        for index, part in enumerate(PARTS):
+            rng = np.random.default_rng([seed, index])
+            shapes = component_shapes(part, configs[part])
+            items = [(k, "F32", s, random_tensor(k, s, rng)) for k, s in sorted(shapes.items())]
+            sub, name = COMPONENTS[part]
+            write_tensors(tmp / sub / name, items, metadata={"format": "pt"})
+        write_configs(tmp, configs)
     return configs
+
+
+def check_seed(seed):
+    """``seed`` as an int; InputError unless it is a non-negative integer (numpy's rule)."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
+        return int(seed)
+    raise InputError(f"seed={seed!r}: expected a non-negative integer")

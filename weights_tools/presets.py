@@ -5,7 +5,7 @@ Defaults are SD1.5's (the values of its published config.json files); callers ov
 
 from __future__ import annotations
 
-from minisd.errors import ConfigError
+from minisd.errors import ConfigError, InputError
 
 DIFFUSERS_VERSION = "0.42.0"
 SCHEDULER_BASE = {
@@ -110,6 +110,14 @@ def text_encoder_config(**fields):
     }
     cfg.update(fields)
     return cfg
+
+
+def check_prediction_type(prediction_type):
+    """InputError unless ``prediction_type`` is None or one of PREDICTION_TYPES."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise InputError(
+            f"prediction_type={prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}"
+        )
 
 
 def scheduler_config(prediction_type="epsilon", class_name=None):

@@ -8,6 +8,7 @@ never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -164,10 +165,13 @@ class SafetensorsWriter:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the reference writer does
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self.file.write(len(raw).to_bytes(8, "little") + raw)
-        self.next = 0
+        self.file, self.next = None, 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+            self.file.write(len(raw).to_bytes(8, "little") + raw)
+        except OSError as e:
+            self._fail(e)
 
     def write(self, name, array):
         if self.next >= len(self.entries) or self.entries[self.next][0] != name:
@@ -179,7 +183,10 @@ class SafetensorsWriter:
             raise WeightsError(
                 f"{self.path}: key {name!r}: got {a.dtype} {a.shape}, header says {tag} {shape}"
             )
-        self.file.write(memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B"))
+        try:
+            self.file.write(memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B"))
+        except OSError as e:  # e.g. the disk is full
+            self._fail(e)
         self.next += 1
 
     def close(self):
@@ -187,14 +194,25 @@ class SafetensorsWriter:
             missing = self.entries[self.next][0]
             self.abort()
             raise WeightsError(f"{self.path}: tensor {missing!r} was never written")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self._fail(e)
 
     def abort(self):
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        """Close and remove the temporary file (the final name is left as it was)."""
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+    def _fail(self, error):
+        self.abort()
+        raise WeightsError(f"{self.path}: cannot write it ({error.strerror or error})") from error
 
     def __enter__(self):
         return self
@@ -202,8 +220,8 @@ class SafetensorsWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:
-            self.abort()
+            return False
+        self.abort()
         return False
 
 

@@ -18,6 +18,7 @@ from . import plan as pl
 from .configs import component_of
 from .folders import COMPONENTS, is_pipeline_folder, weights_paths
 from .keymaps import TEXT_MODEL_PREFIX, rename_legacy_vae_attention
+from .output import path_arg
 from .stream import LazyFile
 
 EXAMPLES = 20  # mismatches listed per category
@@ -106,6 +107,7 @@ def _compare(x, y, chunk=1 << 20):
 def verify(a, b):
     """Compare two checkpoints tensor by tensor. Returns a report dict; ``report["same"]`` is
     True when both hold the same names, shapes, dtypes and bit-identical values."""
+    a, b = path_arg(a, "a"), path_arg(b, "b")
     va, vb = diffusers_view(a), diffusers_view(b)
     report = {
         "a": str(a),
