@@ -234,11 +234,17 @@ def _resolve_model(model):
             f"--model {model!r}: no such path (install huggingface_hub to use a "
             "Hugging Face repo id)"
         ) from None
-    return snapshot_download(
-        model,
-        allow_patterns=["*.json", "*.txt", "*.safetensors"],
-        ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
-    )
+    try:
+        return snapshot_download(
+            model,
+            allow_patterns=["*.json", "*.txt", "*.safetensors"],
+            ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
+        )
+    except Exception as e:  # offline, unknown repo, gated repo, ...: hub errors vary by version
+        raise InputError(
+            f"--model {model!r}: no such local path, and fetching it from the Hugging Face Hub "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def _open_image(path):
@@ -248,7 +254,25 @@ def _open_image(path):
 
     if not Path(path).is_file():
         raise InputError(f"{path}: no such image file")
-    return Image.open(path).convert("RGB")
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for files it cannot decode
+        raise InputError(f"{path}: cannot read it as an image ({e})") from None
+
+
+def _output_path(args):
+    """The image path to write, checked before any work: its folder exists and its extension
+    is an image format PIL writes."""
+    from PIL import Image
+
+    out = Path(args.out or f"minisd-{args.seed}.png")
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; give a file name such as {out / 'a.png'}")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise InputError(f"--out {out}: {out.suffix!r} is no image format PIL writes (use .png)")
+    return out
 
 
 def _run(args, model, image, mask):
@@ -259,10 +283,11 @@ def _run(args, model, image, mask):
         kw["prediction_type"] = args.prediction_type
     if getattr(args, "weights", None):
         kw["weights"] = args.weights
+    out = _output_path(args)
+    image, mask = _open_image(image), _open_image(mask)
     t0 = time.perf_counter()
     pipe = StableDiffusion.from_pretrained(model, dtype=args.dtype, device=args.device, **kw)
     w, h = args.size if args.size else (None, None)
-    args.scheduler = args.scheduler or pipe.scheduler_name
     t1 = time.perf_counter()
     images = pipe(
         args.prompt,
@@ -274,14 +299,14 @@ def _run(args, model, image, mask):
         seed=args.seed,
         scheduler=args.scheduler,
         num_images_per_prompt=args.n,
-        image=_open_image(image),
+        image=image,
         strength=getattr(args, "strength", 0.8),
-        mask_image=_open_image(mask),
+        mask_image=mask,
         clip_skip=args.clip_skip,
         eta=args.eta,
     )
     t2 = time.perf_counter()
-    out = Path(args.out or f"minisd-{args.seed}.png")
+    args.scheduler = args.scheduler or pipe.scheduler_name  # (for the PNG's parameters)
     for k, img in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
         _save_png(img, path, _parameters(args, model, img.size))

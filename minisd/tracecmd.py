@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from . import trace
@@ -12,6 +14,9 @@ def run_trace(args):
     from .pipeline import StableDiffusion
     from .rng import make_rng
 
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise InputError(f"--out {out}: not a file in an existing folder")
     pipe = StableDiffusion.from_pretrained(args.model)
     ids = pipe.tokenizer([args.prompt])  # (1, 77)
     w, h = args.size

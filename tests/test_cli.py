@@ -12,6 +12,18 @@ def demo_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture
+def demo_model(demo_cache):
+    """The demo model folder: the one `minisd demo` cached in the first test of this file, or
+    built the same way (make_tiny, sd1, seed 0) when a test runs without it."""
+    folder = demo_cache / "demo-sd1"
+    if not (folder / "model_index.json").is_file():
+        from weights_tools import make_tiny
+
+        make_tiny(folder, family="sd1", seed=0)
+    return folder
+
+
 def test_demo_writes_a_png_with_parameters(demo_cache, tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert main(["demo", "--cache", str(demo_cache), "--out", str(out), "--steps", "3"]) == 0
@@ -24,8 +36,8 @@ def test_demo_writes_a_png_with_parameters(demo_cache, tmp_path, capsys):
     assert (demo_cache / "demo-sd1" / "model_index.json").is_file()  # cached for the next run
 
 
-def test_generate_img2img_and_trace(demo_cache, tmp_path):
-    model = demo_cache / "demo-sd1"
+def test_generate_img2img_and_trace(demo_model, tmp_path):
+    model = demo_model
     init = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)).save(init)
     out = tmp_path / "out.png"
@@ -39,6 +51,8 @@ def test_generate_img2img_and_trace(demo_cache, tmp_path):
     args = ["trace", "--model", str(model), "--module", "mid_block.attentions.0", "--out", str(npy)]
     assert main(args) == 0
     assert np.load(npy).ndim == 4
+    args[-1] = str(tmp_path / "no" / "t.npy")
+    assert main(args) == 2  # refused before the model runs
 
 
 @pytest.mark.parametrize(
@@ -48,12 +62,31 @@ def test_generate_img2img_and_trace(demo_cache, tmp_path):
         (["--steps", "0"], "num_inference_steps=0"),
         (["--scheduler", "nope"], "scheduler='nope'"),
         (["--init-image", "missing.png"], "missing.png"),
+        (["--init-image", "{model}/model_index.json"], "cannot read it as an image"),
+        (["--out", "{tmp}"], "is a folder"),
+        (["--out", "{tmp}/no/such/x.png"], "does not exist"),
+        (["--out", "{tmp}/x.jpgx"], "'.jpgx' is no image format"),
+        (["--out", "{tmp}/x.psd"], "'.psd' is no image format"),  # PIL reads PSD only
+        (["--prediction-type", "v_prediction"], "apply to single-file checkpoints"),
     ],
 )
-def test_generate_errors_are_clear(demo_cache, args, message, capsys):
-    argv = ["generate", "a cat", "--model", str(demo_cache / "demo-sd1"), *args]
+def test_generate_errors_are_clear(demo_model, tmp_path, args, message, capsys):
+    """Refused before the model is loaded or any image generated (a bad --out used to fail
+    only when saving, losing the work)."""
+    args = [a.format(model=demo_model, tmp=tmp_path) for a in args]
+    argv = ["generate", "a cat", "--model", str(demo_model), *args]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_hub_model_is_a_clear_error(capsys, monkeypatch):
+    """A name that is no local path is looked up on the Hugging Face Hub; offline (or unknown)
+    that fails with the hub's own exception types, reported as one clear error."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "a cat", "--model", "nobody/no-such-model-xyz"]) == 2
+    err = capsys.readouterr().err
+    assert "nobody/no-such-model-xyz" in err and "Hugging Face Hub" in err
 
 
 def test_missing_model_and_pickles(tmp_path, capsys):
@@ -76,14 +109,23 @@ def test_help_explains_every_flag(cmd, capsys):
             assert len(line.strip().split("  ", 1)[1].strip()) > 3, line  # every flag has help
 
 
-def test_generate_weights_modes_give_the_same_image(demo_cache, tmp_path):
-    """--weights stream (memory-mapped float16 files cast per layer) changes memory, not pixels."""
-    model = demo_cache / "demo-sd1"
+def test_generate_weights_modes_give_the_same_image(demo_model, tmp_path):
+    """--weights lazy / stream (memory-mapped float16 files cast per layer to the float32
+    model) change memory, not pixels: the same image as eager (all cast at load)."""
+    from safetensors import safe_open
+
+    from weights_tools import cast
+
+    model = tmp_path / "demo-fp16"
+    assert cast(demo_model, model, "float16")["cast"] > 0
+    with safe_open(str(model / "unet" / "diffusion_pytorch_model.safetensors"), "np") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
     pixels = {}
-    for mode in ("eager", "stream"):
+    for mode in ("eager", "lazy", "stream"):
         out = tmp_path / f"{mode}.png"
         args = ["generate", "a cat", "--model", str(model), "--steps", "2", "--size", "64x64"]
         assert main([*args, "--weights", mode, "--out", str(out)]) == 0
         pixels[mode] = np.asarray(Image.open(out))
     assert pixels["eager"].shape == (64, 64, 3)
+    np.testing.assert_array_equal(pixels["eager"], pixels["lazy"])
     np.testing.assert_array_equal(pixels["eager"], pixels["stream"])
