@@ -1,13 +1,16 @@
 """Reference harness: helpers to compare minisd against diffusers / transformers.
 
-Import torch / diffusers / transformers only through :func:`need`, which skips the test when
-they are missing, or fails it when ``MINISD_REQUIRE_REFERENCE=1`` (as CI sets).
+Import torch / diffusers / transformers only through :func:`need`, and find the tools a check
+is built with (the host C++ compiler of the fake GPU kernels) through :func:`need_tool`: both
+skip the test when the dependency is missing, or fail it when ``MINISD_REQUIRE_REFERENCE=1``
+(as CI sets), so no check silently drops out of CI.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -20,6 +23,14 @@ TOL = {"float64": 1e-10, "float32": 1e-4}
 OP_TOL = {"float64": 1e-12, "float32": 1e-5}  # single ops are held tighter
 
 
+def unavailable(msg):
+    """A reference dependency of the test is missing: skip it, or fail it in CI
+    (``MINISD_REQUIRE_REFERENCE=1``)."""
+    if REQUIRE:
+        pytest.fail(msg + " and MINISD_REQUIRE_REFERENCE=1", pytrace=False)
+    pytest.skip(msg)
+
+
 def need(*names):
     """Import reference packages; skip (or fail in CI) when one is missing."""
     mods = []
@@ -27,13 +38,20 @@ def need(*names):
         try:
             mods.append(importlib.import_module(name))
         except ImportError as e:
-            msg = f"reference package {name!r} is not installed ({e})"
-            if REQUIRE:
-                pytest.fail(msg + " and MINISD_REQUIRE_REFERENCE=1", pytrace=False)
-            pytest.skip(msg)
+            unavailable(f"reference package {name!r} is not installed ({e})")
     if "torch" in names:
         mods[names.index("torch")].set_num_threads(max(1, os.cpu_count() or 1))
     return mods[0] if len(mods) == 1 else mods
+
+
+def need_tool(*names, what):
+    """The path of the first executable of ``names`` on PATH; skip (or fail in CI) when there
+    is none. ``what``: what the tool is for, for the message."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    unavailable(f"{what}: none of {', '.join(names)} is on PATH")
 
 
 def assert_rel(ours, ref, tol, what=""):

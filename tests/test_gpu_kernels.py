@@ -17,7 +17,7 @@ import fake_cupy
 import fake_kernels
 import numpy as np
 import pytest
-from refharness import TOL, assert_rel, rel_err
+from refharness import TOL, assert_rel, need_tool, rel_err, unavailable
 from test_gpu import (  # noqa: F401 (fixtures)
     FP16_TOL,
     _pipe_kwargs,
@@ -38,7 +38,15 @@ from minisd import gpu_kernels, ops
 KERNEL_TOL = {"float32": 1e-6, "float16": 4.9e-4}
 DTYPES = ["float16", "float32"]
 
-needs_cxx = pytest.mark.skipif(fake_kernels.CXX is None, reason="no C++ compiler for the bodies")
+
+@pytest.fixture
+def _cxx():
+    """The host C++ compiler that builds the kernels' bodies (fake_kernels.CXX): part of the
+    reference toolchain of these checks, so missing it fails under MINISD_REQUIRE_REFERENCE=1."""
+    need_tool("g++", "c++", what="the C++ compiler that builds the fake kernels' bodies")
+
+
+needs_cxx = pytest.mark.usefixtures("_cxx")
 
 
 def _ops_cases(rng):
@@ -308,7 +316,10 @@ def test_selfcheck_on_the_device(capsys, monkeypatch):
     assert "FAIL: fell back for silu" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler (nvcc)")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None,
+    reason="no CUDA compiler (nvcc): optional, CI machines have none (.ci/run does not need it)",
+)
 @pytest.mark.parametrize("name", [*gpu_kernels.SOURCES, *gpu_kernels.REDUCTIONS])
 def test_cupy_kernel_sources_compile(name, tmp_path):
     """The exact source CuPy would build for each kernel (its own code generators, run without
@@ -321,8 +332,8 @@ def test_cupy_kernel_sources_compile(name, tmp_path):
             spec, make = gpu_kernels.SOURCES[name], cupy_codegen.elementwise_source
         sources = {t: make(name, spec, t) for t in DTYPES}
         include = cupy_codegen.include_dir()
-    except cupy_codegen.CodegenUnavailable as err:
-        pytest.skip(str(err))
+    except cupy_codegen.CodegenUnavailable as err:  # CuPy is a test dependency (.[test])
+        unavailable(str(err))
     for tname, src in sources.items():
         path = tmp_path / f"{name}{tname}.cu"
         path.write_text(src)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from refharness import OP_TOL, assert_rel, need, to_np, to_torch
+from refharness import OP_TOL, TOL, assert_rel, need, to_np, to_torch
 
 from minisd import ops
 from minisd.backend import to_numpy
@@ -63,6 +63,40 @@ def test_group_norm(xp, dtype, shape, groups):
         to_torch(to_numpy(x)), groups, to_torch(to_numpy(w)), to_torch(to_numpy(b)), eps=1e-6
     )
     assert_rel(ours, to_np(ref), OP_TOL[dtype], "group_norm")
+
+
+def _near_constant(rng, shape, dtype):
+    """Standard normal of ``shape``, except x[:, 0] constant (variance 0) and x[:, 1] of
+    variance ~1e-7, about eps: a flat image region or a repeated token, where eps is most of
+    ``var + eps``. Shaped (N, G, C/G, ...) for GroupNorm (x[:, g] is group g), (N, M, D) for
+    LayerNorm (x[:, m] is a row)."""
+    x = rng.standard_normal(shape)
+    x[:, 0] = 0.75
+    x[:, 1] = -0.5 + 3e-4 * x[:, 1]
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_norms_where_eps_dominates(xp, dtype, eps):
+    """GroupNorm / LayerNorm on a constant group / row and one of variance ~1e-7 (about eps)
+    against torch: without the eps of ``rsqrt(var + eps)`` the constant one is NaN and the
+    other 3-10x off, which data of variance ~9 cannot show (there eps moves y by ~5e-8)."""
+    torch = need("torch")
+    rng = np.random.default_rng(3)
+    # The project bound, not OP_TOL: in the variance-1e-7 group, 1/sqrt(var + eps) ~ 950
+    # amplifies the float32 rounding of the mean (ours and torch's differ), up to 1.2e-5.
+    tol = TOL[dtype]
+    x = _near_constant(rng, (2, 4, 2, 5, 7), dtype).reshape(2, 8, 5, 7)  # 4 groups of 2
+    w, b = (rng.uniform(0.5, 1.5, (2, 8)) * [[1], [0.1]]).astype(dtype)
+    ours = ops.group_norm(xp.asarray(x), xp.asarray(w), xp.asarray(b), groups=4, eps=eps)
+    ref = torch.nn.functional.group_norm(to_torch(x), 4, to_torch(w), to_torch(b), eps=eps)
+    assert_rel(ours, to_np(ref), tol, "group_norm, near-constant groups")
+    x = _near_constant(rng, (3, 6, 48), dtype)
+    w, b = (rng.uniform(0.5, 1.5, (2, 48)) * [[1], [0.1]]).astype(dtype)
+    ours = ops.layer_norm(xp.asarray(x), xp.asarray(w), xp.asarray(b), eps=eps)
+    ref = torch.nn.functional.layer_norm(to_torch(x), (48,), to_torch(w), to_torch(b), eps=eps)
+    assert_rel(ours, to_np(ref), tol, "layer_norm, near-constant rows")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,6 +8,7 @@ from refharness import need
 from test_schedulers_base import LONG_TOL, PREDS, SPACINGS, run_pair, standin
 
 import minisd.schedulers as ms
+from minisd.rng import TorchGenerator
 
 BETAS = {
     "linear": {},
@@ -100,15 +101,9 @@ def test_ddpm_fixed_large_log_is_finite():
 
 
 def test_torch_compatible_rng_whole_trajectory():
-    """With minisd.rng (another helper's module), seeds give diffusers' exact noise."""
-    import importlib.util
-
-    if importlib.util.find_spec("minisd.rng") is None:
-        pytest.skip("minisd.rng is not in the tree yet")
+    """With minisd.rng, seeds give diffusers' exact noise."""
     torch = need("torch")
     from test_schedulers_base import ref_scheduler, start_sample
-
-    from minisd.rng import TorchGenerator
 
     for name, step_kw in [("DDPMScheduler", {}), ("DDIMScheduler", {"eta": 1.0}),
                           ("EulerAncestralDiscreteScheduler", {})]:  # fmt: skip
