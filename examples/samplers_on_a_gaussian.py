@@ -16,13 +16,16 @@ step. No weights, no download; well under a second per sampler. The scheduler co
 is Stable Diffusion's (scaled_linear betas, 1000 training steps, steps_offset 1, "leading"
 timestep spacing as single-file conversions write it; --spacing changes it).
 
-What the table shows with the defaults (mu 0.5, s 0.3):
-- a mean 3-4% of s low for every deterministic sampler, at any step count: even at t = 999
-  SD's schedule is not pure noise (alpha_bar = 0.0047, so x_t still holds 0.068 mu), yet
-  sampling starts from N(0, 1); the exact flow maps that missing 0.068 mu to -0.068 mu s /
-  sd(x_t) = -0.034 s at the end (Lin et al. 2024, "Common diffusion noise schedules and
-  sample steps are flawed"). The ancestral samplers (ddpm, euler_a) re-inject noise, which
-  washes the bias out;
+What the table shows with the defaults (mu 0.5, s 0.3; 10, 25 and 50 steps):
+- every deterministic sampler's mean is low, by 0.034-0.041 s at 50 steps and 0.034-0.043 s
+  at 25: even at t = 999 SD's schedule is not pure noise (alpha_bar = 0.0047, so x_t still
+  holds 0.068 mu), yet sampling starts from N(0, 1); the exact flow maps that missing
+  0.068 mu to -0.068 mu s / sd(x_t) = -0.034 s at the end (the header line; Lin et al. 2024,
+  "Common diffusion noise schedules and sample steps are flawed"). At 10 steps the solvers'
+  own error adds to it: from -0.035 s (dpmpp_2m_karras) and -0.040 to -0.044 s (dpmpp_2m,
+  unipc, euler, ddim) to -0.054 s (plms, pndm), -0.055 s (lms) and -0.065 s (heun). The
+  ancestral samplers (ddpm, euler_a) re-inject noise, which washes the bias out (their mean
+  +0.001 to +0.007 s);
 - DDIM and Euler converge at first order (std error ~ 1/steps). The spread of the data is
   decided at low noise levels; the multistep and second-order solvers (LMS, PLMS/PNDM, Heun)
   and the Karras schedule (which spends its steps there) are within ~1% by 50 steps;
