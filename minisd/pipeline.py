@@ -10,6 +10,7 @@ images. The steps themselves live in ``pipeline_steps.py``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import image as imageproc
@@ -81,6 +82,8 @@ class StableDiffusion:
         ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype)."""
         dtype = resolve_device_dtype(dtype, device).name
         kw = {"weights": check_weights_mode(weights)}
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"path={path!r}: expected a model folder or .safetensors file path")
         path = Path(path)
         refuse_pickle(path)
         if path.is_dir():

@@ -295,6 +295,9 @@ class AutoencoderKL:
     def encode(self, images) -> DiagonalGaussian:
         """images (N, 3, H, W) in [-1, 1] -> DiagonalGaussian over latents (N, L, h, w)."""
         x = self._input(images, self.config.in_channels, "encode(images)")
+        f = self.config.vae_scale_factor  # each downsampler halves, and needs 2 pixels or more
+        if min(x.shape[2:]) < f:
+            raise InputError(f"encode(images): {x.shape[2]}x{x.shape[3]} pixels; needs >= {f}")
         xp = array_module(x)
         if self.use_slicing and x.shape[0] > 1:
             moments = xp.concatenate([self._moments(x[i : i + 1]) for i in range(x.shape[0])])

@@ -199,6 +199,10 @@ def nest(flat):
         parts = [int(p) if p.isdigit() else p for p in name.split(".")]
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise WeightsError(f"key {name!r}: a tensor is stored at a prefix of it")
+        if isinstance(node.get(parts[-1]), dict):
+            raise WeightsError(f"key {name!r}: other keys continue it (e.g. {name}.…)")
         node[parts[-1]] = value
     return root
 

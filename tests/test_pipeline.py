@@ -303,6 +303,11 @@ def test_bad_arguments_raise_before_any_work(pair, kw, message):
         ours(**args)
 
 
+def test_model_path_must_be_a_path():
+    with pytest.raises(InputError, match="path=None"):
+        minisd.StableDiffusion.from_pretrained(None)
+
+
 def test_mask_size_mismatch(pair):
     _, ours = pair
     with pytest.raises(InputError, match="mask_image"):

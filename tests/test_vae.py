@@ -195,6 +195,10 @@ def test_load_errors(tmp_path):
     vae = AutoencoderKL(cfg, flat)
     with pytest.raises(InputError, match="encode"):
         vae.encode(np.zeros((1, 4, 8, 8), np.float32))
+    f = vae.config.vae_scale_factor  # smaller images run out of pixels in the downsamplers
+    assert vae.encode(np.zeros((1, 3, f, f + 1), np.float32)).mean.shape[2:] == (1, 1)
+    with pytest.raises(InputError, match=f"{f - 1}x{f} pixels; needs >= {f}"):
+        vae.encode(np.zeros((1, 3, f - 1, f), np.float32))
     with pytest.raises(InputError, match="decode"):
         vae.decode(np.zeros((1, 3, 8, 8), np.float32))
 

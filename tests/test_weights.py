@@ -78,6 +78,13 @@ def test_check_keys_errors_name_the_key():
         weights.check_keys(flat, {"x": (3, 2), "y": (3,)}, "f.safetensors")
 
 
+def test_nest_refuses_a_key_that_is_a_prefix_of_another():
+    x = np.zeros(1)
+    for flat in ({"a": x, "a.b": x}, {"a.b": x, "a": x}):  # both orders: none silently dropped
+        with pytest.raises(WeightsError, match="key 'a"):
+            weights.nest(flat)
+
+
 def test_save_file_failure_leaves_nothing(tmp_path):
     flat = {"w": np.ones(3, np.float32)}
     (tmp_path / "taken").mkdir()  # a folder where the file should go
