@@ -318,7 +318,7 @@ def test_selfcheck_on_the_device(capsys, monkeypatch):
 
 @pytest.mark.skipif(
     shutil.which("nvcc") is None,
-    reason="no CUDA compiler (nvcc): optional, CI machines have none (.ci/run does not need it)",
+    reason="no CUDA compiler (nvcc): optional (.ci/run does not install it)",
 )
 @pytest.mark.parametrize("name", [*gpu_kernels.SOURCES, *gpu_kernels.REDUCTIONS])
 def test_cupy_kernel_sources_compile(name, tmp_path):
