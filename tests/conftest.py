@@ -41,3 +41,15 @@ def xp(request):
 def ref_cache(tmp_path_factory):
     """A session-wide folder for reference models saved as safetensors."""
     return tmp_path_factory.mktemp("refmodels")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1_files(tmp_path_factory):
+    """A weights_tools.make_tiny SD1 folder and its original-layout single file, built once per
+    test module (some tests write next to them)."""
+    import weights_tools as wt
+
+    root = tmp_path_factory.mktemp("tiny_sd1")
+    wt.make_tiny(root / "sd1", family="sd1", seed=0)
+    wt.to_original(root / "sd1", root / "sd1.safetensors")
+    return root / "sd1", root / "sd1.safetensors"

@@ -22,12 +22,8 @@ TEXT = "text_encoder/model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A make_tiny SD1 folder and its original-layout single file."""
-    root = tmp_path_factory.mktemp("wt_errors")
-    wt.make_tiny(root / "sd1", family="sd1", seed=0)
-    wt.to_original(root / "sd1", root / "sd1.safetensors")
-    return root / "sd1", root / "sd1.safetensors"
+def tiny(tiny_sd1_files):
+    return tiny_sd1_files  # (folder, single file), see conftest.py
 
 
 def _tree(folder):
