@@ -78,10 +78,12 @@ class DPMSolverMultistepScheduler(Scheduler):
     UNSUPPORTED += ("use_flow_sigmas", "use_dynamic_shifting")
 
     def __init__(self, **config):
+        # Configs of related samplers (UniPC's solver types, DEIS' algorithm type) are mapped
+        # to DPM-Solver's own, as diffusers maps them.
         config = dict(config)
-        if config.get("solver_type") in ("logrho", "bh1", "bh2"):  # a UniPC config: diffusers
-            config["solver_type"] = "midpoint"  # swaps in midpoint, and
-        if config.get("algorithm_type") == "deis":  # a DEIS config's type for dpmsolver++
+        if config.get("solver_type") in ("logrho", "bh1", "bh2"):
+            config["solver_type"] = "midpoint"
+        if config.get("algorithm_type") == "deis":
             config["algorithm_type"] = "dpmsolver++"
         super().__init__(**config)
         cfg = self.config
