@@ -285,6 +285,10 @@ class AutoencoderKL:
         """Encoder + quant_conv for one batch. (N, 3, H, W) -> (N, 2L, h, w)."""
         if self.use_tiling and max(x.shape[2:]) > self.tile_sample_min_size:
             return vae_tiling.tiled_moments(self, x)
+        return self._moments_whole(x)
+
+    def _moments_whole(self, x):
+        """Encoder + quant_conv in one piece (or of one tile), recorded under their names."""
         with trace.scope("encoder"):
             h = encoder(x, self.params["encoder"], self.config)
         trace.record("encoder", h)
@@ -308,6 +312,11 @@ class AutoencoderKL:
     def _decode(self, z):
         if self.use_tiling and max(z.shape[2:]) > self.tile_latent_min_size:
             return vae_tiling.tiled_decode(self, z)
+        return self._decode_whole(z)
+
+    def _decode_whole(self, z):
+        """post_quant_conv + decoder in one piece (or of one tile), recorded under their names
+        (the last tile's outputs are what a trace keeps, as forward hooks would)."""
         if self.config.use_post_quant_conv:
             z = trace.record("post_quant_conv", blocks.conv(z, self.params["post_quant_conv"]))
         with trace.scope("decoder"):

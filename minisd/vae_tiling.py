@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import blocks
 from .backend import array_module
 
 
@@ -92,16 +91,8 @@ def tile_and_blend(run, x, *, tile_in, tile_out, overlap):
 def tiled_moments(vae, x):
     """Encoder + quant_conv of ``vae`` tile by tile (diffusers' _tiled_encode).
     (N, 3, H, W) -> moments (N, 2L, H/f, W/f)."""
-    from .vae import encoder
-
-    def run(tile):
-        h = encoder(tile, vae.params["encoder"], vae.config)  # (N, 2L, t, t)
-        if vae.config.use_quant_conv:
-            h = blocks.conv(h, vae.params["quant_conv"])
-        return h
-
     return tile_and_blend(
-        run, x, tile_in=vae.tile_sample_min_size, tile_out=vae.tile_latent_min_size,
+        vae._moments_whole, x, tile_in=vae.tile_sample_min_size, tile_out=vae.tile_latent_min_size,
         overlap=vae.tile_overlap_factor,
     )  # fmt: skip
 
@@ -109,14 +100,7 @@ def tiled_moments(vae, x):
 def tiled_decode(vae, z):
     """post_quant_conv + decoder of ``vae`` tile by tile (diffusers' tiled_decode).
     (N, L, h, w) -> (N, 3, f h, f w)."""
-    from .vae import decoder
-
-    def run(tile):
-        if vae.config.use_post_quant_conv:
-            tile = blocks.conv(tile, vae.params["post_quant_conv"])
-        return decoder(tile, vae.params["decoder"], vae.config)  # (N, 3, T, T)
-
     return tile_and_blend(
-        run, z, tile_in=vae.tile_latent_min_size, tile_out=vae.tile_sample_min_size,
+        vae._decode_whole, z, tile_in=vae.tile_latent_min_size, tile_out=vae.tile_sample_min_size,
         overlap=vae.tile_overlap_factor,
     )  # fmt: skip

@@ -276,6 +276,25 @@ def test_tiled_matches_diffusers(dtype):
     assert np.array_equal(small_tiling_on, vae.decode(small))
 
 
+def test_trace_names_under_tiling():
+    """A tiled encode / decode records the names an untiled one does (each tile in turn: the
+    last tile's outputs stay, as forward hooks would keep them); no name loses its
+    "encoder." / "decoder." prefix (bare "conv_out" overwrote the UNet's in a pipeline trace)."""
+    m = ref_model(dict(TINY["3blocks-g2"][0], layers_per_block=1, sample_size=32), "float32")
+    vae = AutoencoderKL(dict(m.config), state_dict(m))
+    x, z = inputs((1, 3, 80, 72), (1, 4, 21, 13), "float32")
+    names = {}
+    for tiling in (False, True):
+        vae.use_tiling = tiling
+        with minisd.trace() as acts:
+            vae.decode(z)
+            vae.encode(x)
+        names[tiling] = set(acts)
+    assert names[True] == names[False]
+    assert {"decoder", "post_quant_conv", "encoder", "quant_conv"} <= names[True]
+    assert max(acts["decoder"].shape[2:]) <= 32  # one tile's output (the last, a border one)
+
+
 def rel_diff(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
