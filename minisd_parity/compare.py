@@ -65,11 +65,19 @@ def text_model_names(acts):
     return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in acts.items()}
 
 
-def layer_table(ours: dict, ref: dict, tol: float):
+def time_proj_bound(t):
+    """max |ours - torch| of the UNet's time_proj, a float32 precision island of diffusers
+    (tests/test_unet.py explains it): 1-2 ulp of sin/cos values, plus t * ulp(frequency)."""
+    return 2.5e-7 + float(np.max(t)) * 2.0**-23
+
+
+def layer_table(ours: dict, ref: dict, tol: float, bounds=None):
     """Rows (name, shape, max-abs, relative, cosine, ok) in reference order, and the first
-    layer whose relative error exceeds ``tol`` (None if all pass). Reference modules minisd
-    does not trace (e.g. diffusers' shared ``nonlinearity`` called twice per block) get NaN
-    errors and ok=None: not compared, neither passing nor failing."""
+    layer whose relative error exceeds ``tol`` (``bounds[name]`` where given: precision
+    islands) (None if all pass). Reference modules minisd does not trace (e.g. diffusers'
+    shared ``nonlinearity`` called twice per block) get NaN errors and ok=None: not compared,
+    neither passing nor failing."""
+    bounds = bounds or {}
     rows, first = [], None
     for name, r in ref.items():
         if name not in ours:
@@ -80,7 +88,7 @@ def layer_table(ours: dict, ref: dict, tol: float):
         diff = np.abs(a - b).max()
         rel = diff / max(np.abs(b).max(), 1e-300)
         cos = float(a.ravel() @ b.ravel() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
-        ok = bool(rel <= tol)
+        ok = bool(rel <= bounds.get(name, tol))
         rows.append((name, r.shape, float(diff), float(rel), cos, ok))
         if not ok and first is None:
             first = name

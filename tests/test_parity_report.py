@@ -37,7 +37,7 @@ def test_parity_command_compares_every_component(tiny_folder, capsys):
     need("torch", "diffusers", "transformers")
     assert main(["parity", "--model", str(tiny_folder)]) == 0
     out = capsys.readouterr().out
-    for title in ("text encoder", "UNet", "VAE decode"):
+    for title in ("text encoder", "UNet", "VAE decode", "VAE encode"):
         line = next(s for s in out.splitlines() if s.startswith(f"== {title}"))
         compared, total = (int(w) for w in line.split(":")[1].split()[:3:2])
         assert 0.7 * total <= compared <= total, line  # the rest: dropouts, shared activations
@@ -51,3 +51,26 @@ def test_parity_command_reports_a_divergence(tiny_folder, capsys):
     assert main(["parity", "--model", str(tiny_folder), "--tol", "1e-12"]) == 1
     out = capsys.readouterr().out
     assert "<-- over" in out and "first diverging layer" in out.split("summary:")[1]
+
+
+@pytest.mark.parametrize(
+    "target, expect",
+    [
+        ("time_proj", "unet: first diverging layer time_proj"),  # the float32 island
+        ("encoder", "vae encode: first diverging layer encoder.conv_in"),
+    ],
+)
+def test_parity_command_finds_an_injected_bug(tiny_folder, capsys, monkeypatch, target, expect):
+    """A wrong time embedding used to pass (the reference was fed minisd's own before its
+    output was recorded), and the VAE encoder was never run; a 1e-3 error in either is found."""
+    need("torch", "diffusers", "transformers")
+    from minisd import ops, vae
+
+    if target == "time_proj":
+        real = ops.timestep_embedding
+        monkeypatch.setattr(ops, "timestep_embedding", lambda *a, **k: real(*a, **k) * 1.001)
+    else:
+        real_encoder = vae.encoder
+        monkeypatch.setattr(vae, "encoder", lambda x, p, cfg: real_encoder(x * 1.001, p, cfg))
+    assert main(["parity", "--model", str(tiny_folder)]) == 1
+    assert expect in capsys.readouterr().out.split("summary:")[1]

@@ -39,12 +39,7 @@ from minisd import ops
 from minisd.errors import ConfigError, InputError, WeightsError
 from minisd.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from minisd.weights import RecordingDict, load_file, save_file
-
-
-def time_proj_bound(t):
-    """max |ours - torch| of time_proj: 1-2 ulp of sin/cos values, plus t * ulp(frequency)."""
-    return 2.5e-7 + float(np.max(t)) * 2.0**-23
-
+from minisd_parity.compare import time_proj_bound  # (shared with `minisd parity`)
 
 DTYPES = ["float64", "float32"]
 
