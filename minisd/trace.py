@@ -23,11 +23,13 @@ _NULL = contextlib.nullcontext()
 def trace(names=None, *, copy=True):
     """Collect outputs of named modules into a dict while the block runs.
 
-    names: optional iterable of full names (or a predicate) to keep memory small.
+    names: optional full name, iterable of full names, or predicate, to keep memory small.
     copy: store copies (default), so later in-place updates never change recorded values.
     """
     acts = {}
     saved = dict(_state)
+    if isinstance(names, str):  # one name (a set of its characters would match nothing)
+        names = [names]
     keep = names if (names is None or callable(names)) else set(names).__contains__
     _state.update(acts=acts, prefix=[], filter=keep, copy=copy)
     try:

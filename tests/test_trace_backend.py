@@ -30,6 +30,9 @@ def test_trace_filter_and_off_by_default():
     with minisd.trace(names={"conv_out"}) as acts:
         _model(np.ones(2))
     assert list(acts) == ["conv_out"]
+    with minisd.trace(names="conv_out") as acts:  # one name as a plain string
+        _model(np.ones(2))
+    assert list(acts) == ["conv_out"]
     assert not trace.active()
     assert trace.scope("x") is trace.scope("y")  # shared no-op when off
 
