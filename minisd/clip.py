@@ -25,7 +25,7 @@ import numpy as np
 from . import blocks, ops, parallel, trace
 from .backend import array_module, resolve_device_dtype, resolve_dtype
 from .blocks import ln
-from .config import check_numbers
+from .config import check_divides, check_numbers
 from .errors import ConfigError, InputError, WeightsError
 from .weights import (
     check_keys,
@@ -73,11 +73,8 @@ class CLIPTextConfig:
                 f"{source}: hidden_act={cfg.hidden_act!r} is not supported "
                 f"(expected one of {sorted(ACTIVATIONS)})"
             )
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ConfigError(
-                f"{source}: hidden_size={cfg.hidden_size} is not divisible by "
-                f"num_attention_heads={cfg.num_attention_heads}"
-            )
+        heads = cfg.num_attention_heads
+        check_divides(source, "num_attention_heads", heads, "hidden_size", (cfg.hidden_size,))
         return cfg
 
 

@@ -1,4 +1,5 @@
-"""Checks shared by the model configs (UNet, VAE, CLIP text encoder).
+"""Checks of user-given values: numbers and paths (pipeline arguments, weights_tools), and the
+fields of the model configs (UNet, VAE, CLIP text encoder).
 
 A config.json is user input: a field that holds a string ("8"), a zero, or a value that does not
 divide the channels would otherwise pass loading and fail deep inside a forward pass with a
@@ -8,16 +9,35 @@ ZeroDivisionError or a reshape error. These checks refuse it at load, naming the
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
-from .errors import ConfigError
+import numpy as np
+
+from .errors import ConfigError, InputError
+
+
+def is_int(v) -> bool:
+    """A Python or NumPy integer (bool is an int in Python, but no count of anything)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite Python or NumPy int or float (bool excluded)."""
+    numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return numeric and math.isfinite(v)
 
 
 def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return is_int(v) and v > 0
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def path_arg(value, name):
+    """``value`` (str or os.PathLike) as a Path; InputError naming the argument otherwise."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text:
+        raise InputError(f"{name}={value!r}: expected a file or folder path (str or os.PathLike)")
+    return Path(text)
 
 
 def check_numbers(source, cfg, *, ints=(), floats=(), optional=()):
@@ -25,7 +45,7 @@ def check_numbers(source, cfg, *, ints=(), floats=(), optional=()):
     tuple of them, those in ``floats`` a finite number; a field in ``optional`` may be None."""
     for names, ok, kind in (
         (ints, _positive_int, "positive integers"),
-        (floats, _finite, "a number"),
+        (floats, is_number, "a number"),
     ):
         for name in names:
             value = getattr(cfg, name)

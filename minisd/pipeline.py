@@ -10,9 +10,6 @@ images. The steps themselves live in ``pipeline_steps.py``.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from . import image as imageproc
 from . import parallel
 from . import pipeline_steps as steps
@@ -25,6 +22,7 @@ from .backend import (
     resolve_dtype,
     to_numpy,
 )
+from .config import path_arg
 from .errors import ConfigError, InputError, WeightsError
 from .weights import CastOnRead, check_weights_mode, read_config, refuse_pickle
 
@@ -82,9 +80,7 @@ class StableDiffusion:
         ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype)."""
         dtype = resolve_device_dtype(dtype, device).name
         kw = {"weights": check_weights_mode(weights)}
-        if not isinstance(path, (str, os.PathLike)):
-            raise InputError(f"path={path!r}: expected a model folder or .safetensors file path")
-        path = Path(path)
+        path = path_arg(path, "path")
         refuse_pickle(path)
         if path.is_dir():
             if config is not None or prediction_type is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import is_int, is_number
 from .errors import InputError
 
 SCHEDULERS = (
@@ -64,14 +65,14 @@ def validate(
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise InputError(f"num_inference_steps={steps!r}: must be an integer >= 1")
     g = guidance_scale  # a NaN would pass `g < 0` and give a NaN image
-    if not _is_real(g) or g < 0:
+    if not is_number(g) or g < 0:
         raise InputError(f"guidance_scale={guidance_scale!r}: must be a finite number >= 0")
-    if image is not None and not (_is_real(strength) and 0 < strength <= 1):
+    if image is not None and not (is_number(strength) and 0 < strength <= 1):
         raise InputError(f"strength={strength!r}: must be a number in (0, 1]")
     n = num_images_per_prompt
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+    if not (is_int(n) and n >= 1):
         raise InputError(f"num_images_per_prompt={n!r}: must be an integer >= 1")
-    if not (_is_real(eta) and eta >= 0):  # DDIM's and DDPM's noise weight; NaN gives NaN images
+    if not (is_number(eta) and eta >= 0):  # DDIM's and DDPM's noise weight; NaN gives NaN images
         raise InputError(f"eta={eta!r}: must be a finite number >= 0")
     if clip_skip is not None and (not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0):
         raise InputError(f"clip_skip={clip_skip!r}: must be None or an integer >= 0")
@@ -93,12 +94,6 @@ def validate(
         raise InputError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     if output_type not in OUTPUT_TYPES:
         raise InputError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
-
-
-def _is_real(v):
-    """A finite int or float (bool excluded)."""
-    numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-    return numeric and bool(np.isfinite(v))
 
 
 def image_size(img, name="image"):

@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .backend import to_numpy
+from .config import is_int
 from .errors import ConfigError, InputError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -142,7 +143,7 @@ def _special_tokens(folder):
     out = {k: _token_str(tokens[k], BOS if k == "bos_token" else EOS, folder) for k in SPECIAL_KEYS}
     out["normalized_specials"] = _normalized_specials(folder, cfg, tokens, out)
     length = cfg.get("model_max_length", MAX_LENGTH)
-    if isinstance(length, int) and not isinstance(length, bool) and length < 3:
+    if is_int(length) and length < 3:
         raise ConfigError(
             f"{cfg_path}: model_max_length={length}: needs room for BOS, a token and EOS (>= 3)"
         )

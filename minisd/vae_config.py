@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import check_numbers
+from .config import check_divides, check_numbers
 from .errors import ConfigError, WeightsError
 
 
@@ -69,12 +69,8 @@ class VAEConfig:
                 raise ConfigError(f"{source}: {key}={list(types)}: only {kind} is supported")
         if self.act_fn not in ("silu", "swish"):
             raise ConfigError(f"{source}: act_fn={self.act_fn!r}: only 'silu' is supported")
-        g = self.norm_num_groups
-        if any(c % g for c in self.block_out_channels):
-            raise ConfigError(
-                f"{source}: norm_num_groups={g} does not divide block_out_channels="
-                f"{list(self.block_out_channels)}"
-            )
+        c = self.block_out_channels
+        check_divides(source, "norm_num_groups", self.norm_num_groups, "block_out_channels", c)
 
     @property
     def vae_scale_factor(self) -> int:

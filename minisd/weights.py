@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_xp, resolve_dtype, to_numpy
+from .config import is_int
 from .errors import WeightsError
 
 # safetensors dtype tag -> (numpy dtype used to read the bytes, bytes per element)
@@ -95,9 +96,9 @@ def _check_entry(path, name, e, start, size):
     tag, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
     if not isinstance(tag, str) or tag not in DTYPES:
         raise WeightsError(f"{path}: key {name!r}: unsupported dtype {tag!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_int, offs))):
+    if not (isinstance(offs, list) and len(offs) == 2 and all(map(is_int, offs))):
         raise WeightsError(f"{path}: key {name!r}: data_offsets must be two integers")
-    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
         raise WeightsError(f"{path}: key {name!r}: bad shape {shape!r}")
     begin, end = start + offs[0], start + offs[1]
     if offs[0] < 0 or end < begin or end > size:
@@ -112,11 +113,6 @@ def _check_entry(path, name, e, start, size):
             f"offsets give {end - begin}"
         )
     return tag, tuple(shape), begin, end
-
-
-def _is_int(v):
-    """A JSON integer (bool is an int in Python, but not in JSON)."""
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_overlaps(path, tensors):

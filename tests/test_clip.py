@@ -201,6 +201,7 @@ def test_bad_config_and_inputs(tiny, tmp_path):
         CLIPTextModel.from_pretrained(tmp_path)
     for field, value in (
         ("num_attention_heads", 0),
+        ("num_attention_heads", 7),  # does not divide hidden_size
         ("hidden_size", "32"),
         ("layer_norm_eps", "x"),
     ):

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from minisd.config import is_int
 from minisd.errors import InputError
 
 from . import configs as C
@@ -158,6 +159,6 @@ def make_tiny(out_folder, family="sd1", seed=0):
 
 def check_seed(seed):
     """``seed`` as an int; InputError unless it is a non-negative integer (numpy's rule)."""
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
+    if is_int(seed) and seed >= 0:
         return int(seed)
     raise InputError(f"seed={seed!r}: expected a non-negative integer")

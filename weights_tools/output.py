@@ -16,15 +16,8 @@ import uuid
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from minisd.errors import InputError, WeightsError
-
-
-def path_arg(value, name):
-    """``value`` (str or os.PathLike) as a Path; InputError naming the argument otherwise."""
-    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
-    if not isinstance(text, str) or not text:
-        raise InputError(f"{name}={value!r}: expected a file or folder path (str or os.PathLike)")
-    return Path(text)
+from minisd.config import path_arg
+from minisd.errors import WeightsError
 
 
 def check_out_file(value, name="out"):
