@@ -104,7 +104,7 @@ def main(argv=None):
     print(f"data N({mu}, {s}^2), {args.spacing} spacing, {args.samples} samples per run")
     print("error of the samples' mean / std, relative to s; the exact flow from t = 999 to the")
     print(f"data gives {(m - mu) / s:+.3f} / {(sd - s) / s:+.3f}")
-    print(f"{'scheduler':16s}" + "".join(f"{f'{k} steps':>18s}" for k in args.steps))
+    print(f"{'scheduler':20s}" + "".join(f"{f'{k} steps':>18s}" for k in args.steps))
     for name in args.schedulers:
         cells = []
         for k in args.steps:
@@ -113,7 +113,7 @@ def main(argv=None):
                 print(f"{name}: non-finite samples after {k} steps")
                 return 1
             cells.append(f"{(x.mean() - mu) / s:+.3f} / {(x.std() - s) / s:+.3f}")
-        print(f"{name:16s}" + "".join(f"{c:>18s}" for c in cells))
+        print(f"{name:20s}" + "".join(f"{c:>18s}" for c in cells))
     return 0
 
 

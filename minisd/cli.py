@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 from .errors import InputError, MinisdError
+from .schedulers import NAMES
 
-SCHEDULER_HELP = (
-    "ddpm, ddim, pndm, plms, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, unipc"
-)
+SCHEDULER_HELP = ", ".join(NAMES)
 REAL_MODEL_HINT = (
     'With real weights: minisd generate "a photo of an astronaut riding a horse" '
     "--model path/to/stable-diffusion-v1-5 (a diffusers folder or a single .safetensors file)"

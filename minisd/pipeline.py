@@ -10,6 +10,8 @@ images. The steps themselves live in ``pipeline_steps.py``.
 
 from __future__ import annotations
 
+import logging
+
 from . import image as imageproc
 from . import parallel
 from . import pipeline_steps as steps
@@ -29,6 +31,7 @@ from .weights import CastOnRead, check_weights_mode, read_config, refuse_pickle
 # diffusers scheduler class -> minisd scheduler name (for the checkpoint's default scheduler)
 _CLASS_TO_NAME = {
     "PNDMScheduler": "pndm",
+    "PLMSScheduler": "plms",
     "DDIMScheduler": "ddim",
     "DDPMScheduler": "ddpm",
     "EulerDiscreteScheduler": "euler",
@@ -38,6 +41,16 @@ _CLASS_TO_NAME = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "UniPCMultistepScheduler": "unipc",
 }
+
+
+def _default_scheduler_name(class_name) -> str:
+    """The minisd name of a checkpoint's scheduler class; "pndm" (SD1's) with a warning for a
+    class minisd does not implement, "pndm" silently when the config names none."""
+    if class_name is not None and class_name not in _CLASS_TO_NAME:
+        logging.getLogger("minisd").warning(
+            "scheduler_config: %s is not implemented by minisd; using pndm (choose another "
+            "with scheduler=..., one of %s)", class_name, ", ".join(steps.SCHEDULERS))  # fmt: skip
+    return _CLASS_TO_NAME.get(class_name, "pndm")
 
 
 class StableDiffusion:
@@ -63,7 +76,7 @@ class StableDiffusion:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = imageproc.ImageProcessor(self.vae_scale_factor)
         self.mask_processor = imageproc.mask_processor(self.vae_scale_factor)
-        self.scheduler_name = _CLASS_TO_NAME.get(self.scheduler_config.get("_class_name"), "pndm")
+        self.scheduler_name = _default_scheduler_name(self.scheduler_config.get("_class_name"))
         self.scheduler = self.make_scheduler()
 
     # ------------------------------------------------------------------ loading

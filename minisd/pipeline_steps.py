@@ -12,20 +12,9 @@ import numpy as np
 
 from .config import is_int, is_number
 from .errors import InputError
+from .schedulers import NAMES
 
-SCHEDULERS = (
-    "ddpm",
-    "ddim",
-    "pndm",
-    "plms",
-    "euler",
-    "euler_a",
-    "heun",
-    "lms",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-)
+SCHEDULERS = tuple(NAMES)  # the names the pipeline and the CLI take
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 

@@ -65,7 +65,11 @@ def test_same_latents_same_result(pair, scheduler):
         assert_rel(got, expect, TOL, "np images")
 
 
-@pytest.mark.parametrize("scheduler,eta", [("euler_a", 0.0), ("ddpm", 0.0), ("ddim", 0.7)])
+@pytest.mark.parametrize(
+    "scheduler,eta",
+    [("euler_a", 0.0), ("ddpm", 0.0), ("ddim", 0.7), ("dpmpp_2m_sde", 0.0),
+     ("dpmpp_2m_sde_karras", 0.0)],
+)  # fmt: skip
 def test_same_seed_same_result_txt2img(pair, scheduler, eta):
     ref, ours = pair
     kw = dict(prompt=PROMPTS[0], num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
@@ -220,6 +224,21 @@ def test_default_scheduler_is_the_checkpoint_s_own(pair):
     assert_rel(pipe(**kw, scheduler=None, progress=False), expect, TOL, "own scheduler")
     second = pipe(**kw, scheduler="dpmpp_2m", progress=False)
     assert np.abs(second - expect).max() > 1e-3 * np.abs(expect).max()  # the name's preset
+
+
+def test_every_scheduler_class_has_a_default_name(caplog):
+    """A checkpoint naming any scheduler class minisd implements gets it as its default; an
+    unknown class (diffusers' DPMSolverSDEScheduler needs torchsde) warns and uses pndm."""
+    from minisd import schedulers
+    from minisd.pipeline import _default_scheduler_name
+
+    for cls_name in schedulers._CLASSES:
+        name = _default_scheduler_name(cls_name)
+        assert NAMES[name][0] == cls_name, cls_name
+    assert not caplog.records
+    assert _default_scheduler_name(None) == "pndm" and not caplog.records
+    assert _default_scheduler_name("DPMSolverSDEScheduler") == "pndm"
+    assert "DPMSolverSDEScheduler is not implemented" in caplog.text
 
 
 def test_callback_and_pil(pair):

@@ -112,13 +112,20 @@ def patch_randn(monkeypatch):
         assert tuple(a.shape) == tuple(shape)
         return torch.from_numpy(a.copy()).to(dtype)
 
-    import diffusers.schedulers.scheduling_ddim as m1
-    import diffusers.schedulers.scheduling_ddpm as m2
-    import diffusers.schedulers.scheduling_euler_ancestral_discrete as m3
-    import diffusers.schedulers.scheduling_euler_discrete as m4
+    import importlib
+    import pkgutil
 
-    for m in (m1, m2, m3, m4):
-        monkeypatch.setattr(m, "randn_tensor", fake)
+    import diffusers.schedulers as pkg
+
+    # every scheduler module that imported randn_tensor by name (torch-only ones: not flax)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("scheduling_") and not info.name.endswith("_flax"):
+            try:
+                m = importlib.import_module(f"diffusers.schedulers.{info.name}")
+            except ImportError:  # optional dependencies (torchsde, scipy, ...)
+                continue
+            if hasattr(m, "randn_tensor"):
+                monkeypatch.setattr(m, "randn_tensor", fake)
     monkeypatch.setattr(tu, "randn_tensor", fake)
 
 

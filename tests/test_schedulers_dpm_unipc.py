@@ -106,9 +106,82 @@ def test_dpm_add_noise():
     np.testing.assert_allclose(ours.add_noise(x, eps, t), want.numpy(), rtol=1e-6, atol=1e-6)
 
 
+# The SDE variants ("DPM++ 2M SDE"): one float32 noise tensor per step, replayed into diffusers'
+# randn_tensor so both draw the same numbers at the same steps.
+SDE_VARIANTS = {
+    "sde_2m": {"algorithm_type": "sde-dpmsolver++"},
+    "sde_2m_karras": {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    "sde_2m_heun": {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+    "sde_3m": {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+    "sde_3m_nolof": {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                     "lower_order_final": False},
+    "sde_eps": {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"},
+    "sde_eps_heun": {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min",
+                     "solver_type": "heun"},
+}  # fmt: skip
+
+
+def sde_cases():
+    out = []
+    for b, s, p, v, n in itertools.product(BETAS, SPACINGS, PREDS, SDE_VARIANTS, [1, 2, 7, 25]):
+        if (v != "sde_2m" or p != "epsilon") and (n not in (7, 25) or s == "leading"):
+            continue
+        if (v.startswith("sde_eps") and p != "epsilon") or (b == "cos" and "karras" in v):
+            continue  # see cases()
+        out.append((b, s, p, v, n))
+    return out
+
+
+@pytest.mark.parametrize("beta,spacing,pred,variant,n", sde_cases())
+def test_dpm_solver_sde_same_noise(monkeypatch, beta, spacing, pred, variant, n):
+    cfg = {**BETAS[beta], "timestep_spacing": spacing, "prediction_type": pred,
+           **SDE_VARIANTS[variant]}  # fmt: skip
+    tol = COS_TOL if beta == "cos" else MULTI_TOL
+    run_pair("DPMSolverMultistepScheduler", ms.DPMSolverMultistepScheduler, cfg, n,
+             noisy=True, monkeypatch=monkeypatch, tol=tol)  # fmt: skip
+
+
+def test_dpm_solver_sde_long(monkeypatch):
+    cfg = {**BETAS["sd"], "timestep_spacing": "trailing", "algorithm_type": "sde-dpmsolver++"}
+    run_pair("DPMSolverMultistepScheduler", ms.DPMSolverMultistepScheduler, cfg, 300,
+             noisy=True, monkeypatch=monkeypatch, tol=LONG_TOL)  # fmt: skip
+
+
+def test_dpm_solver_sde_draws_float32_every_step():
+    """Noise is drawn on every step (the last too), float32 whatever the sample dtype, from the
+    rng passed to step; an explicit ``noise=`` is used instead of drawing."""
+
+    class Counting:
+        def __init__(self):
+            self.calls, self.rng = [], np.random.default_rng(0)
+
+        def standard_normal(self, shape, dtype):
+            self.calls.append((tuple(shape), np.dtype(dtype)))
+            return self.rng.standard_normal(shape, dtype)
+
+    s = ms.DPMSolverMultistepScheduler.from_config({"algorithm_type": "sde-dpmsolver++"})
+    rng = Counting()
+    x = start_sample((1, 2, 3, 3)).astype(np.float16)
+    out = ms.sample_loop(s, lambda z, t: z * 0.1, x, num_inference_steps=4, rng=rng)
+    assert rng.calls == [((1, 2, 3, 3), np.dtype(np.float32))] * 4
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+    s.set_timesteps(3)
+    t, y = s.timesteps[0], start_sample((1, 2, 3, 3))
+    a = s.step(y * 0.1, t, y, noise=np.zeros_like(y)).prev_sample
+    s.set_timesteps(3)
+    b = s.step(y * 0.1, t, y, noise=np.ones_like(y)).prev_sample
+    assert np.abs(a - b).min() > 0.1  # the noise enters with weight sigma_t sqrt(1 - e^{-2h})
+
+
 def test_unsupported_options_are_config_errors():
-    with pytest.raises(ConfigError, match="algorithm_type"):
-        ms.DPMSolverMultistepScheduler.from_config({"algorithm_type": "sde-dpmsolver++"})
+    with pytest.raises(ConfigError, match="algorithm_type='dpmsolver\\+\\+\\+'"):
+        ms.DPMSolverMultistepScheduler.from_config({"algorithm_type": "dpmsolver+++"})
+    with pytest.raises(ConfigError, match="solver_order=3 with algorithm_type='sde-dpmsolver'"):
+        ms.DPMSolverMultistepScheduler.from_config(
+            {"algorithm_type": "sde-dpmsolver", "solver_order": 3, "final_sigmas_type": "sigma_min"}
+        )
+    with pytest.raises(ConfigError, match="final_sigmas_type='zero'.*'sde-dpmsolver'"):
+        ms.DPMSolverMultistepScheduler.from_config({"algorithm_type": "sde-dpmsolver"})
     with pytest.raises(ConfigError, match="use_exponential_sigmas"):
         ms.EulerDiscreteScheduler.from_config({"use_exponential_sigmas": True})
     with pytest.raises(ConfigError, match="solver_p"):
@@ -182,6 +255,7 @@ def test_sample_loop_runs_every_scheduler(name, xp):
     assert bool(xp.isfinite(out).all())
     assert seen == list(range(len(s.timesteps)))
     assert len(s.timesteps) == {"heun": 11, "plms": 7, "pndm": 7}.get(name, 6)
-    if xp is not np and name not in ("ddpm", "euler_a"):  # cupy == numpy (deterministic ones)
-        ref = ms.sample_loop(ms.get_scheduler(name, SD15), standin, x, num_inference_steps=6)
+    if xp is not np:  # cupy == numpy (the same draws: noise is drawn on the host)
+        ref = ms.sample_loop(ms.get_scheduler(name, SD15), standin, x, num_inference_steps=6,
+                             rng=np.random.default_rng(0))  # fmt: skip
         assert np.abs(out.get() - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -14,6 +14,7 @@ from .base import (
     as_index,
     bcast,
     check_num_steps,
+    draw_noise,
     karras_sigmas,
     sigma_to_t,
     threshold_sample,
@@ -26,6 +27,11 @@ def alpha_sigma(sigma):
     lambda_t = log(alpha_t / sigma_t) is the half log-SNR of Lu et al."""
     alpha = np.float32(1) / np.sqrt(sigma * sigma + np.float32(1))
     return alpha, sigma * alpha
+
+
+def _grow(h):
+    """sqrt(e^{2h} - 1): the noise scale (over sigma_t) of the noise-space SDE step."""
+    return np.sqrt(np.exp(np.float32(2.0) * h) - np.float32(1.0))
 
 
 def data_prediction(kind: str, model_output, sample, alpha, sigma):
@@ -46,12 +52,19 @@ def noise_prediction(kind: str, model_output, sample, alpha, sigma):
     return alpha * model_output + sigma * sample  # v_prediction
 
 
+ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+
+
 class DPMSolverMultistepScheduler(Scheduler):
-    """Multistep DPM-Solver(++) of order 1-3 (deterministic variants only).
+    """Multistep DPM-Solver(++) of order 1-3.
 
     ``algorithm_type="dpmsolver++"`` works on data predictions x_0 (DPM-Solver++ Alg. 2),
     ``"dpmsolver"`` on noise predictions (DPM-Solver eq. 3.7 / multistep Alg. 2 of the ++ paper).
-    The SDE variants are not implemented (ConfigError).
+    ``"sde-dpmsolver++"`` ("DPM++ 2M SDE") and ``"sde-dpmsolver"`` solve the reverse SDE instead
+    of the probability-flow ODE (++ paper, Sec. 5 / App. B): the same exponential integrator with
+    the linear term's decay doubled, plus fresh noise of the variance the SDE injects over the
+    step. They draw one float32 standard-normal tensor of the model output's shape on every
+    step, as diffusers does; ``sde-dpmsolver`` has no third-order update (as in diffusers).
     """
 
     DEFAULTS = {
@@ -87,13 +100,18 @@ class DPMSolverMultistepScheduler(Scheduler):
             config["algorithm_type"] = "dpmsolver++"
         super().__init__(**config)
         cfg = self.config
-        if cfg.algorithm_type not in ("dpmsolver++", "dpmsolver"):
-            raise ConfigError(f"algorithm_type={cfg.algorithm_type!r}: minisd implements "
-                              "'dpmsolver++' and 'dpmsolver'")  # fmt: skip
+        if cfg.algorithm_type not in ALGORITHMS:
+            raise ConfigError(f"algorithm_type={cfg.algorithm_type!r}: expected one of "
+                              f"{list(ALGORITHMS)}")  # fmt: skip
         if cfg.solver_type not in ("midpoint", "heun"):
             raise ConfigError(f"solver_type={cfg.solver_type!r}: expected 'midpoint' or 'heun'")
-        if cfg.algorithm_type == "dpmsolver" and cfg.final_sigmas_type == "zero":
-            raise ConfigError("final_sigmas_type='zero' needs algorithm_type='dpmsolver++'")
+        if not self._data_space and cfg.final_sigmas_type == "zero":
+            raise ConfigError(f"final_sigmas_type='zero' needs a data-prediction algorithm_type "
+                              f"('dpmsolver++' or 'sde-dpmsolver++'), not "
+                              f"{cfg.algorithm_type!r}")  # fmt: skip
+        if cfg.algorithm_type == "sde-dpmsolver" and cfg.solver_order == 3:
+            raise ConfigError("solver_order=3 with algorithm_type='sde-dpmsolver': no third-"
+                              "order SDE update in noise space (diffusers has none)")  # fmt: skip
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise ConfigError(f"final_sigmas_type={cfg.final_sigmas_type!r}: expected "
                               "'zero' or 'sigma_min'")  # fmt: skip
@@ -167,14 +185,19 @@ class DPMSolverMultistepScheduler(Scheduler):
             return 0.0
         return float(train_sigmas(self.alphas_cumprod[:1])[0])
 
+    @property
+    def _data_space(self) -> bool:
+        """True for the ++ variants, which integrate data predictions x_0 (else noise eps)."""
+        return self.config.algorithm_type.endswith("++")
+
     def _convert(self, model_output, sample, i):
-        """Model output -> x_0 (dpmsolver++) or eps (dpmsolver) at step i."""
+        """Model output -> x_0 (the ++ variants) or eps (dpmsolver, sde-dpmsolver) at step i."""
         cfg = self.config
         alpha, sigma = alpha_sigma(self.sigmas[i])
         kind = cfg.prediction_type
         if cfg.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :3]
-        if cfg.algorithm_type == "dpmsolver++":
+        if self._data_space:
             x0 = data_prediction(kind, model_output, sample, alpha, sigma)
             if cfg.thresholding:
                 x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
@@ -195,9 +218,10 @@ class DPMSolverMultistepScheduler(Scheduler):
                 out.append((a, s, np.log(a) - np.log(s)))
         return out
 
-    def step(self, model_output, timestep, sample, **_):
-        """1. convert the output; 2. shift the history; 3. update of order
-        min(solver_order, warm-up count), lowered near the end as diffusers does."""
+    def step(self, model_output, timestep, sample, *, rng=None, noise=None, **_):
+        """1. convert the output; 2. shift the history; 3. (SDE variants) draw the step's noise;
+        4. update of order min(solver_order, warm-up count), lowered near the end as diffusers.
+        ``noise``: the SDE variants' standard-normal tensor (else drawn from ``rng``)."""
         self._require_timesteps()
         cfg = self.config
         self._init_index(timestep)
@@ -210,65 +234,98 @@ class DPMSolverMultistepScheduler(Scheduler):
         m = self._convert(model_output, sample, i)
         self.model_outputs = self.model_outputs[1:] + [m]
         x = sample.astype(np.float32)
+        z = None
+        if cfg.algorithm_type.startswith("sde"):  # (B, C, H, W) float32, every step
+            z = draw_noise(model_output, rng=rng, noise=noise, dtype=np.float32)
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
-            prev = self._first_order(x, m, i)
+            prev = self._first_order(x, m, i, z)
         elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
-            prev = self._second_order(x, i)
+            prev = self._second_order(x, i, z)
         else:
-            prev = self._third_order(x, i)
+            prev = self._third_order(x, i, z)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
         self._step_index += 1
-        x0 = m if cfg.algorithm_type == "dpmsolver++" else None
+        x0 = m if self._data_space else None
         return SchedulerOutput(prev.astype(model_output.dtype, copy=False), x0)
 
-    def _first_order(self, x, m, i):
-        """DPM-Solver-1 = DDIM (++ paper eq. 5):
+    def _first_order(self, x, m, i, z):
+        """DPM-Solver-1 = DDIM (++ paper eq. 5), h = lambda_t - lambda_s:
         ++: x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) x0;
-        eps: x_t = (alpha_t / alpha_s) x - sigma_t (e^{h} - 1) eps;  h = lambda_t - lambda_s."""
+        eps: x_t = (alpha_t / alpha_s) x - sigma_t (e^{h} - 1) eps;
+        sde++: x_t = (sigma_t / sigma_s) e^{-h} x + alpha_t (1 - e^{-2h}) x0
+                     + sigma_t sqrt(1 - e^{-2h}) z;
+        sde: x_t = (alpha_t / alpha_s) x - 2 sigma_t (e^{h} - 1) eps
+                   + sigma_t sqrt(e^{2h} - 1) z."""
         (a_t, s_t, l_t), (a_s, s_s, l_s) = self._lams([i + 1, i])
         h = l_t - l_s
-        one = np.float32(1.0)
-        if self.config.algorithm_type == "dpmsolver++":
+        one, two = np.float32(1.0), np.float32(2.0)
+        kind = self.config.algorithm_type
+        if kind == "dpmsolver++":
             return s_t / s_s * x - a_t * (np.exp(-h) - one) * m
-        return a_t / a_s * x - s_t * (np.exp(h) - one) * m
+        if kind == "dpmsolver":
+            return a_t / a_s * x - s_t * (np.exp(h) - one) * m
+        if kind == "sde-dpmsolver++":
+            decay = one - np.exp(-two * h)  # 1 - e^{-2h}: the SDE's doubled decay
+            return s_t / s_s * np.exp(-h) * x + a_t * decay * m + s_t * np.sqrt(decay) * z
+        return a_t / a_s * x - two * (s_t * (np.exp(h) - one)) * m + s_t * _grow(h) * z
 
-    def _second_order(self, x, i):
+    def _second_order(self, x, i, z):
         """Multistep 2nd order (++ paper Alg. 2): D0 = m0, D1 = (m0 - m1) / r0, r0 = h_0 / h;
-        midpoint: - 0.5 alpha_t (e^{-h} - 1) D1; heun: + alpha_t ((e^{-h} - 1) / h + 1) D1."""
+        midpoint: - 0.5 alpha_t (e^{-h} - 1) D1; heun: + alpha_t ((e^{-h} - 1) / h + 1) D1.
+        The SDE variants: the first-order SDE step plus their D1 term (see the code)."""
         (a_t, s_t, l_t), (a_0, s_0, l_0), (_, _, l_1) = self._lams([i + 1, i, i - 1])
         m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
         h, h0 = l_t - l_0, l_0 - l_1
         r0 = h0 / h
         d0, d1 = m0, (np.float32(1.0) / r0) * (m0 - m1)
-        one, half = np.float32(1.0), np.float32(0.5)
-        if self.config.algorithm_type == "dpmsolver++":
+        one, two, half = np.float32(1.0), np.float32(2.0), np.float32(0.5)
+        midpoint = self.config.solver_type == "midpoint"
+        kind = self.config.algorithm_type
+        if kind == "dpmsolver++":
             em = np.exp(-h) - one
-            if self.config.solver_type == "midpoint":
+            if midpoint:
                 return s_t / s_0 * x - a_t * em * d0 - half * (a_t * em) * d1
             return s_t / s_0 * x - a_t * em * d0 + a_t * (em / h + one) * d1
+        if kind == "dpmsolver":
+            ep = np.exp(h) - one
+            if midpoint:
+                return a_t / a_0 * x - s_t * ep * d0 - half * (s_t * ep) * d1
+            return a_t / a_0 * x - s_t * ep * d0 - s_t * (ep / h - one) * d1
+        if kind == "sde-dpmsolver++":
+            decay = one - np.exp(-two * h)
+            base = s_t / s_0 * np.exp(-h) * x + a_t * decay * d0
+            c1 = half * (a_t * decay) if midpoint else a_t * (decay / (-two * h) + one)
+            return base + c1 * d1 + s_t * np.sqrt(decay) * z
         ep = np.exp(h) - one
-        if self.config.solver_type == "midpoint":
-            return a_t / a_0 * x - s_t * ep * d0 - half * (s_t * ep) * d1
-        return a_t / a_0 * x - s_t * ep * d0 - s_t * (ep / h - one) * d1
+        base = a_t / a_0 * x - two * (s_t * ep) * d0
+        c1 = s_t * ep if midpoint else two * (s_t * (ep / h - one))
+        return base - c1 * d1 + s_t * _grow(h) * z
 
-    def _third_order(self, x, i):
+    def _third_order(self, x, i, z):
         """Multistep 3rd order (DPM-Solver eq. / ++ appendix): D1 and D2 from three outputs."""
         lams = self._lams([i + 1, i, i - 1, i - 2])
         (a_t, s_t, l_t), (a_0, s_0, l_0), (_, _, l_1), (_, _, l_2) = lams
         m0, m1, m2 = self.model_outputs[-1], self.model_outputs[-2], self.model_outputs[-3]
         h, h0, h1 = l_t - l_0, l_0 - l_1, l_1 - l_2
         r0, r1 = h0 / h, h1 / h
-        one, half = np.float32(1.0), np.float32(0.5)
+        one, two, half = np.float32(1.0), np.float32(2.0), np.float32(0.5)
         d1_0, d1_1 = (one / r0) * (m0 - m1), (one / r1) * (m1 - m2)
         d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
         d2 = one / (r0 + r1) * (d1_0 - d1_1)
-        if self.config.algorithm_type == "dpmsolver++":
+        kind = self.config.algorithm_type
+        if kind == "dpmsolver++":
             em = np.exp(-h) - one
             return (s_t / s_0 * x - a_t * em * m0 + a_t * (em / h + one) * d1
                     - a_t * ((em + h) / (h * h) - half) * d2)  # fmt: skip
-        ep = np.exp(h) - one
-        return (a_t / a_0 * x - s_t * ep * m0 - s_t * (ep / h - one) * d1
-                - s_t * ((ep - h) / (h * h) - half) * d2)  # fmt: skip
+        if kind == "dpmsolver":
+            ep = np.exp(h) - one
+            return (a_t / a_0 * x - s_t * ep * m0 - s_t * (ep / h - one) * d1
+                    - s_t * ((ep - h) / (h * h) - half) * d2)  # fmt: skip
+        decay = one - np.exp(-two * h)  # sde-dpmsolver++ (sde-dpmsolver is refused at init)
+        c2 = a_t * ((decay - two * h) / ((two * h) ** 2) - half)
+        return (s_t / s_0 * np.exp(-h) * x + a_t * decay * m0
+                + a_t * (decay / (-two * h) + one) * d1 + c2 * d2
+                + s_t * np.sqrt(decay) * z)  # fmt: skip
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = alpha_t x_0 + sigma_t eps, alpha/sigma from this schedule's sigma at t. As
