@@ -13,6 +13,7 @@ from .base import (
     as_index,
     clip_x0,
     draw_noise,
+    rounded,
     rounded_timesteps,
 )
 
@@ -71,16 +72,16 @@ class DDPMScheduler(Scheduler):
         if kind == "fixed_small":
             return var
         if kind == "fixed_small_log":  # returns the standard deviation
-            return np.exp(np.float32(0.5) * np.log(var))
+            return rounded(np.exp, np.float32(0.5) * rounded(np.log, var))
         if kind == "fixed_large":
             return beta_t
         if kind == "fixed_large_log":
-            return np.log(beta_t)
+            return rounded(np.log, beta_t)
         if kind == "learned":
             return predicted_variance
         # learned_range (Nichol & Dhariwal 2021, eq. 15): log variance interpolated by v
         frac = (predicted_variance + 1) / 2
-        return frac * np.log(beta_t) + (1 - frac) * np.log(var)
+        return frac * rounded(np.log, beta_t) + (1 - frac) * rounded(np.log, var)
 
     def step(self, model_output, timestep, sample, *, eta=0.0, rng=None, noise=None, **_):
         """One ancestral step x_t -> x_{t-1}. ``eta`` is accepted for a uniform loop and unused.
@@ -128,7 +129,7 @@ class DDPMScheduler(Scheduler):
                 prev = prev + var * z
             elif self.config.variance_type == "fixed_large_log":
                 # diffusers takes sqrt of this log variance (NaN); we use std = exp(log var / 2)
-                prev = prev + np.exp(np.float32(0.5) * var) * z
+                prev = prev + rounded(np.exp, np.float32(0.5) * var) * z
             elif self.config.variance_type == "learned_range":
                 prev = prev + xp.exp(0.5 * var) * z
             else:

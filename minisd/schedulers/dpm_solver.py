@@ -16,6 +16,7 @@ from .base import (
     check_num_steps,
     draw_noise,
     karras_sigmas,
+    rounded,
     sigma_to_t,
     threshold_sample,
     train_sigmas,
@@ -29,9 +30,14 @@ def alpha_sigma(sigma):
     return alpha, sigma * alpha
 
 
+def _exp(x):
+    """e^x of a float32 scalar, correctly rounded as torch's (see ``base.rounded``)."""
+    return rounded(np.exp, x)
+
+
 def _grow(h):
     """sqrt(e^{2h} - 1): the noise scale (over sigma_t) of the noise-space SDE step."""
-    return np.sqrt(np.exp(np.float32(2.0) * h) - np.float32(1.0))
+    return np.sqrt(_exp(np.float32(2.0) * h) - np.float32(1.0))
 
 
 def data_prediction(kind: str, model_output, sample, alpha, sigma):
@@ -215,7 +221,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         for j in idx:
             a, s = alpha_sigma(self.sigmas[j])
             with np.errstate(divide="ignore"):
-                out.append((a, s, np.log(a) - np.log(s)))
+                out.append((a, s, rounded(np.log, a) - rounded(np.log, s)))
         return out
 
     def step(self, model_output, timestep, sample, *, rng=None, noise=None, **_):
@@ -261,13 +267,13 @@ class DPMSolverMultistepScheduler(Scheduler):
         one, two = np.float32(1.0), np.float32(2.0)
         kind = self.config.algorithm_type
         if kind == "dpmsolver++":
-            return s_t / s_s * x - a_t * (np.exp(-h) - one) * m
+            return s_t / s_s * x - a_t * (_exp(-h) - one) * m
         if kind == "dpmsolver":
-            return a_t / a_s * x - s_t * (np.exp(h) - one) * m
+            return a_t / a_s * x - s_t * (_exp(h) - one) * m
         if kind == "sde-dpmsolver++":
-            decay = one - np.exp(-two * h)  # 1 - e^{-2h}: the SDE's doubled decay
-            return s_t / s_s * np.exp(-h) * x + a_t * decay * m + s_t * np.sqrt(decay) * z
-        return a_t / a_s * x - two * (s_t * (np.exp(h) - one)) * m + s_t * _grow(h) * z
+            decay = one - _exp(-two * h)  # 1 - e^{-2h}: the SDE's doubled decay
+            return s_t / s_s * _exp(-h) * x + a_t * decay * m + s_t * np.sqrt(decay) * z
+        return a_t / a_s * x - two * (s_t * (_exp(h) - one)) * m + s_t * _grow(h) * z
 
     def _second_order(self, x, i, z):
         """Multistep 2nd order (++ paper Alg. 2): D0 = m0, D1 = (m0 - m1) / r0, r0 = h_0 / h;
@@ -282,21 +288,21 @@ class DPMSolverMultistepScheduler(Scheduler):
         midpoint = self.config.solver_type == "midpoint"
         kind = self.config.algorithm_type
         if kind == "dpmsolver++":
-            em = np.exp(-h) - one
+            em = _exp(-h) - one
             if midpoint:
                 return s_t / s_0 * x - a_t * em * d0 - half * (a_t * em) * d1
             return s_t / s_0 * x - a_t * em * d0 + a_t * (em / h + one) * d1
         if kind == "dpmsolver":
-            ep = np.exp(h) - one
+            ep = _exp(h) - one
             if midpoint:
                 return a_t / a_0 * x - s_t * ep * d0 - half * (s_t * ep) * d1
             return a_t / a_0 * x - s_t * ep * d0 - s_t * (ep / h - one) * d1
         if kind == "sde-dpmsolver++":
-            decay = one - np.exp(-two * h)
-            base = s_t / s_0 * np.exp(-h) * x + a_t * decay * d0
+            decay = one - _exp(-two * h)
+            base = s_t / s_0 * _exp(-h) * x + a_t * decay * d0
             c1 = half * (a_t * decay) if midpoint else a_t * (decay / (-two * h) + one)
             return base + c1 * d1 + s_t * np.sqrt(decay) * z
-        ep = np.exp(h) - one
+        ep = _exp(h) - one
         base = a_t / a_0 * x - two * (s_t * ep) * d0
         c1 = s_t * ep if midpoint else two * (s_t * (ep / h - one))
         return base - c1 * d1 + s_t * _grow(h) * z
@@ -314,16 +320,16 @@ class DPMSolverMultistepScheduler(Scheduler):
         d2 = one / (r0 + r1) * (d1_0 - d1_1)
         kind = self.config.algorithm_type
         if kind == "dpmsolver++":
-            em = np.exp(-h) - one
+            em = _exp(-h) - one
             return (s_t / s_0 * x - a_t * em * m0 + a_t * (em / h + one) * d1
                     - a_t * ((em + h) / (h * h) - half) * d2)  # fmt: skip
         if kind == "dpmsolver":
-            ep = np.exp(h) - one
+            ep = _exp(h) - one
             return (a_t / a_0 * x - s_t * ep * m0 - s_t * (ep / h - one) * d1
                     - s_t * ((ep - h) / (h * h) - half) * d2)  # fmt: skip
-        decay = one - np.exp(-two * h)  # sde-dpmsolver++ (sde-dpmsolver is refused at init)
+        decay = one - _exp(-two * h)  # sde-dpmsolver++ (sde-dpmsolver is refused at init)
         c2 = a_t * ((decay - two * h) / ((two * h) ** 2) - half)
-        return (s_t / s_0 * np.exp(-h) * x + a_t * decay * m0
+        return (s_t / s_0 * _exp(-h) * x + a_t * decay * m0
                 + a_t * (decay / (-two * h) + one) * d1 + c2 * d2
                 + s_t * np.sqrt(decay) * z)  # fmt: skip
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .base import SchedulerOutput
+from .base import SchedulerOutput, rounded
 from .dpm_solver import (
     DPMSolverMultistepScheduler,
     alpha_sigma,
@@ -89,9 +89,9 @@ class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
         rks.append(np.float32(1.0))
         rks = np.array(rks, dtype=np.float32)  # (order,)
         hh = -h if self.config.predict_x0 else h
-        h_phi_1 = np.expm1(hh)
+        h_phi_1 = rounded(np.expm1, hh)
         h_phi_k = h_phi_1 / hh - np.float32(1)
-        b_h = hh if self.config.solver_type == "bh1" else np.expm1(hh)
+        b_h = hh if self.config.solver_type == "bh1" else rounded(np.expm1, hh)
         R, b, fact = [], [], 1
         for k in range(1, order + 1):
             R.append(rks ** np.float32(k - 1))
