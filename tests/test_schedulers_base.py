@@ -101,6 +101,17 @@ def run_ours(sched, n, x, noises=None, step_kw=None, model=standin):
     return ts, outs, x0s
 
 
+class CountingRng:
+    """A numpy Generator that records every draw's (shape, dtype) in ``calls``."""
+
+    def __init__(self, seed=0):
+        self.calls, self.rng = [], np.random.default_rng(seed)
+
+    def standard_normal(self, shape, dtype):
+        self.calls.append((tuple(shape), np.dtype(dtype)))
+        return self.rng.standard_normal(shape, dtype)
+
+
 def patch_randn(monkeypatch):
     """Make diffusers' randn_tensor return the tensors the _Replay generator carries."""
     torch = need("torch")

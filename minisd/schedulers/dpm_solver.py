@@ -162,6 +162,16 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.lower_order_nums = 0
         self._step_index = self._begin_index = None
 
+    @property
+    def step_index(self):
+        """Position of the next ``step`` in ``timesteps`` (None before the first)."""
+        return getattr(self, "_step_index", None)
+
+    @property
+    def begin_index(self):
+        """The first step's position, from ``set_begin_index`` (img2img), else None."""
+        return getattr(self, "_begin_index", None)
+
     def set_begin_index(self, begin_index: int = 0):
         """img2img: the first ``step`` is step ``begin_index`` of the schedule."""
         self._begin_index = int(begin_index)
@@ -171,7 +181,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         step if absent, as diffusers), or from ``set_begin_index``."""
         if self._step_index is not None:
             return
-        if getattr(self, "_begin_index", None) is not None:
+        if self.begin_index is not None:
             self._step_index = self._begin_index
             return
         self._step_index = self._index_of(timestep)
@@ -339,7 +349,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         step (the begin index before the first step), else looked up like ``_init_index``."""
         xp = array_module(original_samples)
         ts = np.asarray(timesteps.get() if hasattr(timesteps, "get") else timesteps).reshape(-1)
-        if getattr(self, "_begin_index", None) is None:
+        if self.begin_index is None:
             idx = [self._index_of(t) for t in ts]
         else:
             current = self._begin_index if self._step_index is None else self._step_index
