@@ -18,17 +18,25 @@ timestep spacing as single-file conversions write it; --spacing changes it).
 
 What the table shows with the defaults (mu 0.5, s 0.3; 10, 25 and 50 steps):
 - every deterministic sampler's mean is low, by 0.034-0.041 s at 50 steps and 0.034-0.043 s
-  at 25: even at t = 999 SD's schedule is not pure noise (alpha_bar = 0.0047, so x_t still
-  holds 0.068 mu), yet sampling starts from N(0, 1); the exact flow maps that missing
-  0.068 mu to -0.068 mu s / sd(x_t) = -0.034 s at the end (the header line; Lin et al. 2024,
+  at 25 (deis 0.047 s, dpmpp_2s / dpmpp_3s 0.028-0.031 s: their last steps, below): even at
+  t = 999 SD's schedule is not pure noise (alpha_bar = 0.0047, so x_t still holds 0.068 mu),
+  yet sampling starts from N(0, 1); the exact flow maps that missing 0.068 mu to
+  -0.068 mu s / sd(x_t) = -0.034 s at the end (the header line; Lin et al. 2024,
   "Common diffusion noise schedules and sample steps are flawed"). At 10 steps the solvers'
   own error adds to it: from -0.035 s (dpmpp_2m_karras) and -0.040 to -0.044 s (dpmpp_2m,
-  unipc, euler, ddim) to -0.054 s (plms, pndm), -0.055 s (lms) and -0.065 s (heun). The
-  ancestral samplers (ddpm, euler_a) re-inject noise, which washes the bias out (their mean
-  +0.001 to +0.007 s);
+  unipc, euler, ddim) to -0.054 s (plms, pndm), -0.055 s (lms), -0.065 s (heun) and -0.070 s
+  (dpm2). The ancestral and SDE samplers (ddpm, euler_a, dpm2_a, dpmpp_2m_sde and their Karras
+  variants) re-inject noise, which washes the bias out (their mean -0.002 to +0.009 s);
 - DDIM and Euler converge at first order (std error ~ 1/steps). The spread of the data is
   decided at low noise levels; the multistep and second-order solvers (LMS, PLMS/PNDM, Heun)
-  and the Karras schedule (which spends its steps there) are within ~1% by 50 steps;
+  and the Karras schedule (which spends its steps there: dpmpp_2m_karras, dpm2_karras,
+  dpm2_a_karras, dpmpp_2m_sde_karras) are within ~1% by 50 steps;
+- samplers whose last step jumps from the last timestep (t = 20 at 50 steps) straight to the
+  data lose spread there: dpmpp_2s and dpmpp_3s (always "linspace" spaced: diffusers'
+  singlestep scheduler has no timestep_spacing) are ~10% too narrow at 50 steps, like Euler.
+  deis ends at t = 0's sigma instead, with a second-order noise extrapolation that overshoots
+  (+0.03 s at 25 and 50 steps; +0.01 s at 200 with --spacing trailing), as diffusers' DEIS
+  does;
 - dpmpp_2m and unipc with "leading" spacing lag, and get worse past ~100 steps (try --steps
   200 500): diffusers spaces their timesteps by 1000 // (steps + 1) from 0, so 50 steps run
   from t = 951 down to 20 (then one jump to the data), and 500 steps start at t = 501, from

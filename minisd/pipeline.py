@@ -37,8 +37,12 @@ _CLASS_TO_NAME = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a",
     "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "dpm2",
+    "KDPM2AncestralDiscreteScheduler": "dpm2_a",
     "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DPMSolverSinglestepScheduler": "dpmpp_2s",
+    "DEISMultistepScheduler": "deis",
     "UniPCMultistepScheduler": "unipc",
 }
 

@@ -47,7 +47,9 @@ def _run_ref(ref, name, **kw):
         ref.scheduler = saved
 
 
-@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize(
+    "scheduler", ["pndm", "ddim", "euler", "dpmpp_2m", "unipc", "dpm2", "dpmpp_2s", "deis"]
+)
 def test_same_latents_same_result(pair, scheduler):
     ref, ours = pair
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -68,7 +70,7 @@ def test_same_latents_same_result(pair, scheduler):
 @pytest.mark.parametrize(
     "scheduler,eta",
     [("euler_a", 0.0), ("ddpm", 0.0), ("ddim", 0.7), ("dpmpp_2m_sde", 0.0),
-     ("dpmpp_2m_sde_karras", 0.0)],
+     ("dpmpp_2m_sde_karras", 0.0), ("dpm2_a", 0.0), ("dpm2_a_karras", 0.0)],
 )  # fmt: skip
 def test_same_seed_same_result_txt2img(pair, scheduler, eta):
     ref, ours = pair
@@ -95,7 +97,7 @@ def _mask(h=64, w=64):
     return Image.fromarray(m)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm2_a", "dpmpp_2s", "deis"])
 def test_img2img_same_seed(pair, scheduler):
     diffusers = need("diffusers")
     ref, ours = pair
@@ -117,6 +119,10 @@ def test_img2img_same_seed(pair, scheduler):
         # 4-channel blending re-noises the image latents to the current step's sigma
         ("sd1", 0.7, "dpmpp_2m"),
         ("sd1", 1.0, "unipc"),
+        ("sd1", 0.7, "dpm2_a"),  # two model calls per step, noise on the second
+        ("sd1", 0.7, "dpmpp_3s"),
+        ("sd1", 0.7, "deis"),
+        ("sd1", 0.7, "dpmpp_2m_sde"),
     ],
 )
 def test_inpaint_same_seed(kind, strength, scheduler, tmp_path_factory):
@@ -184,7 +190,7 @@ def test_img2img_plms_starts_mid_schedule(pair):
     assert steps == [1, 2, 3]
 
 
-@pytest.mark.parametrize("scheduler", ["heun", "ddim", "pndm"])
+@pytest.mark.parametrize("scheduler", ["heun", "ddim", "pndm", "dpm2", "dpmpp_3s"])
 def test_callback_as_diffusers(pair, scheduler):
     """diffusers' callback(step, t, latents): once per solver step (Heun makes two model calls
     per step), with the same step numbers, timesteps and latents."""

@@ -25,8 +25,12 @@ _CLASSES = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler",
     "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "kdpm2",
+    "KDPM2AncestralDiscreteScheduler": "kdpm2",
     "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpm_solver",
+    "DPMSolverSinglestepScheduler": "dpm_singlestep",
+    "DEISMultistepScheduler": "deis",
     "UniPCMultistepScheduler": "unipc",
 }
 
@@ -40,6 +44,10 @@ NAMES = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m": (
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
@@ -56,6 +64,15 @@ NAMES = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "dpmpp_2s": (
+        "DPMSolverSinglestepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),
+    "dpmpp_3s": (
+        "DPMSolverSinglestepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 3},
+    ),
+    "deis": ("DEISMultistepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
