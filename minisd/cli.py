@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        scheduler = getattr(args, "scheduler", None)
+        if scheduler is not None and scheduler not in NAMES:  # before any model is built
+            raise InputError(f"--scheduler {scheduler!r}: expected one of {SCHEDULER_HELP}")
         if args.command in (None, "selfcheck"):
             return _selfcheck(getattr(args, "device", "cpu"))
         if args.command == "demo":

@@ -60,7 +60,7 @@ def test_generate_img2img_and_trace(demo_model, tmp_path):
     [
         (["--size", "60x64"], "width=60"),
         (["--steps", "0"], "num_inference_steps=0"),
-        (["--scheduler", "nope"], "scheduler='nope'"),
+        (["--scheduler", "nope"], "--scheduler 'nope'"),
         (["--init-image", "missing.png"], "missing.png"),
         (["--init-image", "{model}/model_index.json"], "cannot read it as an image"),
         (["--out", "{tmp}"], "is a folder"),
@@ -129,3 +129,11 @@ def test_generate_weights_modes_give_the_same_image(demo_model, tmp_path):
     assert pixels["eager"].shape == (64, 64, 3)
     np.testing.assert_array_equal(pixels["eager"], pixels["lazy"])
     np.testing.assert_array_equal(pixels["eager"], pixels["stream"])
+
+
+def test_unknown_scheduler_refused_before_building_anything(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["demo", "--cache", str(cache), "--scheduler", "dpmpp_sde"]) == 2
+    err = capsys.readouterr().err
+    assert "--scheduler 'dpmpp_sde': expected one of" in err and "dpmpp_2m_sde" in err
+    assert not cache.exists()  # no demo model built
