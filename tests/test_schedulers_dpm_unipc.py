@@ -166,6 +166,23 @@ def test_dpm_solver_sde_draws_float32_every_step():
     assert np.abs(a - b).min() > 0.1  # the noise enters with weight sigma_t sqrt(1 - e^{-2h})
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+     "DPMSolverSinglestepScheduler"],
+)  # fmt: skip
+def test_repeated_first_timestep_is_refused_before_any_step(name):
+    """Karras sigmas above the training table's largest repeat t = 999; diffusers then takes the
+    first step as the second and fails with an IndexError after the whole run. minisd refuses
+    at the first step; with fewer steps (no repeat) the same config runs."""
+    cfg = {**BETAS["sd"], "use_karras_sigmas": True, "sigma_max": 30.0}
+    s = getattr(ms, name).from_config(cfg)
+    with pytest.raises(InputError, match="starts with timestep 999 twice"):
+        ms.sample_loop(s, standin, start_sample(), num_inference_steps=8)  # [999, 999, 879..
+    out = ms.sample_loop(s, standin, start_sample(), num_inference_steps=5)  # [999, 915, ..
+    assert np.isfinite(out).all()
+
+
 def test_unsupported_options_are_config_errors():
     with pytest.raises(ConfigError, match="algorithm_type='dpmsolver\\+\\+\\+'"):
         ms.DPMSolverMultistepScheduler.from_config({"algorithm_type": "dpmsolver+++"})

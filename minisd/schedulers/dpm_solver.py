@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .base import (
     COMMON_DEFAULTS,
     Scheduler,
@@ -184,6 +184,14 @@ class DPMSolverMultistepScheduler(Scheduler):
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
+        ts = self.timesteps
+        if len(ts) > 1 and ts[0] == ts[1] == as_index(timestep):
+            raise InputError(
+                f"{type(self).__name__}: the schedule starts with timestep {ts[0]} twice (Karras "
+                "sigmas above the training table's largest, e.g. sigma_max too high or the "
+                "cosine schedule), so the first step would be taken as the second and the run "
+                "would step past the end (as in diffusers); lower sigma_max or use fewer steps"
+            )
         self._step_index = self._index_of(timestep)
 
     def _index_of(self, timestep) -> int:
