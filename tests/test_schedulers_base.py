@@ -109,7 +109,7 @@ class CountingRng:
 
     def standard_normal(self, shape, dtype):
         self.calls.append((tuple(shape), np.dtype(dtype)))
-        return self.rng.standard_normal(shape, dtype)
+        return self.rng.standard_normal(shape, np.float32).astype(dtype)  # float16 too
 
 
 def patch_randn(monkeypatch):
@@ -297,3 +297,21 @@ def test_add_noise_and_velocity(name, dtype):
     if hasattr(ref, "get_velocity"):
         want = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t))
         np.testing.assert_array_equal(ours.get_velocity(x0, eps, t), want.numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_draw_noise_draws_torch_s_numbers_in_every_dtype(dtype):
+    """A step's noise from minisd.rng is what diffusers' randn_tensor(shape, dtype=...) draws
+    from a seeded torch.Generator, float16 included (torch's float16 normals are not its
+    float32 ones rounded once 16 or more are drawn)."""
+    torch = need("torch")
+    from minisd.rng import TorchGenerator
+    from minisd.schedulers.base import draw_noise
+
+    like = np.zeros((2, 3, 4, 5), dtype)
+    got = draw_noise(like, rng=TorchGenerator(3))
+    want = torch.randn(like.shape, dtype=getattr(torch, dtype),
+                       generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert got.dtype == like.dtype
+    np.testing.assert_array_equal(got, want.numpy())
+    assert draw_noise(like, rng=np.random.default_rng(0)).dtype == like.dtype  # numpy: cast

@@ -14,6 +14,7 @@ from test_schedulers_base import (
     PREDS,
     SPACINGS,
     TRAJ_TOL,
+    CountingRng,
     ref_scheduler,
     run_pair,
     standin,
@@ -414,3 +415,14 @@ def test_dtypes(dtype):
         x = s.step(standin(x, t), t, x).prev_sample
         assert x.dtype == dtype
     assert np.isfinite(x).all()
+
+
+def test_sde_draws_in_the_model_dtype():
+    """diffusers draws the SDE noise in its converted output's dtype: float16 for a float16
+    sample and model (numpy would promote x_0 to float32 through the float32 coefficients)."""
+    s = DPMSolverSinglestepScheduler.from_config({"algorithm_type": "sde-dpmsolver++"})
+    rng = CountingRng()
+    x = start_sample((1, 2, 3, 3)).astype(np.float16)
+    out = ms.sample_loop(s, lambda z, t: z * np.float16(0.1), x, num_inference_steps=3, rng=rng)
+    assert rng.calls == [((1, 2, 3, 3), np.dtype(np.float16))] * 3
+    assert out.dtype == np.float16

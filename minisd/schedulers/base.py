@@ -148,7 +148,8 @@ def draw_noise(like, *, rng=None, noise=None, dtype=None):
     """One standard-normal tensor of ``like``'s shape, in ``like``'s dtype (or ``dtype``).
 
     ``noise`` (an explicit array) wins; else ``rng.standard_normal(shape, dtype)`` (a numpy
-    Generator, or minisd.rng's torch-compatible one); else a fresh numpy Generator.
+    Generator, or minisd.rng's torch-compatible one, whose float16 draws are torch's: not the
+    float32 ones rounded); else a fresh numpy Generator.
     """
     xp = array_module(like)
     dtype = np.dtype(dtype or like.dtype)
@@ -156,9 +157,11 @@ def draw_noise(like, *, rng=None, noise=None, dtype=None):
         if tuple(noise.shape) != tuple(like.shape):
             raise InputError(f"noise: shape {tuple(noise.shape)} != sample shape {like.shape}")
         return xp.asarray(noise).astype(dtype, copy=False)
-    draw_dtype = dtype if dtype in (np.float32, np.float64) else np.float32
     if rng is None:
         rng = np.random.default_rng()
+    draw_dtype = dtype
+    if isinstance(rng, np.random.Generator) and dtype not in (np.float32, np.float64):
+        draw_dtype = np.float32  # numpy draws no float16; minisd.rng draws torch's float16
     out = rng.standard_normal(tuple(like.shape), draw_dtype)
     return xp.asarray(out).astype(dtype, copy=False)
 

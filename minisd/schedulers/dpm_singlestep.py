@@ -192,8 +192,10 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
         m = self._convert(model_output, sample, i)  # x_0 or eps at sigma_i
         self.model_outputs = self.model_outputs[1:] + [m]
         z = None
-        if self.config.algorithm_type == "sde-dpmsolver++":
-            z = draw_noise(m, rng=rng, noise=noise)
+        if self.config.algorithm_type == "sde-dpmsolver++":  # in the dtype torch's x_0 has
+            z = draw_noise(
+                m, rng=rng, noise=noise, dtype=np.result_type(sample.dtype, model_output.dtype)
+            )
         order = self.order_list[i]
         while self.model_outputs[-order] is None:  # img2img may begin inside a group
             order -= 1
