@@ -356,3 +356,23 @@ def make_rng(seed=None, kind="torch"):
     if kind == "numpy":
         return np.random.default_rng(seed)
     raise InputError(f"kind: {kind!r} is not one of 'torch', 'numpy'")
+
+
+def standard_normal(rng, shape, dtype):
+    """Standard normal numbers of ``shape`` in ``dtype`` (float16 via float32 for numpy, which
+    draws no float16; minisd's TorchGenerator draws torch's own float16 numbers) from ``rng``:
+    None or an int seed (a fresh numpy Generator), a numpy Generator, or any object with
+    ``standard_normal(shape, dtype=)`` or ``randn(shape)``."""
+    if rng is None or isinstance(rng, (int, np.integer)):
+        rng = np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):  # numpy draws float32 / float64 only
+        native = dtype if dtype in (np.float32, np.float64) else np.float32
+        return rng.standard_normal(shape, dtype=native)
+    if callable(getattr(rng, "standard_normal", None)):  # e.g. minisd.rng.TorchGenerator
+        return rng.standard_normal(shape, dtype=dtype)
+    if callable(getattr(rng, "randn", None)):
+        return rng.randn(shape)
+    raise InputError(
+        f"rng={rng!r}: expected None, an int seed, a numpy Generator or an object with "
+        "standard_normal(shape, dtype=...) / randn(shape)"
+    )

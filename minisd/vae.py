@@ -23,6 +23,7 @@ import numpy as np
 from . import blocks, trace, vae_tiling
 from .backend import array_module, device_of, resolve_device_dtype, resolve_dtype, to_device
 from .errors import InputError
+from .rng import standard_normal
 from .vae_config import _ATTN_PROJ, VAEConfig, expected_shapes, fix_legacy_keys  # noqa: F401
 from .weights import (
     check_keys,
@@ -144,7 +145,7 @@ class DiagonalGaussian:
         minisd.rng.TorchGenerator (then the numbers are torch.randn's, as diffusers draws)."""
         xp = array_module(self.mean)
         if noise is None:
-            noise = _draw_normal(rng, self.mean.shape, self.mean.dtype)
+            noise = standard_normal(rng, self.mean.shape, self.mean.dtype)
         noise = xp.asarray(noise).astype(self.mean.dtype, copy=False)
         if noise.shape != self.mean.shape:
             raise InputError(f"noise: shape {noise.shape}, expected {self.mean.shape}")
@@ -166,23 +167,6 @@ class DiagonalGaussian:
         """Negative log-likelihood of ``sample``, summed over ``dims``."""
         t = np.log(2.0 * np.pi) + self.logvar + (sample - self.mean) ** 2 / self.var
         return 0.5 * t.sum(axis=tuple(dims))
-
-
-def _draw_normal(rng, shape, dtype):
-    """Standard normal noise in ``dtype`` (diffusers draws in the moments' dtype)."""
-    if rng is None or isinstance(rng, (int, np.integer)):
-        rng = np.random.default_rng(rng)
-    if isinstance(rng, np.random.Generator):  # numpy draws float32 / float64 only
-        native = dtype if dtype in (np.float32, np.float64) else np.float32
-        return rng.standard_normal(shape, dtype=native)
-    if callable(getattr(rng, "standard_normal", None)):  # e.g. minisd.rng.TorchGenerator
-        return rng.standard_normal(shape, dtype=dtype)
-    if callable(getattr(rng, "randn", None)):
-        return rng.randn(shape)
-    raise InputError(
-        f"rng={rng!r}: expected None, an int seed, a numpy Generator or an object with "
-        "standard_normal(shape, dtype=...) / randn(shape)"
-    )
 
 
 # --------------------------------------------------------------------------- model

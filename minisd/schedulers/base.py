@@ -17,6 +17,7 @@ import numpy as np
 from ..backend import array_module
 from ..config import check_numbers
 from ..errors import ConfigError, InputError
+from ..rng import standard_normal
 from .tables import (  # noqa: F401
     betas_for_alpha_bar,
     check_num_steps,
@@ -157,12 +158,7 @@ def draw_noise(like, *, rng=None, noise=None, dtype=None):
         if tuple(noise.shape) != tuple(like.shape):
             raise InputError(f"noise: shape {tuple(noise.shape)} != sample shape {like.shape}")
         return xp.asarray(noise).astype(dtype, copy=False)
-    if rng is None:
-        rng = np.random.default_rng()
-    draw_dtype = dtype
-    if isinstance(rng, np.random.Generator) and dtype not in (np.float32, np.float64):
-        draw_dtype = np.float32  # numpy draws no float16; minisd.rng draws torch's float16
-    out = rng.standard_normal(tuple(like.shape), draw_dtype)
+    out = standard_normal(rng, tuple(like.shape), dtype)
     return xp.asarray(out).astype(dtype, copy=False)
 
 
