@@ -34,7 +34,8 @@ def _add_sampling(p, steps, size):
         "--guidance",
         type=float,
         default=7.5,
-        help="classifier-free guidance scale; <= 1 disables guidance (default 7.5)",
+        help="classifier-free guidance scale; <= 1 disables guidance (default 7.5). "
+        "LCM-distilled models take it as an input instead (one UNet batch; try 1-2, 4 steps)",
     )
     p.add_argument(
         "--scheduler",

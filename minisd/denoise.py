@@ -19,6 +19,7 @@ from .pipeline_steps import (
     draw,
     encode_image_latents,
     encode_prompt,
+    guidance_scale_embedding,
     guide,
     img2img_timesteps,
     tile_to,
@@ -46,7 +47,7 @@ def run(
     rng,
     progress,
 ):
-    cfg = guidance_scale > 1.0
+    cfg = uses_cfg(pipe, guidance_scale)
     ctx = encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip)  # (2B or B, 77, D)
     pipe.phase_done("text encoding")  # frees CuPy's cached blocks when asked (GPU policy)
     sched = pipe.make_scheduler(scheduler)
@@ -63,7 +64,23 @@ def run(
         lat = _inpaint_latents(
             pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
         )
+    state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
     return _loop(pipe, sched, state, lat, ctx, cfg, guidance_scale, eta, rng, callback, progress)
+
+
+def uses_cfg(pipe, guidance_scale) -> bool:
+    """Classifier-free guidance (two UNet batches) when the scale is > 1, except for
+    LCM-distilled UNets, which take the scale as an embedding instead (as diffusers)."""
+    return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+
+
+def _timestep_cond(pipe, guidance_scale, batch):
+    """LCM-distilled UNets: the embedding of w = guidance_scale - 1, one row per latent."""
+    dim = pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    w = np.full((batch,), guidance_scale - 1, dtype=np.float32)  # (B,)
+    return pipe.xp.asarray(guidance_scale_embedding(w, dim)).astype(pipe.dtype)  # (B, dim)
 
 
 def _txt2img_latents(pipe, sched, shape, latents, rng):
@@ -172,7 +189,8 @@ def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress
         x_in = sched.scale_model_input(x_in, t)
         if state.get("nine"):
             x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
-        return guide(pipe.unet(x_in, t, ctx), cfg, scale)  # (B, 4, h, w)
+        eps = pipe.unet(x_in, t, ctx, timestep_cond=state["timestep_cond"])
+        return guide(eps, cfg, scale)  # (B, 4, h, w)
 
     # diffusers' legacy callback: once per solver step, after its last model call (Heun makes
     # two per step; PNDM's warm-up calls and PLMS's extra first call report nothing), numbered

@@ -235,14 +235,15 @@ class StableDiffusion:
             from .rng import make_rng
 
             rng = make_rng(seed)
-        from .denoise import run
+        from .denoise import run, uses_cfg
 
         self._free_phases = (
             self.free_memory_between_phases
             if free_memory_between_phases is None
             else free_memory_between_phases
         )
-        cfg_batch = len(prompts) * num_images_per_prompt * (2 if guidance_scale > 1.0 else 1)
+        cfg = uses_cfg(self, guidance_scale)
+        cfg_batch = len(prompts) * num_images_per_prompt * (2 if cfg else 1)
         self._set_attention_chunk(cfg_batch, height, width)
         lat = run(
             self,

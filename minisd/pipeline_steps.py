@@ -169,3 +169,24 @@ def guide(eps, cfg, scale):
     n = eps.shape[0] // 2
     uncond, text = eps[:n], eps[n:]
     return uncond + scale * (text - uncond)
+
+
+def guidance_scale_embedding(w, dim):
+    """Guidance weights (B,) -> (B, dim) float32: the sinusoidal embedding that LCM-distilled
+    UNets take as ``timestep_cond`` in place of classifier-free guidance (Luo et al. 2023, eq. 9
+    distils guided eps into one call; the embedding is VDM's, Kingma et al. 2021, of 1000 w).
+
+    As diffusers' ``get_guidance_scale_embedding``, in float32: freq_k = exp(-k log(1e4) /
+    (half - 1)), emb = [sin(1000 w freq), cos(1000 w freq)], zero-padded to an odd ``dim``;
+    exp, sin and cos correctly rounded (see ops.timestep_embedding on torch's 1-ulp misses).
+    """
+    if not (is_int(dim) and dim >= 4):
+        raise InputError(f"time_cond_proj_dim={dim!r}: the guidance embedding needs >= 4")
+    w = np.asarray(w, np.float32).reshape(-1) * np.float32(1000.0)  # (B,)
+    half = dim // 2
+    step = np.float32(np.log(np.float64(10000.0))) / np.float32(half - 1)
+    freqs = np.exp((np.arange(half, dtype=np.float32) * -step).astype(np.float64))  # (half,)
+    args = w[:, None] * freqs.astype(np.float32)[None, :]  # (B, half) float32
+    a64 = args.astype(np.float64)
+    emb = np.concatenate([np.sin(a64), np.cos(a64)], axis=1).astype(np.float32)
+    return np.pad(emb, ((0, 0), (0, dim % 2)))  # (B, dim)

@@ -7,10 +7,11 @@ with temb = time_embedding(time_proj(t)) and ctx the text encoder's hidden state
 path keeps every layer's output as a skip state; the up path concatenates them back in reverse.
 
 Traced names (``minisd.trace()``) are the diffusers module paths whose forward hooks fire:
-``time_proj``, ``time_embedding(.linear_1/.linear_2)``, ``conv_in``, ``down_blocks.i`` (its
-hidden-state output), ``...resnets.j(.norm1/.conv1/.time_emb_proj/.norm2/.conv2/
-.conv_shortcut)``, ``...attentions.j(.norm/.proj_in/.transformer_blocks.k(.norm1/.attn1(.to_q/
-.to_k/.to_v/.to_out.0)/.norm2/.attn2/.norm3/.ff(.net.0(.proj)/.net.2))/.proj_out)``,
+``time_proj``, ``time_embedding(.cond_proj/.linear_1/.linear_2)`` (cond_proj: LCM UNets),
+``conv_in``, ``down_blocks.i`` (its hidden-state output), ``...resnets.j(.norm1/.conv1/
+.time_emb_proj/.norm2/.conv2/.conv_shortcut)``, ``...attentions.j(.norm/.proj_in/
+.transformer_blocks.k(.norm1/.attn1(.to_q/.to_k/.to_v/.to_out.0)/.norm2/.attn2/.norm3/
+.ff(.net.0(.proj)/.net.2))/.proj_out)``,
 ``...downsamplers.0(.conv)``, ``mid_block``, ``up_blocks.i`` (``.upsamplers.0(.conv)``),
 ``conv_norm_out``, ``conv_out``. Not recorded: dropouts (identity at inference) and the
 parameter-free activation modules (``conv_act``, ``time_embedding.act``, the ResNets'
@@ -118,6 +119,22 @@ class UNet2DConditionModel:
             )
         return x, ctx
 
+    def _timestep_cond(self, cond, x):
+        if cond is None:
+            return None
+        dim = self.config.time_cond_proj_dim
+        if dim is None:
+            raise InputError(
+                "timestep_cond: this UNet has no time_cond_proj_dim (not LCM-distilled); "
+                "leave it None"
+            )
+        cond = to_device(cond, self.device, x.dtype)
+        if tuple(cond.shape) != (x.shape[0], dim):
+            raise InputError(
+                f"timestep_cond: expected shape ({x.shape[0]}, {dim}), got {tuple(cond.shape)}"
+            )
+        return cond
+
     def __call__(
         self,
         sample,
@@ -125,10 +142,14 @@ class UNet2DConditionModel:
         encoder_hidden_states,
         down_block_additional_residuals=None,
         mid_block_additional_residual=None,
+        timestep_cond=None,
     ):
         """sample (N, in_channels, H, W); timestep: a scalar or N values; encoder_hidden_states
         (N, L, cross_attention_dim). ControlNet residuals (both or neither): one per skip state
-        (added to them) and one added to the mid block's output. -> (N, out_channels, H, W)."""
+        (added to them) and one added to the mid block's output. timestep_cond (N,
+        time_cond_proj_dim): LCM's guidance-scale embedding (pipeline_steps.
+        guidance_scale_embedding); only UNets with a time_cond_proj_dim take one; when None they
+        run unconditioned, as diffusers. -> (N, out_channels, H, W)."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise InputError(
                 "down_block_additional_residuals and mid_block_additional_residual are "
@@ -148,6 +169,7 @@ class UNet2DConditionModel:
             flip_sin_to_cos=cfg.flip_sin_to_cos,
             freq_shift=cfg.freq_shift,
             dtype=x.dtype,
+            cond=self._timestep_cond(timestep_cond, x),
         )  # (N, T)
         h = _rec("conv_in", conv(x, p["conv_in"], padding=cfg.conv_in_kernel // 2))  # (N, C0, H, W)
         h, states = self._down(h, temb, ctx, opts)

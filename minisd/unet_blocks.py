@@ -261,9 +261,11 @@ def broadcast_timesteps(timestep, n, xp, *, integer=False):
     return xp.broadcast_to(t, (n,))  # (N,)
 
 
-def time_embedding(t, p, *, dim, flip_sin_to_cos, freq_shift, dtype):
+def time_embedding(t, p, *, dim, flip_sin_to_cos, freq_shift, dtype, cond=None):
     """Timesteps (``time_proj``) then TimestepEmbedding: linear_2(silu(linear_1(emb))).
 
+    ``cond`` (N, time_cond_proj_dim), LCM-distilled UNets only (Luo et al. 2023, sec. 4.2):
+    the guidance-scale embedding, added as emb + cond_proj(cond) before linear_1.
     Precision island: ``time_proj`` is float32 whatever the model dtype, as in diffusers
     (``get_timestep_embedding`` works in float32); it is cast to the model dtype afterwards.
     t (N,) -> (N, T).
@@ -276,6 +278,8 @@ def time_embedding(t, p, *, dim, flip_sin_to_cos, freq_shift, dtype):
     )  # (N, dim) float32
     emb = emb.astype(dtype)
     with trace.scope("time_embedding"):
+        if cond is not None:
+            emb = emb + _rec("cond_proj", lin(cond, p["cond_proj"]))  # (N, C0)
         e = _rec("linear_1", lin(emb, p["linear_1"]))  # (N, T)
         e = _rec("linear_2", lin(ops.silu(e), p["linear_2"]))  # (N, T)
     return _rec("time_embedding", e)

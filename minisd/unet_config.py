@@ -111,7 +111,6 @@ _MUST_BE_DEFAULT = {
     "time_embedding_type": "positional",
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "cross_attention_norm": None,
@@ -160,6 +159,7 @@ class UNetConfig:
     upcast_attention: bool = False
     resnet_time_scale_shift: str = "default"
     time_embedding_dim: int | None = None
+    time_cond_proj_dim: int | None = None  # LCM-distilled UNets: guidance-scale embedding width
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     source: str = dataclasses.field(default="config", compare=False, repr=False)
@@ -195,8 +195,9 @@ class UNetConfig:
         ints = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups")
         ints += ("cross_attention_dim", "transformer_layers_per_block", "attention_head_dim")
         ints += ("conv_in_kernel", "conv_out_kernel", "time_embedding_dim", "sample_size")
+        ints += ("time_cond_proj_dim",)
         floats = ("freq_shift", "mid_block_scale_factor", "norm_eps")
-        optional = ("time_embedding_dim", "sample_size")
+        optional = ("time_embedding_dim", "sample_size", "time_cond_proj_dim")
         check_numbers(self.source, self, ints=ints, floats=floats, optional=optional)
         c = self.block_out_channels
         check_divides(self.source, "norm_num_groups", self.norm_num_groups, "channels", c)
@@ -215,6 +216,8 @@ def param_shapes(cfg: UNetConfig) -> dict:
     s = prefixed("conv_in", conv_shapes(c[0], cfg.in_channels, cfg.conv_in_kernel))
     s.update(prefixed("time_embedding.linear_1", linear_shapes(temb, c[0])))
     s.update(prefixed("time_embedding.linear_2", linear_shapes(temb, temb)))
+    if cfg.time_cond_proj_dim:  # Linear(time_cond_proj_dim -> C0), no bias
+        s["time_embedding.cond_proj.weight"] = (c[0], cfg.time_cond_proj_dim)
 
     def xattn(i):  # shapes of one Transformer2D of block i (down-block numbering)
         return lambda ch: transformer_shapes(

@@ -39,6 +39,16 @@ def _feed_time_proj(torch, unet, acts):
     return unet.time_proj.register_forward_hook(lambda m, i, o: emb.to(o.dtype))
 
 
+def _guidance_cond(torch, dtype, dim):
+    """LCM-distilled UNets: the embedding of guidance scale 8 (w = 7), as the pipeline passes
+    it, so that time_embedding.cond_proj is compared too; None for other UNets."""
+    if dim is None:
+        return None
+    from minisd.pipeline_steps import guidance_scale_embedding
+
+    return torch.from_numpy(guidance_scale_embedding([7.0], dim)).to(dtype)
+
+
 def run_parity(args):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -67,13 +77,15 @@ def run_parity(args):
 
     rng = np.random.default_rng(0)
     x = _torch_inputs(torch, tdt, rng, (1, unet.config.in_channels, 8, 8))
-    t = 500
+    t, cond = 500, _guidance_cond(torch, tdt, unet.config.time_cond_proj_dim)
+    ours_cond = None if cond is None else cond.numpy().astype(ours_dtype)
     with trace() as acts:
-        pipe.unet(x.numpy().astype(ours_dtype), t, ctx.numpy().astype(ours_dtype))
+        ours_args = (x.numpy().astype(ours_dtype), t, ctx.numpy().astype(ours_dtype))
+        pipe.unet(*ours_args, timestep_cond=ours_cond)
     with torch.no_grad(), collect_outputs(unet) as ref_acts:
         island = _feed_time_proj(torch, unet, acts)
         try:
-            unet(x, t, ctx)
+            unet(x, t, ctx, timestep_cond=cond)
         finally:
             if island is not None:
                 island.remove()

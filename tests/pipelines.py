@@ -2,7 +2,8 @@
 
 SD1-like: conv projections, quick_gelu text encoder, PNDM, epsilon. SD2-like: linear projections,
 per-block heads, gelu text encoder, "!" padding, DDIM, v-prediction. Inpaint: SD1-like with a
-9-channel UNet. The tokenizer is the real CLIP vocabulary bundled with minisd.
+9-channel UNet. LCM: SD1-like with an LCM-distilled UNet (time_cond_proj_dim) and LCMScheduler.
+The tokenizer is the real CLIP vocabulary bundled with minisd.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ KINDS = {
                 in_channels=4),
     "inpaint": dict(linear=False, heads=2, act="quick_gelu", pred="epsilon",
                     pad="<|endoftext|>", in_channels=9),
+    # LCM-distilled (Luo et al. 2023): the UNet takes a guidance-scale embedding, LCMScheduler
+    "lcm": dict(linear=False, heads=2, act="quick_gelu", pred="epsilon", pad="<|endoftext|>",
+                in_channels=4, cond_dim=8),
 }  # fmt: skip
 
 
@@ -30,7 +34,7 @@ def components(kind, folder):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=k["heads"], norm_num_groups=4,
-        use_linear_projection=k["linear"], sample_size=8,
+        use_linear_projection=k["linear"], sample_size=8, time_cond_proj_dim=k.get("cond_dim"),
     )  # fmt: skip
     vae = diffusers.AutoencoderKL(
         block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -50,8 +54,12 @@ def components(kind, folder):
     tok = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
               prediction_type=k["pred"], steps_offset=1)  # fmt: skip
-    sched = (diffusers.DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=False)
-             if kind == "sd2" else diffusers.PNDMScheduler(**kw, skip_prk_steps=True))  # fmt: skip
+    if kind == "sd2":
+        sched = diffusers.DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=False)
+    elif kind == "lcm":
+        sched = diffusers.LCMScheduler(**kw, set_alpha_to_one=True)
+    else:
+        sched = diffusers.PNDMScheduler(**kw, skip_prk_steps=True)
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok,
                 scheduler=sched, safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)  # fmt: skip

@@ -74,3 +74,26 @@ def test_parity_command_finds_an_injected_bug(tiny_folder, capsys, monkeypatch, 
         monkeypatch.setattr(vae, "encoder", lambda x, p, cfg: real_encoder(x * 1.001, p, cfg))
     assert main(["parity", "--model", str(tiny_folder)]) == 1
     assert expect in capsys.readouterr().out.split("summary:")[1]
+
+
+def test_parity_command_compares_an_lcm_unet_s_cond_proj(tiny_folder, tmp_path, capsys):
+    """LCM-distilled UNets get the guidance embedding, so cond_proj is compared too."""
+    need("torch", "diffusers", "transformers")
+    import json
+    import shutil
+
+    from minisd.weights import load_file, save_file
+
+    folder = tmp_path / "lcm"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "unet/config.json").read_text())
+    (folder / "unet/config.json").write_text(json.dumps({**config, "time_cond_proj_dim": 8}))
+    weights = folder / "unet/diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    c0 = config["block_out_channels"][0]
+    w = np.random.default_rng(0).standard_normal((c0, 8)).astype(np.float32)
+    save_file({**tensors, "time_embedding.cond_proj.weight": w}, weights)
+    assert main(["parity", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    row = next(s for s in out.splitlines() if s.strip().startswith("time_embedding.cond_proj"))
+    assert "<-- over" not in row and "summary: all components within the bound" in out

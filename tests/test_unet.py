@@ -64,15 +64,18 @@ TINY = {
         "cross_attention_dim": 48,
     },
     "inpaint": {**_TINY_SD1, "in_channels": 9},
+    "lcm": {**_TINY_SD1, "time_cond_proj_dim": 24},  # LCM-distilled: guidance embedding input
 }
-# case: (tiny model, batch, (h, w), timestep, ControlNet residuals?)
+# case: (tiny model, batch, (h, w), timestep, extra input: None | "controlnet" | "cond")
 CASES = {
-    "sd1_8x8": ("sd1", 2, (8, 8), 500, False),
-    "sd1_12x20": ("sd1", 1, (12, 20), 999, False),
-    "sd1_odd_13x19": ("sd1", 2, (13, 19), 1, False),  # forward_upsample_size
-    "sd2_batch3_per_item_t": ("sd2", 3, (8, 12), np.array([1.5, 500.0, 999.0]), False),
-    "inpaint_9ch": ("inpaint", 2, (16, 8), np.array([250]), False),
-    "sd1_controlnet": ("sd1", 2, (12, 12), np.array([3, 900]), True),
+    "sd1_8x8": ("sd1", 2, (8, 8), 500, None),
+    "sd1_12x20": ("sd1", 1, (12, 20), 999, None),
+    "sd1_odd_13x19": ("sd1", 2, (13, 19), 1, None),  # forward_upsample_size
+    "sd2_batch3_per_item_t": ("sd2", 3, (8, 12), np.array([1.5, 500.0, 999.0]), None),
+    "inpaint_9ch": ("inpaint", 2, (16, 8), np.array([250]), None),
+    "sd1_controlnet": ("sd1", 2, (12, 12), np.array([3, 900]), "controlnet"),
+    "lcm_timestep_cond": ("lcm", 2, (8, 8), np.array([999, 259]), "cond"),
+    "lcm_without_cond": ("lcm", 1, (8, 8), 499, None),  # diffusers then skips cond_proj
 }
 
 
@@ -129,7 +132,7 @@ def compare_whole(ours, ref, our_args, ref_args, dtype, *, ref_kwargs=None):
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_layer_matches_diffusers(tiny, case, dtype):
     torch = need("torch")
-    name, n, (h, w), t, controlnet = CASES[case]
+    name, n, (h, w), t, extra = CASES[case]
     ref, folder = tiny(name)
     ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
     ref = copy.deepcopy(ref).to(torch_dtype(dtype))
@@ -137,7 +140,7 @@ def test_every_layer_matches_diffusers(tiny, case, dtype):
     x = rand(n, cfg.in_channels, h, w).astype(dtype)
     ctx = rand(n, 7, cfg.cross_attention_dim[0], seed=1).astype(dtype)
     our_args, kw = [x, t, ctx], {}
-    if controlnet:
+    if extra == "controlnet":
         downs, mid = skip_shapes(cfg, n, h, w)
         res = [rand(*s, seed=10 + i).astype(dtype) for i, s in enumerate(downs)]
         mid = rand(*mid, seed=9).astype(dtype)
@@ -146,6 +149,10 @@ def test_every_layer_matches_diffusers(tiny, case, dtype):
             down_block_additional_residuals=tuple(torch.from_numpy(r) for r in res),
             mid_block_additional_residual=torch.from_numpy(mid),
         )
+    elif extra == "cond":
+        cond = rand(n, cfg.time_cond_proj_dim, seed=2).astype(dtype)
+        our_args += [None, None, cond]
+        kw = dict(timestep_cond=torch.from_numpy(cond))
     tt = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
     errs = compare_whole(
         ours, ref, our_args, [torch.from_numpy(x), tt, torch.from_numpy(ctx)], dtype, ref_kwargs=kw
@@ -186,7 +193,11 @@ def test_every_checkpoint_key_is_read(tiny, name):
     unet = UNet2DConditionModel.from_pretrained(folder)
     keys = set(load_file(folder / "diffusion_pytorch_model.safetensors"))
     unet.params = RecordingDict(unet.params)
-    unet(rand(2, unet.config.in_channels, 8, 8), 10, rand(2, 5, unet.config.cross_attention_dim[0]))
+    cfg = unet.config
+    cond = None if cfg.time_cond_proj_dim is None else rand(2, cfg.time_cond_proj_dim)
+    unet(
+        rand(2, cfg.in_channels, 8, 8), 10, rand(2, 5, cfg.cross_attention_dim[0]), None, None, cond
+    )
     assert unet.params.reads == keys
 
 
@@ -194,7 +205,7 @@ def _ref_config(name):
     return {**TINY[name]} if name in TINY else FULL[name]
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "inpaint", "sd15", "sd21"])
+@pytest.mark.parametrize("name", ["sd1", "sd2", "inpaint", "lcm", "sd15", "sd21"])
 def test_key_table_matches_diffusers(name):
     """param_shapes(config) is exactly diffusers' state dict (built on the meta device)."""
     torch, diffusers = need("torch", "diffusers")
@@ -298,6 +309,18 @@ def test_input_errors(tiny):
         unet(x, 1, ctx, res[:-1], np.zeros(mid))
     with pytest.raises(InputError, match=r"residuals\[2\]"):
         unet(x, 1, ctx, res[:2] + [np.zeros((2, 1, 8, 8))] + res[3:], np.zeros(mid))
+    with pytest.raises(InputError, match="no time_cond_proj_dim"):
+        unet(x, 1, ctx, timestep_cond=rand(2, 24))
+
+
+def test_timestep_cond_shape_is_checked(tiny):
+    _, folder = tiny("lcm")
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    x, ctx = rand(2, 4, 8, 8), rand(2, 5, 32)
+    with pytest.raises(InputError, match=r"timestep_cond: expected shape \(2, 24\)"):
+        unet(x, 1, ctx, timestep_cond=rand(2, 23))
+    with pytest.raises(InputError, match=r"timestep_cond: expected shape \(2, 24\)"):
+        unet(x, 1, ctx, timestep_cond=rand(1, 24))
 
 
 def test_attention_is_chunked_over_queries(tiny, monkeypatch):

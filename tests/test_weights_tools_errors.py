@@ -248,6 +248,19 @@ def test_a_config_folder_with_a_bad_prediction_type_is_named(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_lcm_unet_has_no_original_layout(tiny, tmp_path):
+    """LCM-distilled UNets (time_cond_proj_dim) carry a cond_proj Linear that the original
+    (ldm) layout has no name for: refused by name, before anything is written."""
+    folder, _ = tiny
+    lcm = tmp_path / "lcm"
+    shutil.copytree(folder, lcm)
+    path = lcm / "unet/config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "time_cond_proj_dim": 8}))
+    with pytest.raises(WeightsError, match=f"{lcm}: an LCM-distilled UNet"):
+        wt.to_original(lcm, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 # ------------------------------------------------------------------------- file metadata
 
 

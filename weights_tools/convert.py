@@ -178,6 +178,12 @@ def to_original(folder, out_file, dtype=None):
     tag = target_tag(dtype) if dtype is not None else None
     paths = weights_paths(folder)
     configs = read_folder_configs(folder)
+    lcm = configs["unet"].get("time_cond_proj_dim")
+    if lcm is not None:  # its cond_proj Linear has no name in the original (ldm) layout
+        raise WeightsError(
+            f"{folder}: an LCM-distilled UNet (time_cond_proj_dim={lcm}) has no original "
+            "single-file layout; use the diffusers folder as it is"
+        )
     srcs = {part: LazyFile(p) for part, p in paths.items()}
     shapes = {part: {k: f.shape(k) for k in f.tensors} for part, f in srcs.items()}
     layout = "openclip" if configs["text_encoder"].get("hidden_act") == "gelu" else "clip"
