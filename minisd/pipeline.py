@@ -44,6 +44,8 @@ _CLASS_TO_NAME = {
     "DPMSolverSinglestepScheduler": "dpmpp_2s",
     "DEISMultistepScheduler": "deis",
     "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
 }
 
 

@@ -63,6 +63,8 @@ def validate(
         raise InputError(f"num_images_per_prompt={n!r}: must be an integer >= 1")
     if not (is_number(eta) and eta >= 0):  # DDIM's and DDPM's noise weight; NaN gives NaN images
         raise InputError(f"eta={eta!r}: must be a finite number >= 0")
+    if scheduler == "tcd" and eta > 1:  # TCD's gamma: the share of the step that is re-noised
+        raise InputError(f"eta={eta!r}: TCD's gamma must lie in [0, 1]")
     if clip_skip is not None and (not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0):
         raise InputError(f"clip_skip={clip_skip!r}: must be None or an integer >= 0")
     if callback is not None and not callable(callback):

@@ -313,6 +313,7 @@ def test_clip_skip_as_diffusers(pair, clip_skip):
         (dict(num_images_per_prompt=1.5), "num_images_per_prompt"),
         (dict(eta=float("nan")), "eta=nan"),
         (dict(eta=-1.0), "eta=-1.0"),
+        (dict(eta=1.5, scheduler="tcd"), "TCD's gamma"),
         (dict(clip_skip=1.5), "clip_skip=1.5"),
         (dict(callback=5), "callback=5"),
         (dict(prompt="lone \ud800"), "not valid Unicode"),

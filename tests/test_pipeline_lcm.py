@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pipelines import build
 from refharness import assert_rel, need
-from test_pipeline import PROMPTS, TOL, _CountingUNet, _run_ref
+from test_pipeline import PROMPTS, TOL, _CountingUNet, _image, _mask, _run_ref
 
 import minisd
 from minisd.errors import InputError
@@ -55,7 +55,7 @@ def test_guidance_embedding_width_is_checked():
 
 
 @pytest.mark.parametrize("scale", [1.0, 8.0])
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])  # deterministic ones
 def test_lcm_unet_same_latents(lcm_pair, scheduler, scale):
     ref, ours = lcm_pair
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -90,3 +90,68 @@ def test_lcm_unet_takes_the_scale_as_an_embedding(lcm_pair):
     assert calls[0][1].shape == (1, 8) and not np.allclose(calls[0][1], calls[4][1])
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_lcm_unet_and_sampler_same_seed(lcm_pair, steps):
+    """The LCM sampler re-noises with fresh noise between steps (drawn as diffusers draws)."""
+    ref, ours = lcm_pair
+    kw = dict(prompt=PROMPTS[0], num_inference_steps=steps, guidance_scale=1.5, height=64,
+              width=64, num_images_per_prompt=2, output_type="latent")  # fmt: skip
+    expect = _run_ref(ref, "lcm", seed=5, **kw).numpy()
+    got = ours(**kw, seed=5, scheduler="lcm", progress=False)
+    assert_rel(got, expect, TOL, f"lcm seeded, {steps} steps")
+
+
+def test_the_default_scheduler_of_an_lcm_checkpoint_is_lcm(lcm_pair, caplog):
+    _, ours = lcm_pair
+    assert type(ours.make_scheduler()).__name__ == "LCMScheduler" and not caplog.records
+
+
+def test_lcm_img2img_same_seed(lcm_pair):
+    diffusers = need("diffusers")
+    ref, ours = lcm_pair
+    i2i = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    i2i.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS[1], image=_image(), strength=0.5, num_inference_steps=6,
+              guidance_scale=2.0, output_type="latent")  # fmt: skip
+    expect = _run_ref(i2i, "lcm", seed=3, **kw).numpy()
+    got = ours(**kw, seed=3, scheduler="lcm", progress=False)
+    assert_rel(got, expect, TOL, "LCM img2img")
+
+
+def test_lcm_inpaint_same_seed(lcm_pair):
+    """4-channel inpainting: the mask blend re-noises the image latents to each next timestep."""
+    diffusers = need("diffusers")
+    ref, ours = lcm_pair
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**ref.components)
+    inpaint.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS[0], image=_image(seed=1), mask_image=_mask(), strength=0.75,
+              num_inference_steps=4, guidance_scale=4.0, height=64, width=64,
+              output_type="np")  # fmt: skip
+    expect = _run_ref(inpaint, "lcm", seed=11, **kw)
+    got = ours(**kw, seed=11, scheduler="lcm", progress=False)
+    assert_rel(got, expect, TOL, "LCM inpaint")
+
+
+@pytest.mark.parametrize("scheduler, eta", [("lcm", 0.0), ("tcd", 0.0), ("tcd", 0.3)])
+def test_consistency_samplers_on_an_ordinary_unet_with_cfg(sd1_pair, scheduler, eta):
+    """LCM-LoRA / TCD-LoRA style: an ordinary UNet (classifier-free guidance) with the LCM or
+    TCD sampler. TCD's gamma is the pipeline's ``eta``: 0 (deterministic) by default, as in
+    diffusers' pipelines; its authors suggest 0.3."""
+    ref, ours = sd1_pair
+    kw = dict(prompt=PROMPTS[0], negative_prompt="blurry", num_inference_steps=4,
+              guidance_scale=1.5, height=64, width=64, output_type="latent", eta=eta)  # fmt: skip
+    expect = _run_ref(ref, scheduler, seed=2, **kw).numpy()
+    got = ours(**kw, seed=2, scheduler=scheduler, progress=False)
+    assert_rel(got, expect, TOL, f"{scheduler} with CFG, eta {eta}")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_tcd_on_an_lcm_unet_same_seed(lcm_pair, eta):
+    ref, ours = lcm_pair
+    kw = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=2.0, height=64, width=64,
+              output_type="latent", eta=eta)  # fmt: skip
+    expect = _run_ref(ref, "tcd", seed=9, **kw).numpy()
+    got = ours(**kw, seed=9, scheduler="tcd", progress=False)
+    assert_rel(got, expect, TOL, f"tcd, eta {eta}")

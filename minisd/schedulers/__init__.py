@@ -32,6 +32,8 @@ _CLASSES = {
     "DPMSolverSinglestepScheduler": "dpm_singlestep",
     "DEISMultistepScheduler": "deis",
     "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
 }
 
 # Scheduler names of the pipeline / CLI -> (class, config overrides)
@@ -74,6 +76,8 @@ NAMES = {
     ),
     "deis": ("DEISMultistepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 __all__ = [

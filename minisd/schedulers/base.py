@@ -45,6 +45,7 @@ KNOWN_ELSEWHERE = {
     "lambda_min_clipped", "predict_x0", "disable_corrector", "solver_p", "use_flow_sigmas",
     "flow_shift", "rescale_betas_zero_snr", "use_dynamic_shifting", "time_shift_type",
     "shift_terminal", "trained_betas", "timestep_spacing", "prediction_type",
+    "original_inference_steps", "timestep_scaling",
 }  # fmt: skip
 
 COMMON_DEFAULTS = {
