@@ -56,7 +56,7 @@ def _add_sampling(p, steps, size):
     )
     p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--clip-skip", type=int, default=None, help="skip the last k CLIP layers")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, TCD gamma (0 = deterministic)")
     p.add_argument(
         "--dtype", default=None, help="float32 (default on cpu), float16 (default on cuda), float64"
     )
@@ -122,6 +122,14 @@ def build_parser():
         "--prediction-type",
         default=None,
         help="single-file SD2: epsilon or v_prediction (can't be seen from the weights)",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="merge a LoRA .safetensors (kohya / A1111 or diffusers format) at SCALE "
+        "(default 1); repeat for several",
     )
     g.add_argument(
         "--weights",
@@ -289,7 +297,10 @@ def _run(args, model, image, mask):
     out = _output_path(args)
     image, mask = _open_image(image), _open_image(mask)
     t0 = time.perf_counter()
+    loras = _read_loras(getattr(args, "lora", None))  # bad files fail before the model loads
     pipe = StableDiffusion.from_pretrained(model, dtype=args.dtype, device=args.device, **kw)
+    for lora, scale in loras:
+        pipe.load_lora(lora, scale)
     w, h = args.size if args.size else (None, None)
     t1 = time.perf_counter()
     images = pipe(
@@ -318,6 +329,13 @@ def _run(args, model, image, mask):
     return 0
 
 
+def _read_loras(values):
+    from .lora import parse_lora_arg, read_lora
+
+    pairs = [parse_lora_arg(v) for v in values or ()]
+    return [(read_lora(path), scale) for path, scale in pairs]
+
+
 def _parameters(args, model, size):
     """A1111-style generation parameters, stored as the PNG's "parameters" text chunk."""
     lines = [args.prompt]
@@ -327,6 +345,7 @@ def _parameters(args, model, size):
         f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, "
         f"Seed: {args.seed}, Size: {size[0]}x{size[1]}, Model: {Path(model).name}"
         + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")
+        + "".join(f", LoRA: {v}" for v in getattr(args, "lora", None) or ())
         + ", Generator: minisd"
     )
     return "\n".join(lines)

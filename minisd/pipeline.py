@@ -84,6 +84,22 @@ class StableDiffusion:
         self.mask_processor = imageproc.mask_processor(self.vae_scale_factor)
         self.scheduler_name = _default_scheduler_name(self.scheduler_config.get("_class_name"))
         self.scheduler = self.make_scheduler()
+        self.loras = []  # handles of the merged LoRAs, in the order applied (minisd.lora)
+
+    def load_lora(self, lora, scale=1.0):
+        """Merge a LoRA (a .safetensors path, a folder, a state dict or a minisd.lora.LoRA)
+        into the UNet and the text encoder: W += scale * alpha / r * up @ down, as diffusers'
+        ``load_lora_weights`` + ``fuse_lora(lora_scale=scale)``. Formats: minisd/lora.py.
+        Returns a handle for :meth:`unload_lora`."""
+        from .lora import apply_lora
+
+        return apply_lora(self, lora, scale)
+
+    def unload_lora(self, handle=None):
+        """Put back the weights a LoRA replaced, bit for bit; None: every LoRA, last first."""
+        from .lora import remove_lora
+
+        remove_lora(self, handle)
 
     # ------------------------------------------------------------------ loading
 

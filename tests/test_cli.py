@@ -68,6 +68,8 @@ def test_generate_img2img_and_trace(demo_model, tmp_path):
         (["--out", "{tmp}/x.jpgx"], "'.jpgx' is no image format"),
         (["--out", "{tmp}/x.psd"], "'.psd' is no image format"),  # PIL reads PSD only
         (["--prediction-type", "v_prediction"], "apply to single-file checkpoints"),
+        (["--lora", "{tmp}/none.safetensors:0.5"], "none.safetensors: no such LoRA file"),
+        (["--lora", "{model}/model_index.json"], "model_index.json"),
     ],
 )
 def test_generate_errors_are_clear(demo_model, tmp_path, args, message, capsys):
@@ -137,3 +139,34 @@ def test_unknown_scheduler_refused_before_building_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--scheduler 'dpmpp_sde': expected one of" in err and "dpmpp_2m_sde" in err
     assert not cache.exists()  # no demo model built
+
+
+def test_generate_with_loras_is_the_api_s_result(demo_model, tmp_path):
+    """--lora PATH[:SCALE] (repeatable) merges as StableDiffusion.load_lora does, and the PNG's
+    parameters name each LoRA."""
+    from test_lora import kohya, peft, random_lora
+
+    import minisd
+    from minisd.weights import save_file
+
+    pipe = minisd.StableDiffusion.from_pretrained(demo_model)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(kohya(random_lora(pipe, seed=1)), a)
+    save_file(peft(random_lora(pipe, seed=2, only=lambda c, m: c == "unet")), b)
+    kw = dict(num_inference_steps=2, height=64, width=64, seed=0, output_type="np")
+    plain = pipe("a cat", **kw, progress=False)
+    pipe.load_lora(a, 0.5)
+    pipe.load_lora(str(b))
+    expect = pipe("a cat", **kw, progress=False)
+    pipe.unload_lora()
+    np.testing.assert_array_equal(pipe("a cat", **kw, progress=False), plain)
+    out = tmp_path / "lora.png"
+    args = ["generate", "a cat", "--model", str(demo_model), "--steps", "2", "--size", "64x64"]
+    assert (
+        main([*args, "--seed", "0", "--lora", f"{a}:0.5", "--lora", str(b), "--out", str(out)]) == 0
+    )
+    img = Image.open(out)
+    got = np.asarray(img).astype(np.float64) / 255
+    assert np.abs(got - expect[0]).max() <= 1 / 255 + 1e-6  # the same image, up to 8-bit rounding
+    assert np.abs(expect - plain).max() > 0.05  # and the LoRAs changed it
+    assert f"LoRA: {a}:0.5, LoRA: {b}" in img.info["parameters"]
