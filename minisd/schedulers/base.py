@@ -278,15 +278,13 @@ class Scheduler:
         return f"{type(self).__name__}({dict(self.config)})"
 
 
-class SigmaScheduler(Scheduler):
-    """Schedulers on the sigma (variance-exploding) parametrization x = x_0 + sigma * eps
-    (Karras et al. 2022): the model sees x / sqrt(sigma^2 + 1); a step index tracks progress."""
+class StepIndexed:
+    """diffusers' step-index protocol: ``step_index`` (position of the next ``step`` in
+    ``timesteps``, None before the first), ``begin_index`` / ``set_begin_index`` (img2img starts
+    mid-schedule), else the first step's position is looked up from its timestep."""
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.sigmas = None
-        self._step_index = None
-        self._begin_index = None
+    _step_index = None
+    _begin_index = None
 
     @property
     def step_index(self):
@@ -299,14 +297,6 @@ class SigmaScheduler(Scheduler):
     def set_begin_index(self, begin_index: int = 0):
         """img2img: start from ``timesteps[begin_index]`` (diffusers' pipeline protocol)."""
         self._begin_index = int(begin_index)
-
-    @property
-    def init_noise_sigma(self):
-        self._require_timesteps()
-        s = self.sigmas.max()
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return float(s)
-        return float(np.sqrt(s * s + np.float32(1.0)))
 
     def index_for_timestep(self, timestep) -> int:
         """Position of ``timestep`` in ``timesteps``; the second one when it appears twice
@@ -324,6 +314,25 @@ class SigmaScheduler(Scheduler):
                 self._step_index = self.index_for_timestep(timestep)
             else:
                 self._step_index = self._begin_index
+
+
+class SigmaScheduler(StepIndexed, Scheduler):
+    """Schedulers on the sigma (variance-exploding) parametrization x = x_0 + sigma * eps
+    (Karras et al. 2022): the model sees x / sqrt(sigma^2 + 1); a step index tracks progress."""
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.sigmas = None
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def init_noise_sigma(self):
+        self._require_timesteps()
+        s = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return float(s)
+        return float(np.sqrt(s * s + np.float32(1.0)))
 
     def scale_model_input(self, sample, timestep=None):
         """c_in(sigma) = 1 / sqrt(sigma^2 + 1) (Karras et al. 2022, table 1, "VP" column)."""

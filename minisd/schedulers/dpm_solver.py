@@ -11,6 +11,7 @@ from .base import (
     COMMON_DEFAULTS,
     Scheduler,
     SchedulerOutput,
+    StepIndexed,
     as_index,
     bcast,
     check_num_steps,
@@ -61,7 +62,7 @@ def noise_prediction(kind: str, model_output, sample, alpha, sigma):
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class DPMSolverMultistepScheduler(StepIndexed, Scheduler):
     """Multistep DPM-Solver(++) of order 1-3.
 
     ``algorithm_type="dpmsolver++"`` works on data predictions x_0 (DPM-Solver++ Alg. 2),
@@ -161,20 +162,6 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.model_outputs = [None] * cfg.solver_order
         self.lower_order_nums = 0
         self._step_index = self._begin_index = None
-
-    @property
-    def step_index(self):
-        """Position of the next ``step`` in ``timesteps`` (None before the first)."""
-        return getattr(self, "_step_index", None)
-
-    @property
-    def begin_index(self):
-        """The first step's position, from ``set_begin_index`` (img2img), else None."""
-        return getattr(self, "_begin_index", None)
-
-    def set_begin_index(self, begin_index: int = 0):
-        """img2img: the first ``step`` is step ``begin_index`` of the schedule."""
-        self._begin_index = int(begin_index)
 
     def _init_index(self, timestep):
         """Step position from the first timestep seen (second match if repeated; the last

@@ -46,6 +46,7 @@ from .base import (
     COMMON_DEFAULTS,
     Scheduler,
     SchedulerOutput,
+    StepIndexed,
     as_index,
     check_num_steps,
     clip_x0,
@@ -56,6 +57,22 @@ from .ddim import x0_and_eps
 logger = logging.getLogger("minisd.schedulers")
 
 SIGMA_DATA = np.float32(0.5)
+
+CONSISTENCY_DEFAULTS = {  # LCMScheduler's and TCDScheduler's (SD's betas)
+    **COMMON_DEFAULTS,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "original_inference_steps": 50,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "timestep_scaling": 10.0,
+    "rescale_betas_zero_snr": False,
+}
 
 
 class LCMSchedulerOutput(SchedulerOutput):
@@ -91,7 +108,7 @@ def pick_evenly(desc: np.ndarray, n: int) -> np.ndarray:
     return desc[idx]  # (n,)
 
 
-class LCMScheduler(Scheduler):
+class LCMScheduler(StepIndexed, Scheduler):
     """Multistep consistency sampling (see the module doc).
 
     Randomness: one standard-normal tensor of model_output's shape per step except the last,
@@ -99,27 +116,11 @@ class LCMScheduler(Scheduler):
     diffusers. ``step`` returns ``pred_original_sample`` = diffusers' ``denoised``.
     """
 
-    DEFAULTS = {
-        **COMMON_DEFAULTS,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "original_inference_steps": 50,
-        "clip_sample": False,
-        "clip_sample_range": 1.0,
-        "set_alpha_to_one": True,
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
-        "timestep_scaling": 10.0,
-        "rescale_betas_zero_snr": False,
-    }
+    DEFAULTS = CONSISTENCY_DEFAULTS
 
     def __init__(self, **config):
         super().__init__(**config)
         self.custom_timesteps = False
-        self._step_index = None
-        self._begin_index = None
 
     def _validate(self):
         super()._validate()
@@ -128,34 +129,6 @@ class LCMScheduler(Scheduler):
                       floats=("timestep_scaling", "clip_sample_range"))  # fmt: skip
         if cfg.timestep_scaling <= 0:
             raise ConfigError(f"{name}: timestep_scaling={cfg.timestep_scaling!r}: must be > 0")
-
-    # ------------------------------------------------------------------------- step position
-
-    @property
-    def step_index(self):
-        """Position in ``timesteps`` of the next ``step`` (None before the first)."""
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        """The first step's position, from ``set_begin_index`` (img2img), else None."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """img2img: the first ``step`` is step ``begin_index`` of the schedule."""
-        self._begin_index = int(begin_index)
-
-    def index_for_timestep(self, timestep) -> int:
-        """Position of ``timestep`` in ``timesteps`` (the second one if it appears twice)."""
-        hits = np.nonzero(self.timesteps == as_index(timestep))[0]
-        if len(hits) == 0:
-            raise InputError(f"timestep={timestep}: not in this scheduler's timesteps")
-        return int(hits[1] if len(hits) > 1 else hits[0])
-
-    def _init_step_index(self, timestep):
-        if self._step_index is None:
-            start = self._begin_index
-            self._step_index = self.index_for_timestep(timestep) if start is None else start
 
     # ------------------------------------------------------------------------- timesteps
 
@@ -179,7 +152,9 @@ class LCMScheduler(Scheduler):
             raise InputError(f"strength={strength!r}: expected a number in (0, 1]")
         origin = distillation_timesteps(n_train, orig, strength)  # (L,) ascending
         if timesteps is not None:
-            ts = self._custom(timesteps, origin, orig, strength)
+            ts = check_custom(timesteps, n_train)  # (m,)
+            self.num_inference_steps, self.custom_timesteps = len(ts), True  # (untrimmed count)
+            ts = custom_schedule(type(self).__name__, ts, origin, orig, strength, n_train)
         else:
             n = check_num_steps(num_inference_steps, n_train)
             if n > len(origin):
@@ -192,50 +167,6 @@ class LCMScheduler(Scheduler):
             ts = pick_evenly(origin[::-1], n)
         self.timesteps = ts
         self._step_index = self._begin_index = None
-
-    def _custom(self, timesteps, origin, orig, strength) -> np.ndarray:
-        """Checked custom timesteps, trimmed for ``strength`` as diffusers' img2img does."""
-        ts = self._check_custom(timesteps)
-        n_train = int(self.config.num_train_timesteps)
-        if strength == 1.0 and ts[0] != n_train - 1:
-            logger.warning(
-                "LCMScheduler: custom timesteps start at %d, not num_train_timesteps - 1 = %d; "
-                "results may be poor", ts[0], n_train - 1
-            )  # fmt: skip
-        off = sorted(set(ts[1:].tolist()) - set(origin.tolist()), reverse=True)
-        if off:
-            logger.warning(
-                "LCMScheduler: custom timesteps %s are not on the distillation schedule", off
-            )
-        if len(ts) > orig:
-            logger.warning(
-                "LCMScheduler: %d custom timesteps exceed original_inference_steps=%d",
-                len(ts), orig,
-            )  # fmt: skip
-        self.num_inference_steps = len(ts)  # diffusers keeps the untrimmed count
-        self.custom_timesteps = True
-        kept = min(int(len(ts) * strength), len(ts))
-        if kept == 0:
-            raise InputError(
-                f"strength={strength}: keeps none of the {len(ts)} custom timesteps (need "
-                f"strength >= {1 / len(ts):g})"
-            )
-        return ts[len(ts) - kept :]  # (kept,)
-
-    def _check_custom(self, timesteps) -> np.ndarray:
-        n_train = int(self.config.num_train_timesteps)
-        raw = np.asarray(timesteps.get() if hasattr(timesteps, "get") else timesteps)
-        ok = raw.dtype.kind in "iu" or (raw.dtype.kind == "f" and np.isfinite(raw).all())
-        ts = raw.astype(np.int64) if ok else None
-        if ts is None or raw.ndim != 1 or len(ts) == 0 or np.any(ts != raw):
-            raise InputError(f"timesteps={timesteps!r}: expected a non-empty list of integers")
-        if np.any(np.diff(ts) >= 0):
-            raise InputError(f"timesteps={ts.tolist()}: must be strictly descending")
-        if ts[0] >= n_train or ts[-1] < 0:
-            raise InputError(
-                f"timesteps={ts.tolist()}: must lie in [0, num_train_timesteps={n_train})"
-            )
-        return ts
 
     # ------------------------------------------------------------------------- sampling
 
@@ -267,3 +198,49 @@ class LCMScheduler(Scheduler):
             prev = prev.astype(dtype, copy=False)
         self._step_index += 1
         return LCMSchedulerOutput(prev, denoised)
+
+
+def check_custom(timesteps, n_train: int) -> np.ndarray:
+    """Custom timesteps as an int64 array (m,), refused (InputError) unless they are integers,
+    strictly descending and in [0, num_train_timesteps) (diffusers checks the last two only,
+    and a negative one indexes alphas_cumprod from the end there)."""
+    host = timesteps.get() if hasattr(timesteps, "get") else timesteps
+    try:
+        raw = np.asarray(host)
+    except ValueError:  # ragged lists
+        raw = np.asarray([])
+    ok = raw.dtype.kind in "iu" or (raw.dtype.kind == "f" and np.isfinite(raw).all())
+    if not ok or raw.ndim != 1 or raw.size == 0 or np.any(raw.astype(np.int64) != raw):
+        raise InputError(f"timesteps={timesteps!r}: expected a non-empty list of integers")
+    ts = raw.astype(np.int64)
+    if np.any(np.diff(ts) >= 0):
+        raise InputError(f"timesteps={ts.tolist()}: must be strictly descending")
+    if ts[0] >= n_train or ts[-1] < 0:
+        raise InputError(f"timesteps={ts.tolist()}: must lie in [0, num_train_timesteps={n_train})")
+    return ts
+
+
+def custom_schedule(name, ts, origin, orig, strength, n_train) -> np.ndarray:
+    """Checked custom timesteps ``ts`` cut for ``strength`` as diffusers' img2img does (their
+    last int(m strength) entries), with diffusers' three warnings: a full-strength schedule that
+    does not start at T - 1, entries (but the first) off the distillation schedule ``origin``,
+    more entries than ``orig`` = original_inference_steps."""
+    if strength == 1.0 and ts[0] != n_train - 1:
+        logger.warning(
+            "%s: custom timesteps start at %d, not num_train_timesteps - 1 = %d; results may "
+            "be poor", name, ts[0], n_train - 1,
+        )  # fmt: skip
+    off = sorted(set(ts[1:].tolist()) - set(origin.tolist()), reverse=True)
+    if off:
+        logger.warning("%s: custom timesteps %s are not on the distillation schedule", name, off)
+    if len(ts) > orig:
+        logger.warning(
+            "%s: %d custom timesteps exceed original_inference_steps=%d", name, len(ts), orig
+        )
+    kept = min(int(len(ts) * strength), len(ts))
+    if kept == 0:
+        raise InputError(
+            f"strength={strength}: keeps none of the {len(ts)} custom timesteps (need "
+            f"strength >= {1 / len(ts):g})"
+        )
+    return ts[len(ts) - kept :]  # (kept,)

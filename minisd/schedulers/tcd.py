@@ -10,8 +10,9 @@ import numpy as np
 
 from ..config import check_numbers, is_int, is_number
 from ..errors import ConfigError, InputError
-from .base import COMMON_DEFAULTS, Scheduler, SchedulerOutput, as_index, check_num_steps, draw_noise
+from .base import Scheduler, SchedulerOutput, StepIndexed, as_index, check_num_steps, draw_noise
 from .ddim import x0_and_eps
+from .lcm import CONSISTENCY_DEFAULTS, check_custom, custom_schedule, pick_evenly
 
 logger = logging.getLogger("minisd.schedulers")
 
@@ -24,7 +25,7 @@ class TCDSchedulerOutput(SchedulerOutput):
     pred_noised_sample: Any = None
 
 
-class TCDScheduler(Scheduler):
+class TCDScheduler(StepIndexed, Scheduler):
     """Strategic stochastic sampling of TCD (Zheng et al. 2024, sec. "Strategic Stochastic
     Sampling"), diffusers' ``TCDScheduler``. Notation: abar_t = alphas_cumprod[t],
     alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), gamma = the ``eta`` of ``step``.
@@ -58,28 +59,13 @@ class TCDScheduler(Scheduler):
     is not number ``num_inference_steps - 1``.
     """
 
-    DEFAULTS = {
-        **COMMON_DEFAULTS,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "original_inference_steps": 50,
-        "clip_sample": False,
-        "clip_sample_range": 1.0,
-        "set_alpha_to_one": True,
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
-        "timestep_scaling": 10.0,
-        "rescale_betas_zero_snr": False,
-    }
+    DEFAULTS = CONSISTENCY_DEFAULTS
 
     def __init__(self, **config):
         super().__init__(**config)
         one = np.float32(1.0)  # used only for a negative t', which set_timesteps refuses
         self.final_alpha_cumprod = one if self.config.set_alpha_to_one else self.alphas_cumprod[0]
         self.custom_timesteps = False
-        self._step_index = self._begin_index = None
 
     def _validate(self):
         super()._validate()
@@ -149,62 +135,13 @@ class TCDScheduler(Scheduler):
                 "timesteps are a subset of that schedule)"
             )
         self.num_inference_steps, self.custom_timesteps = n, False
-        idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
-        return origin[::-1][idx]  # (n,)
+        return pick_evenly(origin[::-1], n)  # (n,)
 
     def _custom(self, timesteps, steps, origin, strength):
-        ts = check_custom(timesteps, int(self.config.num_train_timesteps))  # (m,)
         n_train = int(self.config.num_train_timesteps)
-        if strength == 1.0 and ts[0] != n_train - 1:
-            logger.warning(
-                "TCDScheduler: custom timesteps start at %d, not num_train_timesteps - 1 = %d; "
-                "results may be unexpected", ts[0], n_train - 1,
-            )  # fmt: skip
-        off = sorted(set(ts[1:].tolist()) - set(origin.tolist()), reverse=True)
-        if off:  # as diffusers, the first entry is not checked
-            logger.warning(
-                "TCDScheduler: custom timesteps %s are not on the distillation schedule; "
-                "results may be unexpected", off,
-            )  # fmt: skip
-        if len(ts) > steps:
-            logger.warning(
-                "TCDScheduler: %d custom timesteps, more than original_inference_steps=%d",
-                len(ts), steps,
-            )  # fmt: skip
-        keep = min(int(len(ts) * strength), len(ts))
-        if keep == 0:
-            raise InputError(f"strength={strength}: leaves none of the {len(ts)} timesteps")
-        self.num_inference_steps, self.custom_timesteps = len(ts), True
-        return ts[len(ts) - keep :]
-
-    # ------------------------------------------------------------------------- step index
-
-    @property
-    def step_index(self):
-        """Position of the next ``step`` in ``timesteps`` (None before the first)."""
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        """The first step's position, from ``set_begin_index`` (img2img), else None."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """img2img: the first ``step`` is step ``begin_index`` of the schedule."""
-        self._begin_index = int(begin_index)
-
-    def index_for_timestep(self, timestep) -> int:
-        """Position of ``timestep`` in ``timesteps`` (the second one if it appears twice)."""
-        self._require_timesteps()
-        hits = np.nonzero(self.timesteps == as_index(timestep))[0]
-        if len(hits) == 0:
-            raise InputError(f"timestep={timestep}: not in this scheduler's timesteps")
-        return int(hits[1] if len(hits) > 1 else hits[0])
-
-    def _init_step_index(self, timestep):
-        if self._step_index is None:
-            start = self._begin_index
-            self._step_index = self.index_for_timestep(timestep) if start is None else start
+        ts = check_custom(timesteps, n_train)  # (m,)
+        self.num_inference_steps, self.custom_timesteps = len(ts), True  # (untrimmed count)
+        return custom_schedule(type(self).__name__, ts, origin, steps, strength, n_train)
 
     # ------------------------------------------------------------------------- step
 
@@ -240,24 +177,3 @@ class TCDScheduler(Scheduler):
             prev = np.sqrt(ratio) * x_s + np.sqrt(one - ratio) * z
         self._step_index += 1
         return TCDSchedulerOutput(prev.astype(sample.dtype, copy=False), x0, x_s)
-
-
-def check_custom(timesteps, n_train: int) -> np.ndarray:
-    """Custom timesteps as an int64 array, refused (InputError) unless they are integers,
-    strictly descending and in [0, num_train_timesteps) (diffusers: descending and below
-    num_train_timesteps; a negative one indexes alphas_cumprod from the end there)."""
-    host = timesteps.get() if hasattr(timesteps, "get") else timesteps
-    try:
-        ts = np.asarray(host, dtype=np.float64).reshape(-1)  # (m,)
-    except (TypeError, ValueError):
-        raise InputError(f"timesteps={timesteps!r}: expected a list of integers") from None
-    if ts.size == 0 or not np.all(np.isfinite(ts) & (ts == np.round(ts))):
-        raise InputError(f"timesteps={timesteps!r}: expected a non-empty list of integers")
-    if np.any(np.diff(ts) >= 0):
-        raise InputError(f"timesteps={ts.astype(np.int64).tolist()}: must be strictly descending")
-    if ts[0] >= n_train or ts[-1] < 0:
-        raise InputError(
-            f"timesteps={ts.astype(np.int64).tolist()}: must lie in [0, num_train_timesteps="
-            f"{n_train})"
-        )
-    return ts.astype(np.int64)
