@@ -19,6 +19,7 @@ _LAZY = {
     "AutoencoderKL": "vae",
     "CLIPTextModel": "clip",
     "CLIPTokenizer": "tokenizer",
+    "ControlNetModel": "controlnet",
 }
 
 __all__ = [

@@ -239,8 +239,11 @@ class UNet2DConditionModel:
 
 
 def _residual(r, like, what):
+    """A residual of ``like``'s shape, or (N, C, 1, 1): global-pool ControlNets (shuffle)
+    return spatial means, which broadcast over the skip state as in diffusers."""
     r = to_device(r, device_of(like), like.dtype)
-    if tuple(r.shape) != tuple(like.shape):
+    pooled = r.ndim == 4 and r.shape[:2] == like.shape[:2] and r.shape[2:] == (1, 1)
+    if tuple(r.shape) != tuple(like.shape) and not pooled:
         raise InputError(f"{what}: shape {tuple(r.shape)}, expected {tuple(like.shape)}")
     return r
 

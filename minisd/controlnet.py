@@ -1,0 +1,274 @@
+"""ControlNetModel (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image
+Diffusion Models", arXiv:2302.05543), as diffusers' ``models/controlnets/controlnet.py``
+computes it.
+
+A ControlNet is a trainable copy of the UNet's encoder half (conv_in, time embedding, down
+blocks, mid block) that also sees a control image (edges, depth, pose, ...). Each skip state of
+that copy, and its mid-block output, leaves through a 1x1 "zero convolution" (zero at the start
+of training) as a residual for the frozen UNet's matching skip state / mid-block output:
+
+    e    = controlnet_cond_embedding(image)       (N, Cc, F*H, F*W) -> (N, C0, H, W), F = 8
+    h    = conv_in(x) + e                         (N, C0, H, W)
+    h, s = down_blocks(h, temb, ctx)              s: the UNet's skip states (conv_in's first)
+    h    = mid_block(h, temb, ctx)                (N, C3, H/8, W/8)
+    down_k = controlnet_down_blocks.k(s_k) * g_k  mid = controlnet_mid_block(h) * g_mid
+
+with temb = time_embedding(time_proj(t)) as in the UNet. Scales: g = conditioning_scale; in
+guess mode g_k = conditioning_scale * 10^(-1 + k/n) for the n down residuals and the mid one
+(0.1 for conv_in's state up to 1 for the mid block). ``global_pool_conditions`` (shuffle
+ControlNets): no guess-mode ramp, and every residual is averaged over H, W to (N, C, 1, 1).
+
+The conditioning embedding (diffusers' ControlNetConditioningEmbedding; the paper's "tiny
+network E") with channels E = conditioning_embedding_out_channels (16, 32, 96, 256):
+conv_in (Cc -> E0), then per step i a 3x3 conv (Ei -> Ei) and a 3x3 stride-2 conv (Ei -> Ei+1),
+each followed by silu, then conv_out (E_last -> C0, zero-initialized in training); F =
+2^(len(E) - 1).
+
+Traced names (``minisd.trace()``): the UNet's for ``time_proj``, ``time_embedding...``,
+``conv_in``, ``down_blocks.i...``, ``mid_block...``, plus ``controlnet_cond_embedding(.conv_in/
+.blocks.i/.conv_out)``, ``controlnet_down_blocks.k`` and ``controlnet_mid_block`` (conv outputs
+before the scaling).
+
+Precision islands (as diffusers): ``time_proj`` is float32 in every model dtype (see
+unet_blocks.time_embedding); the guess-mode scales are float32 (``torch.logspace`` in the
+default dtype, times the scale in float32), so a float64 model multiplies by float32 values.
+
+Beyond diffusers: ``time_cond_proj_dim`` (a config key diffusers' ControlNetModel does not
+have) adds ``time_embedding.cond_proj`` as in LCM UNets, so a ``timestep_cond`` can be fed;
+diffusers' ControlNet pipelines never pass one to the ControlNet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import ops, trace
+from .backend import array_module, device_of, to_device
+from .blocks import conv
+from .config import is_number
+from .controlnet_config import ControlNetConfig, param_shapes
+from .errors import InputError
+from .unet_blocks import (
+    BlockOpts,
+    broadcast_timesteps,
+    down_block,
+    mid_block,
+    time_embedding,
+    traced,
+)
+from .unet_config import load_pretrained, prepare_params, sample_input
+
+__all__ = ["ControlNetConfig", "ControlNetModel", "param_shapes"]
+
+_rec = trace.record
+
+
+def cond_embedding(img, p):
+    """ControlNetConditioningEmbedding: conv_in, silu, then pairs of 3x3 convs (stride 1 at
+    E_i, stride 2 from E_i to E_i+1), each followed by silu, then conv_out.
+    img (N, Cc, F*H, F*W) -> (N, C0, H, W)."""
+    h = ops.silu(_rec("conv_in", conv(img, p["conv_in"], padding=1)))  # (N, E0, FH, FW)
+    for i in range(len(p["blocks"])):
+        stride = 1 + i % 2  # odd blocks halve the size (ceil(H / 2))
+        h = conv(h, p["blocks"][i], stride=stride, padding=1)  # (N, E, H', W')
+        h = ops.silu(_rec(f"blocks.{i}", h))
+    return _rec("conv_out", conv(h, p["conv_out"], padding=1))  # (N, C0, H, W)
+
+
+def guess_mode_scales(n, conditioning_scale):
+    """diffusers' ``torch.logspace(-1, 0, n + 1) * conditioning_scale``: n + 1 float32 values
+    from 0.1 * scale (conv_in's residual) to 1 * scale (the mid block's). Float32 whatever the
+    model dtype (torch's default dtype); np.logspace rounded to float32 equals torch's."""
+    g = np.logspace(-1, 0, n + 1).astype(np.float32) * np.float32(conditioning_scale)
+    return [float(v) for v in g]  # exact float32 values as Python floats
+
+
+def scale_residuals(downs, mid, conditioning_scale, *, guess_mode, global_pool):
+    """Step 6 of diffusers' forward: the conditioning scale (a guess-mode ramp unless
+    ``global_pool``), then for ``global_pool`` the mean over H, W: (N, C, H, W) -> (N, C, 1, 1).
+    Python-float scales keep the activation dtype (float32 rounds the scale, as torch does)."""
+    if guess_mode and not global_pool:
+        g = guess_mode_scales(len(downs), conditioning_scale)
+    else:
+        g = [float(conditioning_scale)] * (len(downs) + 1)
+    downs = [d * g[k] for k, d in enumerate(downs)]
+    mid = mid * g[-1]
+    if global_pool:
+        downs = [d.mean(axis=(2, 3), keepdims=True) for d in downs]  # (N, C, 1, 1)
+        mid = mid.mean(axis=(2, 3), keepdims=True)  # (N, C, 1, 1)
+    return downs, mid
+
+
+class ControlNetModel:
+    """A ControlNet. ``cn(sample, t, ctx, controlnet_cond)`` -> (down residuals, mid residual)
+    for ``UNet2DConditionModel(..., down_block_additional_residuals, mid_block_...)``.
+
+    Build it with :meth:`from_pretrained` (a diffusers ControlNet folder) or from a config dict
+    and flat (``"controlnet_down_blocks.0.weight"``) or nested params.
+    """
+
+    #: Queries per attention chunk, as UNet2DConditionModel.attention_chunk_size.
+    attention_chunk_size: int | None = 1024
+
+    def __init__(
+        self, config, params, *, dtype=None, device=None, source="params", weights="eager"
+    ):
+        if not isinstance(config, ControlNetConfig):
+            config = ControlNetConfig.from_dict(config, source=f"{source} (config)")
+        self.config = config
+        self.params = prepare_params(
+            params,
+            param_shapes(config),
+            dtype=dtype,
+            device=device,
+            source=source,
+            weights=weights,
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device="cpu", *, weights="eager"):
+        """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``.
+        ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy)."""
+        return load_pretrained(
+            cls, ControlNetConfig, folder, dtype=dtype, device=device, weights=weights
+        )
+
+    @property
+    def dtype(self):
+        return self.params["conv_in"]["weight"].dtype
+
+    @property
+    def device(self):
+        return device_of(self.params["conv_in"]["weight"])
+
+    def _opts(self):
+        cfg = self.config
+        return BlockOpts(
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            time_norm=cfg.resnet_time_scale_shift,
+            downsample_padding=cfg.downsample_padding,
+            linear_projection=cfg.use_linear_projection,
+            upcast=cfg.upcast_attention,
+            chunk_size=self.attention_chunk_size,
+        )
+
+    def _inputs(self, sample, context, image):
+        """The three image / text inputs on the model's device and dtype, shapes checked; a
+        control image of batch 1 is shared by the whole batch (broadcast, as in diffusers)."""
+        cfg = self.config
+        x = sample_input(sample, self)  # (N, Cin, H, W)
+        n, _, h, w = x.shape
+        ctx = to_device(context, self.device, self.dtype)
+        if ctx.ndim != 3 or ctx.shape[0] != n or ctx.shape[2] != cfg.cross_attention_dim:
+            raise InputError(
+                f"encoder_hidden_states: expected shape ({n}, L, {cfg.cross_attention_dim}), "
+                f"got {tuple(ctx.shape)}"
+            )
+        img = to_device(image, self.device, self.dtype)
+        f, cc = cfg.cond_factor, cfg.conditioning_channels
+        if img.ndim != 4 or img.shape[0] not in (1, n) or img.shape[1:] != (cc, f * h, f * w):
+            raise InputError(
+                f"controlnet_cond: expected shape ({n}, {cc}, {f * h}, {f * w}) ({f}x the "
+                f"latent size {h}x{w}, conditioning_channels={cc}), got {tuple(img.shape)}"
+            )
+        if cfg.controlnet_conditioning_channel_order == "bgr":
+            img = array_module(img).ascontiguousarray(img[:, ::-1])  # BGR-trained ControlNets
+        return x, ctx, img
+
+    def _timestep_cond(self, cond, x):
+        if cond is None:
+            return None
+        dim = self.config.time_cond_proj_dim
+        if dim is None:
+            raise InputError(
+                "timestep_cond: this ControlNet has no time_cond_proj_dim (diffusers' "
+                "ControlNets take none); leave it None"
+            )
+        cond = to_device(cond, self.device, x.dtype)
+        if tuple(cond.shape) != (x.shape[0], dim):
+            raise InputError(
+                f"timestep_cond: expected shape ({x.shape[0]}, {dim}), got {tuple(cond.shape)}"
+            )
+        return cond
+
+    def __call__(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        controlnet_cond,
+        conditioning_scale=1.0,
+        guess_mode=False,
+        timestep_cond=None,
+    ):
+        """sample (N, in_channels, H, W); timestep: a scalar or N values; encoder_hidden_states
+        (N, L, cross_attention_dim); controlnet_cond (N or 1, conditioning_channels, 8H, 8W)
+        (``config.cond_factor`` = 8 for every SD ControlNet), the control image in [0, 1]
+        (RGB; flipped here for "bgr" ControlNets). ``guess_mode``: diffusers' log-space ramp of
+        the scales (ignored when the config sets global_pool_conditions). ``timestep_cond``:
+        only for configs with time_cond_proj_dim (minisd's extension, module docstring).
+        -> (list of the down residuals, one per UNet skip state, mid residual)."""
+        if not is_number(conditioning_scale):
+            raise InputError(f"conditioning_scale={conditioning_scale!r}: expected a number")
+        cfg, p, opts = self.config, self.params, self._opts()
+        x, ctx, img = self._inputs(sample, encoder_hidden_states, controlnet_cond)
+        t = broadcast_timesteps(timestep, x.shape[0], array_module(x))  # (N,)
+        temb = time_embedding(
+            t,
+            p["time_embedding"],
+            dim=cfg.block_out_channels[0],
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+            dtype=x.dtype,
+            cond=self._timestep_cond(timestep_cond, x),
+        )  # (N, T)
+        h = _rec("conv_in", conv(x, p["conv_in"], padding=1))  # (N, C0, H, W)
+        emb = traced(
+            "controlnet_cond_embedding", cond_embedding, img, p["controlnet_cond_embedding"]
+        )  # (N or 1, C0, H, W)
+        h = h + emb  # (N, C0, H, W)
+        h, states = self._down(h, temb, ctx, opts)
+        mid_opts = dataclasses.replace(opts, out_scale=cfg.mid_block_scale_factor)
+        cross = cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
+        h = traced(
+            "mid_block",
+            mid_block,
+            h,
+            temb,
+            p["mid_block"],
+            mid_opts,
+            heads=cfg.heads[-1],
+            context=ctx if cross else None,
+        )  # (N, C_last, H / 2^(blocks - 1), W / 2^(blocks - 1)), sizes rounded up
+        zc = p["controlnet_down_blocks"]
+        downs = [_rec(f"controlnet_down_blocks.{k}", conv(s, zc[k])) for k, s in enumerate(states)]
+        mid = _rec("controlnet_mid_block", conv(h, p["controlnet_mid_block"]))  # as h
+        # downs[k]: the shape of skip state k, (N, C_k, H_k, W_k)
+        return scale_residuals(
+            downs,
+            mid,
+            conditioning_scale,
+            guess_mode=bool(guess_mode),
+            global_pool=bool(cfg.global_pool_conditions),
+        )
+
+    def _down(self, h, temb, ctx, opts):
+        """The UNet's down path; returns the last output and every skip state."""
+        cfg = self.config
+        states = [h]
+        for i, kind in enumerate(cfg.down_block_types):
+            h, s = traced(
+                f"down_blocks.{i}",
+                down_block,
+                h,
+                temb,
+                self.params["down_blocks"][i],
+                opts,
+                heads=cfg.heads[i],
+                context=ctx if kind == "CrossAttnDownBlock2D" else None,
+            )
+            states.extend(s)
+        return h, states
