@@ -232,6 +232,26 @@ class CLIPTextModel:
     def dtype(self):
         return self.params["final_layer_norm"]["weight"].dtype
 
+    def _table_node(self):
+        emb = dict.__getitem__(self.params, "embeddings")  # no cast on the way (CastOnRead)
+        return dict.__getitem__(emb, "token_embedding")
+
+    @property
+    def token_embedding(self):
+        """The token embedding table (V, D) as stored: in the file's dtype under
+        weights="lazy" / "stream" (reading it through ``params`` casts it)."""
+        return dict.__getitem__(self._table_node(), "weight")
+
+    def set_token_embedding(self, table):
+        """Store ``table`` (V', D) as the token embedding table, as given (textual inversion
+        appends rows); ``config.vocab_size`` becomes V'."""
+        if table.ndim != 2 or table.shape[1] != self.config.hidden_size:
+            raise InputError(
+                f"token embedding: expected (V, {self.config.hidden_size}), got {table.shape}"
+            )
+        dict.__setitem__(self._table_node(), "weight", table)
+        self.config = dataclasses.replace(self.config, vocab_size=int(table.shape[0]))
+
     def _positions(self, xp):
         emb = self.params["embeddings"]
         if "position_ids" in emb:  # the checkpoint's own buffer (always 0..max_pos-1)

@@ -9,6 +9,11 @@ The pipeline is exactly the one transformers' (fast) ``CLIPTokenizer`` configure
 3. BPE with the end-of-word suffix ``</w>``;
 4. wrap as ``<|startoftext|> tokens <|endoftext|>`` and pad to 77 with the pad token.
 
+Added tokens (``add_tokens``, for textual inversion) are transformers' ``add_tokens``: never split
+by BPE, matched in the normalized text ("<Cat-Toy>" matches "<CAT-TOY>"), inside words too, the
+longest first; ids 49408, .... Prompts naming a multi-vector token are rewritten first, as
+diffusers' ``maybe_convert_prompt`` (:meth:`CLIPTokenizer.expand_prompt`).
+
 transformers 5 has no "slow" CLIP tokenizer any more, so neither ftfy nor html.unescape is
 applied: "&amp;" is tokenized literally, as diffusers' pipelines see it.
 
@@ -221,6 +226,9 @@ class CLIPTokenizer:
         norm = set(normalized_specials)
         tk.add_special_tokens([AddedToken(t, special=True, normalized=t in norm) for t in specials])
         self.backend = tk
+        self._base = None  # the backend as built (JSON), kept once tokens are added
+        self._added = []  # add_tokens' tokens, in id order
+        self._expansions = {}  # multi-vector tokens: "<tok>" -> "<tok> <tok>_1 ..."
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.bos_token_id, self.eos_token_id = vocab[bos_token], vocab[eos_token]
         self.pad_token_id = vocab[pad_token]
@@ -253,8 +261,9 @@ class CLIPTokenizer:
         return self.model_max_length - 2
 
     def tokenize(self, prompts):
-        """Content token ids of each prompt (no BOS/EOS, no truncation): a list of lists."""
-        prompts = _as_list(prompts)
+        """Content token ids of each prompt (no BOS/EOS, no truncation): a list of lists.
+        Multi-vector tokens are expanded first (:meth:`expand_prompt`)."""
+        prompts = [self.expand_prompt(p) for p in _as_list(prompts)]
         encs = self.backend.encode_batch(prompts, add_special_tokens=False)
         return [e.ids for e in encs]
 
@@ -300,6 +309,86 @@ class CLIPTokenizer:
         if neg.shape[1] < n_chunks:
             neg = self.chunked(negative_prompts, min_chunks=n_chunks)  # (M, n_chunks, 77)
         return pos, neg
+
+    # ------------------------------------------------------------------ added tokens
+
+    def __len__(self):
+        """Vocabulary size with the added tokens (transformers' ``len(tokenizer)``)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def added_tokens(self):
+        """The tokens :meth:`add_tokens` added, in id order."""
+        return list(self._added)
+
+    def normalize(self, text):
+        """``text`` as the normalizer leaves it (NFC, whitespace runs -> " ", lower case)."""
+        return self.backend.normalizer.normalize_str(text)
+
+    def check_new_tokens(self, tokens):
+        """InputError unless every token is a non-empty string that is in neither the vocabulary
+        nor the added tokens, also once normalized (a later "<A>" would shadow "<a>")."""
+        taken = {}
+        for t in self.backend.get_added_tokens_decoder().values():
+            taken[self.normalize(t.content) if t.normalized else t.content] = t.content
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise InputError(f"token {token!r}: expected a non-empty string")
+            if self.backend.token_to_id(token) is not None:
+                raise InputError(f"token {token!r} is already in the tokenizer's vocabulary")
+            norm = self.normalize(token)
+            if norm in taken:
+                raise InputError(f"token {token!r} matches as {norm!r}, as {taken[norm]!r} does")
+            taken[norm] = token
+
+    def add_tokens(self, tokens):
+        """Add tokens as transformers' ``tokenizer.add_tokens`` (module doc); returns their ids."""
+        tokens = list(tokens)
+        self.check_new_tokens(tokens)
+        if self._base is None:
+            self._base = self.backend.to_str()
+        self.backend.add_tokens(tokens)
+        self._added += tokens
+        self._refresh()
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def remove_tokens(self, tokens):
+        """Remove added tokens; the others keep their order and take consecutive ids again (as
+        diffusers' ``unload_textual_inversion``). Removing all gives the tokenizer as built."""
+        gone = set(tokens)
+        unknown = sorted(gone - set(self._added))
+        if unknown:
+            raise InputError(f"remove_tokens: {unknown[0]!r} is not an added token")
+        keep = [t for t in self._added if t not in gone]
+        backend = Tokenizer.from_str(self._base)
+        backend.add_tokens(keep)
+        self.backend, self._added = backend, keep
+        self._refresh()
+
+    def _refresh(self):
+        """Multi-vector tokens: "<tok>" -> "<tok> <tok>_1 ... <tok>_{n-1}" for each added token
+        with a "<tok>_1" sibling (specials included, as diffusers looks them all up)."""
+        names = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        self._expansions = {}
+        for t in names:
+            n = 1
+            while f"{t}_{n}" in names:
+                n += 1
+            if n > 1:
+                self._expansions[t] = " ".join([t] + [f"{t}_{i}" for i in range(1, n)])
+
+    def expand_prompt(self, prompt):
+        """diffusers' ``maybe_convert_prompt``: each token of the prompt that has an expansion
+        (``_refresh``) is replaced by it as a substring of the raw prompt. As there, the tokens
+        are the normalized matches, so a prompt spelling "<tok>" in another case, or a token name
+        that is not in normalized form, gets the first vector only. Tokens are visited in order
+        of appearance (diffusers: set order)."""
+        if not self._expansions:
+            return prompt
+        for token in dict.fromkeys(self.backend.encode(prompt, add_special_tokens=False).tokens):
+            if token in self._expansions:
+                prompt = prompt.replace(token, self._expansions[token])
+        return prompt
 
     def decode(self, ids):
         """Text of token ids, special tokens skipped (as transformers' decode)."""
