@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_addons
 from .errors import InputError, MinisdError
 from .schedulers import NAMES
 
@@ -123,14 +124,7 @@ def build_parser():
         default=None,
         help="single-file SD2: epsilon or v_prediction (can't be seen from the weights)",
     )
-    g.add_argument(
-        "--lora",
-        action="append",
-        default=None,
-        metavar="PATH[:SCALE]",
-        help="merge a LoRA .safetensors (kohya / A1111 or diffusers format) at SCALE "
-        "(default 1); repeat for several",
-    )
+    cli_addons.add_arguments(g)
     g.add_argument(
         "--weights",
         choices=("eager", "lazy", "stream"),
@@ -297,10 +291,10 @@ def _run(args, model, image, mask):
     out = _output_path(args)
     image, mask = _open_image(image), _open_image(mask)
     t0 = time.perf_counter()
-    loras = _read_loras(getattr(args, "lora", None))  # bad files fail before the model loads
+    addons = cli_addons.read(args, _open_image)  # bad files fail before the model loads
+    kw["controlnet"] = addons["controlnet"]
     pipe = StableDiffusion.from_pretrained(model, dtype=args.dtype, device=args.device, **kw)
-    for lora, scale in loras:
-        pipe.load_lora(lora, scale)
+    cli_addons.apply(pipe, addons)
     w, h = args.size if args.size else (None, None)
     t1 = time.perf_counter()
     images = pipe(
@@ -318,6 +312,7 @@ def _run(args, model, image, mask):
         mask_image=mask,
         clip_skip=args.clip_skip,
         eta=args.eta,
+        **cli_addons.call_kwargs(args, addons),
     )
     t2 = time.perf_counter()
     args.scheduler = args.scheduler or pipe.scheduler_name  # (for the PNG's parameters)
@@ -329,13 +324,6 @@ def _run(args, model, image, mask):
     return 0
 
 
-def _read_loras(values):
-    from .lora import parse_lora_arg, read_lora
-
-    pairs = [parse_lora_arg(v) for v in values or ()]
-    return [(read_lora(path), scale) for path, scale in pairs]
-
-
 def _parameters(args, model, size):
     """A1111-style generation parameters, stored as the PNG's "parameters" text chunk."""
     lines = [args.prompt]
@@ -345,7 +333,7 @@ def _parameters(args, model, size):
         f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, "
         f"Seed: {args.seed}, Size: {size[0]}x{size[1]}, Model: {Path(model).name}"
         + (f", Clip skip: {args.clip_skip}" if args.clip_skip else "")
-        + "".join(f", LoRA: {v}" for v in getattr(args, "lora", None) or ())
+        + cli_addons.parameters(args)
         + ", Generator: minisd"
     )
     return "\n".join(lines)

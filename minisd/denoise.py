@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .blocks import upsample_nearest
+from .pipeline_control import residuals as control_residuals
 from .pipeline_steps import (
     draw,
     encode_image_latents,
@@ -46,7 +47,9 @@ def run(
     callback,
     rng,
     progress,
+    control=None,
 ):
+    """``control``: pipeline_control.prepare's ControlNet state, or None."""
     cfg = uses_cfg(pipe, guidance_scale)
     ctx = encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip)  # (2B or B, 77, D)
     pipe.phase_done("text encoding")  # frees CuPy's cached blocks when asked (GPU policy)
@@ -65,6 +68,7 @@ def run(
             pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
         )
     state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
+    state["control"] = control
     return _loop(pipe, sched, state, lat, ctx, cfg, guidance_scale, eta, rng, callback, progress)
 
 
@@ -183,13 +187,16 @@ def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress
     ts = state["timesteps"]
     kw = _step_kwargs(sched, eta, rng)
 
-    def model(x, t):
-        """Guided eps (or v) prediction for latents x at timestep t."""
+    def model(x, t, i):
+        """Guided eps (or v) prediction for latents x at timestep t (step i)."""
         x_in = xp.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
         x_in = sched.scale_model_input(x_in, t)
+        down, mid = control_residuals(
+            pipe, state["control"], sched, x, x_in, t, i, len(ts), ctx, cfg
+        )  # ControlNet: one residual per skip state and one for the mid block (or None)
         if state.get("nine"):
             x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
-        eps = pipe.unet(x_in, t, ctx, timestep_cond=state["timestep_cond"])
+        eps = pipe.unet(x_in, t, ctx, down, mid, timestep_cond=state["timestep_cond"])
         return guide(eps, cfg, scale)  # (B, 4, h, w)
 
     # diffusers' legacy callback: once per solver step, after its last model call (Heun makes
@@ -198,7 +205,7 @@ def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress
     order = getattr(sched, "order", 1)
     warmup = len(ts) - state["solver_steps"] * order
     for i, t in enumerate(tqdm(ts, desc="denoising", disable=not progress, leave=False)):
-        lat = sched.step(model(lat, t), t, lat, **kw).prev_sample
+        lat = sched.step(model(lat, t, i), t, lat, **kw).prev_sample
         if "nine" in state and not state["nine"]:
             lat = _blend(sched, state, lat, ts, i)
         solver_step_done = i == len(ts) - 1 or (i + 1 > warmup and (i + 1) % order == 0)

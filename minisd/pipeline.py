@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from . import image as imageproc
-from . import parallel
+from . import parallel, pipeline_control
 from . import pipeline_steps as steps
 from .backend import (
     attention_chunk_for,
@@ -26,6 +26,7 @@ from .backend import (
 )
 from .config import path_arg
 from .errors import ConfigError, InputError, WeightsError
+from .pipeline_addons import AddOns
 from .weights import CastOnRead, check_weights_mode, read_config, refuse_pickle
 
 # diffusers scheduler class -> minisd scheduler name (for the checkpoint's default scheduler)
@@ -59,7 +60,7 @@ def _default_scheduler_name(class_name) -> str:
     return _CLASS_TO_NAME.get(class_name, "pndm")
 
 
-class StableDiffusion:
+class StableDiffusion(AddOns):
     """A loaded Stable Diffusion model: tokenizer, text_encoder, unet, vae and scheduler."""
 
     # GPU memory and precision policy (docs/gpu.md); plain attributes, set them per pipeline.
@@ -85,38 +86,34 @@ class StableDiffusion:
         self.scheduler_name = _default_scheduler_name(self.scheduler_config.get("_class_name"))
         self.scheduler = self.make_scheduler()
         self.loras = []  # handles of the merged LoRAs, in the order applied (minisd.lora)
-
-    def load_lora(self, lora, scale=1.0):
-        """Merge a LoRA (a .safetensors path, a folder, a state dict or a minisd.lora.LoRA)
-        into the UNet and the text encoder: W += scale * alpha / r * up @ down, as diffusers'
-        ``load_lora_weights`` + ``fuse_lora(lora_scale=scale)``. Formats: minisd/lora.py.
-        Returns a handle for :meth:`unload_lora`."""
-        from .lora import apply_lora
-
-        return apply_lora(self, lora, scale)
-
-    def unload_lora(self, handle=None):
-        """Put back the weights a LoRA replaced, bit for bit; None: every LoRA, last first."""
-        from .lora import remove_lora
-
-        remove_lora(self, handle)
+        self.controlnet = None  # a ControlNetModel for control_image= (pipeline_control.py)
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(
-        cls, path, dtype=None, device="cpu", *, config=None, prediction_type=None, weights="eager"
-    ):
+        cls, path, dtype=None, device="cpu", *, config=None, prediction_type=None,
+        weights="eager", controlnet=None,
+    ):  # fmt: skip
         """Load a diffusers folder (model_index.json + component subfolders) or a single
         original-layout ``.safetensors`` checkpoint (converted in memory, no temp files).
         ``config``: a diffusers folder whose configs override the inferred architecture.
         ``weights``: "eager" (cast at load), "lazy" or "stream" (keep float16 files memory-mapped
         and cast per layer: bounded memory, see minisd/weights.py).
-        ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype)."""
+        ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype).
+        ``controlnet``: a diffusers ControlNet folder (or a loaded ControlNetModel), kept as
+        ``self.controlnet`` for ``control_image=`` (pipeline_control.py)."""
         dtype = resolve_device_dtype(dtype, device).name
         kw = {"weights": check_weights_mode(weights)}
         path = path_arg(path, "path")
         refuse_pickle(path)
+        pipe = cls._load(path, dtype, device, config, prediction_type, kw)
+        if controlnet is not None:
+            pipe.controlnet = pipeline_control.load(controlnet, dtype, device, kw["weights"])
+        return pipe
+
+    @classmethod
+    def _load(cls, path, dtype, device, config, prediction_type, kw):
         if path.is_dir():
             if config is not None or prediction_type is not None:
                 raise InputError(
@@ -215,6 +212,11 @@ class StableDiffusion:
         rng=None,
         progress=True,
         free_memory_between_phases=None,
+        control_image=None,
+        controlnet_conditioning_scale=None,
+        guess_mode=False,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
     ):
         """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
         minisd.schedulers.NAMES), or None for the checkpoint's own scheduler, configured exactly
@@ -224,14 +226,18 @@ class StableDiffusion:
         torch.Generator().manual_seed(seed) draws). ``callback(step, t, latents)`` runs as
         diffusers' ``callback``: once per solver step, after its last model call (Heun makes
         two; PNDM's and PLMS's warm-up calls report nothing), ``step`` = model call // order.
-        ``free_memory_between_phases``: None uses the pipeline attribute of that name."""
+        ``free_memory_between_phases``: None uses the pipeline attribute of that name.
+        ``control_image`` and the four arguments after it: ControlNet guidance, with diffusers'
+        StableDiffusionControlNetPipeline's names and meaning (minisd/pipeline_control.py); it
+        needs ``self.controlnet``, and works with img2img and inpainting too."""
         prompts = steps.as_prompt_list(prompt)
         negative = None
         if negative_prompt is not None:
             negative = steps.as_prompt_list(negative_prompt, "negative_prompt")
             if isinstance(negative_prompt, str):
                 negative = negative * len(prompts)
-        height, width = self._resolve_size(height, width, image)
+        sized_by = image if image is not None else control_image
+        height, width = self._resolve_size(height, width, sized_by)
         steps.validate(
             prompts=prompts,
             negative=negative,
@@ -249,6 +255,13 @@ class StableDiffusion:
             clip_skip=clip_skip,
             callback=callback,
         )
+        cn_args = dict(
+            scale=pipeline_control.default_scale(controlnet_conditioning_scale, image, mask_image),
+            guess_mode=guess_mode,
+            start=control_guidance_start,
+            end=control_guidance_end,
+        )
+        pipeline_control.check(self, control_image, **cn_args)
         if rng is None:
             from .rng import make_rng
 
@@ -263,6 +276,10 @@ class StableDiffusion:
         cfg = uses_cfg(self, guidance_scale)
         cfg_batch = len(prompts) * num_images_per_prompt * (2 if cfg else 1)
         self._set_attention_chunk(cfg_batch, height, width)
+        control = pipeline_control.prepare(
+            self, control_image, **cn_args, batch=cfg_batch // (2 if cfg else 1),
+            nipp=num_images_per_prompt, size=(height, width), cfg=cfg,
+        )  # fmt: skip
         lat = run(
             self,
             prompts=prompts,
@@ -282,6 +299,7 @@ class StableDiffusion:
             callback=callback,
             rng=rng,
             progress=progress,
+            control=control,
         )
         self.phase_done("denoising")
         if output_type == "latent":

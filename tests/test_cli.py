@@ -170,3 +170,72 @@ def test_generate_with_loras_is_the_api_s_result(demo_model, tmp_path):
     assert np.abs(got - expect[0]).max() <= 1 / 255 + 1e-6  # the same image, up to 8-bit rounding
     assert np.abs(expect - plain).max() > 0.05  # and the LoRAs changed it
     assert f"LoRA: {a}:0.5, LoRA: {b}" in img.info["parameters"]
+
+
+def test_generate_with_an_embedding_is_the_api_s_result(demo_model, tmp_path):
+    """--embedding PATH[:TOKEN] adds a textual inversion as StableDiffusion.
+    load_textual_inversion does."""
+    import minisd
+    from minisd.weights import save_file
+
+    pipe = minisd.StableDiffusion.from_pretrained(demo_model)
+    dim = pipe.text_encoder.config.hidden_size
+    emb = tmp_path / "mystyle.safetensors"  # A1111 layout: the token is the file's stem
+    save_file({"emb_params": np.random.default_rng(0).standard_normal((2, dim))}, emb)
+    kw = dict(num_inference_steps=2, height=64, width=64, seed=0, output_type="np")
+    plain = pipe("a cat, <s>", **kw, progress=False)
+    assert pipe.load_textual_inversion(emb, token="<s>") == ["<s>", "<s>_1"]
+    expect = pipe("a cat, <s>", **kw, progress=False)
+    pipe.unload_textual_inversion()
+    np.testing.assert_array_equal(pipe("a cat, <s>", **kw, progress=False), plain)
+    assert np.abs(expect - plain).max() > 0.02
+    out = tmp_path / "emb.png"
+    args = ["generate", "a cat, <s>", "--model", str(demo_model), "--steps", "2"]
+    args += ["--size", "64x64", "--seed", "0", "--embedding", f"{emb}:<s>", "--out", str(out)]
+    assert main(args) == 0
+    img = Image.open(out)
+    assert np.abs(np.asarray(img) / 255 - expect[0]).max() <= 1 / 255 + 1e-6
+    assert f"Embedding: {emb}:<s>" in img.info["parameters"]
+
+
+def test_generate_with_a_controlnet_is_the_api_s_result(demo_model, tmp_path):
+    from refharness import need, randomize_
+
+    import minisd
+
+    diffusers = need("diffusers")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(demo_model / "unet"))
+    cn = randomize_(diffusers.ControlNetModel.from_unet(unet), seed=3)
+    cn.save_pretrained(str(tmp_path / "cn"), safe_serialization=True)
+    control = tmp_path / "edges.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(control)
+    pipe = minisd.StableDiffusion.from_pretrained(demo_model, controlnet=tmp_path / "cn")
+    kw = dict(num_inference_steps=2, seed=0, output_type="np", progress=False)
+    expect = pipe(
+        "a cat", control_image=Image.open(control), controlnet_conditioning_scale=0.5, **kw
+    )
+    assert np.abs(expect - pipe("a cat", height=64, width=64, **kw)).max() > 0.02
+    out = tmp_path / "cn.png"
+    args = ["generate", "a cat", "--model", str(demo_model), "--steps", "2", "--seed", "0"]
+    args += ["--controlnet", str(tmp_path / "cn"), "--control-image", str(control)]
+    assert main([*args, "--control-scale", "0.5", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert np.abs(np.asarray(img) / 255 - expect[0]).max() <= 1 / 255 + 1e-6
+    assert f"ControlNet: {tmp_path / 'cn'}:0.5" in img.info["parameters"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--controlnet", "{tmp}"], "--controlnet and --control-image: give both or neither"),
+        (["--embedding", "{tmp}/no.safetensors"], "no.safetensors"),
+        (["--embedding", "{tmp}/x.pt"], "never"),
+    ],
+)
+def test_addon_errors_come_before_the_model_loads(demo_model, tmp_path, args, message, capsys):
+    argv = ["generate", "a cat", "--model", str(demo_model)]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    if "x.pt" in argv[-1]:
+        (tmp_path / "x.pt").write_bytes(b"x")
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

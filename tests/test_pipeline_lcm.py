@@ -73,9 +73,9 @@ def test_lcm_unet_takes_the_scale_as_an_embedding(lcm_pair):
     calls, saved = [], ours.unet
 
     class Recording(_CountingUNet):
-        def __call__(self, x, t, ctx, **kw):
+        def __call__(self, x, t, ctx, *args, **kw):
             calls.append((x.shape[0], kw["timestep_cond"]))
-            return self.unet(x, t, ctx, **kw)
+            return self.unet(x, t, ctx, *args, **kw)
 
     kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent", progress=False,
               scheduler="ddim")  # fmt: skip

@@ -1,0 +1,39 @@
+"""What StableDiffusion takes on top of a checkpoint: LoRAs merged into its weights
+(minisd/lora.py) and textual inversion embeddings added to its tokenizer and text encoder
+(minisd/textual_inversion.py). A ControlNet is a pipeline attribute (pipeline_control.py)."""
+
+from __future__ import annotations
+
+
+class AddOns:
+    """StableDiffusion's load / unload methods, with diffusers' names where it has them."""
+
+    def load_lora(self, lora, scale=1.0):
+        """Merge a LoRA (a .safetensors path, a folder, a state dict or a minisd.lora.LoRA)
+        into the UNet and the text encoder: W += scale * alpha / r * up @ down, as diffusers'
+        ``load_lora_weights`` + ``fuse_lora(lora_scale=scale)``. Formats: minisd/lora.py.
+        Returns a handle for :meth:`unload_lora`."""
+        from .lora import apply_lora
+
+        return apply_lora(self, lora, scale)
+
+    def unload_lora(self, handle=None):
+        """Put back the weights a LoRA replaced, bit for bit; None: every LoRA, last first."""
+        from .lora import remove_lora
+
+        remove_lora(self, handle)
+
+    def load_textual_inversion(self, source, token=None):
+        """Add textual inversion embeddings (a .safetensors path, a folder, a state dict, or an
+        (n, D) array with ``token``) as diffusers' ``load_textual_inversion``: their tokens can
+        then be used in prompts. Returns the added tokens ("<tok>", "<tok>_1", ...)."""
+        from .textual_inversion import load_textual_inversion
+
+        return load_textual_inversion(self, source, token)
+
+    def unload_textual_inversion(self, tokens=None):
+        """Remove embeddings (a token, a list, or None: all); once none is left the tokenizer
+        and the embedding table are the originals, bit for bit."""
+        from .textual_inversion import unload_textual_inversion
+
+        unload_textual_inversion(self, tokens)
