@@ -45,20 +45,20 @@ import dataclasses
 import numpy as np
 
 from . import ops, trace
-from .backend import array_module, device_of, to_device
+from .backend import array_module, to_device
 from .blocks import conv
 from .config import is_number
 from .controlnet_config import ControlNetConfig, param_shapes
 from .errors import InputError
+from .unet_base import ConditionedModel
 from .unet_blocks import (
-    BlockOpts,
     broadcast_timesteps,
     down_block,
     mid_block,
     time_embedding,
     traced,
 )
-from .unet_config import load_pretrained, prepare_params, sample_input
+from .unet_config import sample_input
 
 __all__ = ["ControlNetConfig", "ControlNetModel", "param_shapes"]
 
@@ -101,7 +101,7 @@ def scale_residuals(downs, mid, conditioning_scale, *, guess_mode, global_pool):
     return downs, mid
 
 
-class ControlNetModel:
+class ControlNetModel(ConditionedModel):
     """A ControlNet. ``cn(sample, t, ctx, controlnet_cond)`` -> (down residuals, mid residual)
     for ``UNet2DConditionModel(..., down_block_additional_residuals, mid_block_...)``.
 
@@ -111,49 +111,8 @@ class ControlNetModel:
 
     #: Queries per attention chunk, as UNet2DConditionModel.attention_chunk_size.
     attention_chunk_size: int | None = 1024
-
-    def __init__(
-        self, config, params, *, dtype=None, device=None, source="params", weights="eager"
-    ):
-        if not isinstance(config, ControlNetConfig):
-            config = ControlNetConfig.from_dict(config, source=f"{source} (config)")
-        self.config = config
-        self.params = prepare_params(
-            params,
-            param_shapes(config),
-            dtype=dtype,
-            device=device,
-            source=source,
-            weights=weights,
-        )
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None, device="cpu", *, weights="eager"):
-        """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``.
-        ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy)."""
-        return load_pretrained(
-            cls, ControlNetConfig, folder, dtype=dtype, device=device, weights=weights
-        )
-
-    @property
-    def dtype(self):
-        return self.params["conv_in"]["weight"].dtype
-
-    @property
-    def device(self):
-        return device_of(self.params["conv_in"]["weight"])
-
-    def _opts(self):
-        cfg = self.config
-        return BlockOpts(
-            groups=cfg.norm_num_groups,
-            eps=cfg.norm_eps,
-            time_norm=cfg.resnet_time_scale_shift,
-            downsample_padding=cfg.downsample_padding,
-            linear_projection=cfg.use_linear_projection,
-            upcast=cfg.upcast_attention,
-            chunk_size=self.attention_chunk_size,
-        )
+    CONFIG = ControlNetConfig
+    param_shapes = staticmethod(param_shapes)
 
     def _inputs(self, sample, context, image):
         """The three image / text inputs on the model's device and dtype, shapes checked; a
@@ -177,22 +136,6 @@ class ControlNetModel:
         if cfg.controlnet_conditioning_channel_order == "bgr":
             img = array_module(img).ascontiguousarray(img[:, ::-1])  # BGR-trained ControlNets
         return x, ctx, img
-
-    def _timestep_cond(self, cond, x):
-        if cond is None:
-            return None
-        dim = self.config.time_cond_proj_dim
-        if dim is None:
-            raise InputError(
-                "timestep_cond: this ControlNet has no time_cond_proj_dim (diffusers' "
-                "ControlNets take none); leave it None"
-            )
-        cond = to_device(cond, self.device, x.dtype)
-        if tuple(cond.shape) != (x.shape[0], dim):
-            raise InputError(
-                f"timestep_cond: expected shape ({x.shape[0]}, {dim}), got {tuple(cond.shape)}"
-            )
-        return cond
 
     def __call__(
         self,

@@ -26,8 +26,8 @@ from . import trace
 from .backend import array_module, device_of, to_device
 from .blocks import conv, gn_silu
 from .errors import InputError
+from .unet_base import ConditionedModel
 from .unet_blocks import (
-    BlockOpts,
     broadcast_timesteps,
     down_block,
     mid_block,
@@ -56,7 +56,7 @@ from .unet_config import (  # noqa: F401
 _rec = trace.record
 
 
-class UNet2DConditionModel:
+class UNet2DConditionModel(ConditionedModel):
     """Stable Diffusion's UNet. ``unet(sample, timestep, encoder_hidden_states)`` -> eps.
 
     Build it with :meth:`from_pretrained` (a diffusers ``unet/`` folder) or from a config dict
@@ -66,47 +66,8 @@ class UNet2DConditionModel:
     #: Self-attention queries processed at a time: 64x64 latents (4096 tokens), 8 heads and a
     #: CFG batch of 2 make (2, 8, 1024, 4096) score chunks (256 MiB float32) instead of 1 GiB.
     attention_chunk_size: int | None = 1024
-
-    def __init__(
-        self, config, params, *, dtype=None, device=None, source="params", weights="eager"
-    ):
-        if not isinstance(config, UNetConfig):
-            config = UNetConfig.from_dict(config, source=f"{source} (config)")
-        self.config = config
-        self.params = prepare_params(
-            params,
-            param_shapes(config),
-            dtype=dtype,
-            device=device,
-            source=source,
-            weights=weights,
-        )
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None, device="cpu", *, weights="eager"):
-        """Load diffusers' ``config.json`` and ``diffusion_pytorch_model.safetensors``.
-        ``weights``: "eager" | "lazy" | "stream", see minisd/weights.py (memory policy)."""
-        return load_pretrained(cls, UNetConfig, folder, dtype=dtype, device=device, weights=weights)
-
-    @property
-    def dtype(self):
-        return self.params["conv_in"]["weight"].dtype
-
-    @property
-    def device(self):
-        return device_of(self.params["conv_in"]["weight"])
-
-    def _opts(self):
-        cfg = self.config
-        return BlockOpts(
-            groups=cfg.norm_num_groups,
-            eps=cfg.norm_eps,
-            time_norm=cfg.resnet_time_scale_shift,
-            downsample_padding=cfg.downsample_padding,
-            linear_projection=cfg.use_linear_projection,
-            upcast=cfg.upcast_attention,
-            chunk_size=self.attention_chunk_size,
-        )
+    CONFIG = UNetConfig
+    param_shapes = staticmethod(param_shapes)
 
     def _inputs(self, sample, context):
         x = sample_input(sample, self)
@@ -118,22 +79,6 @@ class UNet2DConditionModel:
                 f"got {tuple(ctx.shape)}"
             )
         return x, ctx
-
-    def _timestep_cond(self, cond, x):
-        if cond is None:
-            return None
-        dim = self.config.time_cond_proj_dim
-        if dim is None:
-            raise InputError(
-                "timestep_cond: this UNet has no time_cond_proj_dim (not LCM-distilled); "
-                "leave it None"
-            )
-        cond = to_device(cond, self.device, x.dtype)
-        if tuple(cond.shape) != (x.shape[0], dim):
-            raise InputError(
-                f"timestep_cond: expected shape ({x.shape[0]}, {dim}), got {tuple(cond.shape)}"
-            )
-        return cond
 
     def __call__(
         self,
