@@ -277,7 +277,7 @@ class StableDiffusion(AddOns):
         cfg_batch = len(prompts) * num_images_per_prompt * (2 if cfg else 1)
         self._set_attention_chunk(cfg_batch, height, width)
         control = pipeline_control.prepare(
-            self, control_image, **cn_args, batch=cfg_batch // (2 if cfg else 1),
+            self, control_image, **cn_args, batch=len(prompts) * num_images_per_prompt,
             nipp=num_images_per_prompt, size=(height, width), cfg=cfg,
         )  # fmt: skip
         lat = run(
@@ -328,10 +328,15 @@ class StableDiffusion(AddOns):
         parallel.release_scratch()
         if getattr(self, "_free_phases", False):
             free_memory(self.device)
-        done = {"text encoding": self.text_encoder, "denoising": self.unet, "decoding": self.vae}
-        params = getattr(done.get(phase), "params", None)
-        if isinstance(params, CastOnRead):  # weights="lazy": give the file pages back
-            params.release()
+        done = {
+            "text encoding": [self.text_encoder],
+            "denoising": [self.unet, self.controlnet],
+            "decoding": [self.vae],
+        }
+        for model in done.get(phase, ()):
+            params = getattr(model, "params", None)
+            if isinstance(params, CastOnRead):  # weights="lazy": give the file pages back
+                params.release()
 
     def _set_attention_chunk(self, batch, height, width):
         """Apply ``attention_chunk_size``; "auto" on a GPU: the largest self-attention score

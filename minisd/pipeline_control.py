@@ -86,6 +86,7 @@ def prepare(pipe, control_image, *, scale, guess_mode, start, end, batch, nipp, 
             f"control_image: {img.shape[0]} images for {prompts} prompt(s); give one image, "
             "or one per prompt"
         )
+    cn.attention_chunk_size = pipe.unet.attention_chunk_size  # the pipeline's memory policy
     guess = bool(guess_mode or cn.config.global_pool_conditions)
     xp = pipe.xp
     img = xp.asarray(img).astype(cn.dtype)

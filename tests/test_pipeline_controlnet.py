@@ -154,3 +154,18 @@ def test_control_image_needs_a_controlnet(trio):
     plain = minisd.StableDiffusion.from_pretrained(folder)
     with pytest.raises(InputError, match="control_image: this pipeline has no ControlNet"):
         plain("a cat", num_inference_steps=2, control_image=_control(), progress=False)
+
+
+def test_lazy_weights_give_the_eager_result(trio):
+    """weights="stream" reaches the ControlNet (cast per layer, pages released after the
+    denoising phase) and changes memory, not results."""
+    from minisd.weights import CastOnRead
+
+    _, folder, ours = trio
+    lazy = minisd.StableDiffusion.from_pretrained(
+        folder, controlnet=folder / "controlnet", weights="stream"
+    )
+    assert isinstance(lazy.controlnet.params, CastOnRead)
+    args = dict(prompt="a cat", num_inference_steps=2, control_image=_control(), seed=0,
+                scheduler="ddim", output_type="latent", progress=False)  # fmt: skip
+    np.testing.assert_array_equal(lazy(**args), ours(**args))
