@@ -12,7 +12,11 @@ from .errors import InputError
 
 
 def add_arguments(g):
-    g.add_argument("--controlnet", default=None, help="a diffusers ControlNet folder")
+    g.add_argument(
+        "--controlnet",
+        default=None,
+        help="a ControlNet: a diffusers folder or an original single .safetensors file",
+    )
     g.add_argument("--control-image", default=None, help="the ControlNet's condition image")
     g.add_argument(
         "--control-scale",

@@ -45,11 +45,11 @@ import dataclasses
 import numpy as np
 
 from . import ops, trace
-from .backend import array_module, to_device
+from .backend import array_module, resolve_device_dtype, to_device
 from .blocks import conv
-from .config import is_number
+from .config import is_number, path_arg
 from .controlnet_config import ControlNetConfig, param_shapes
-from .errors import InputError
+from .errors import InputError, WeightsError
 from .unet_base import ConditionedModel
 from .unet_blocks import (
     broadcast_timesteps,
@@ -59,6 +59,7 @@ from .unet_blocks import (
     traced,
 )
 from .unet_config import sample_input
+from .weights import refuse_pickle
 
 __all__ = ["ControlNetConfig", "ControlNetModel", "param_shapes"]
 
@@ -105,14 +106,50 @@ class ControlNetModel(ConditionedModel):
     """A ControlNet. ``cn(sample, t, ctx, controlnet_cond)`` -> (down residuals, mid residual)
     for ``UNet2DConditionModel(..., down_block_additional_residuals, mid_block_...)``.
 
-    Build it with :meth:`from_pretrained` (a diffusers ControlNet folder) or from a config dict
-    and flat (``"controlnet_down_blocks.0.weight"``) or nested params.
+    Build it with :meth:`from_pretrained` (a diffusers ControlNet folder, or an original
+    single-file ControlNet) or from a config dict and flat (``"controlnet_down_blocks.0.weight"``)
+    or nested params.
     """
 
     #: Queries per attention chunk, as UNet2DConditionModel.attention_chunk_size.
     attention_chunk_size: int | None = 1024
     CONFIG = ControlNetConfig
     param_shapes = staticmethod(param_shapes)
+
+    @classmethod
+    def from_pretrained(
+        cls, path, dtype=None, device="cpu", *, weights="eager", config=None,
+        global_pool_conditions=None,
+    ):  # fmt: skip
+        """A diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors) or
+        an original single-file ``.safetensors`` ControlNet (lllyasviel's ControlNet 1.0 / 1.1,
+        e.g. control_v11p_sd15_canny.safetensors; converted in memory by
+        weights_tools.controlnet, the architecture inferred from the shapes). For single files
+        only: ``config`` (dict, folder or config.json) sets what the weights cannot show (head
+        counts, norm groups), ``global_pool_conditions=True`` marks a shuffle ControlNet.
+        ``weights``: "eager" | "lazy" | "stream", as for folders (minisd/weights.py)."""
+        path = path_arg(path, "path")
+        refuse_pickle(path)
+        if path.is_file() and path.suffix == ".safetensors":
+            return cls._from_single_file(
+                path, dtype, device, weights, config, global_pool_conditions
+            )
+        if config is not None or global_pool_conditions is not None:
+            raise InputError(
+                f"{path}: config= and global_pool_conditions= apply to single-file ControlNets; "
+                "a folder brings its own config.json"
+            )
+        if path.is_file():
+            raise WeightsError(f"{path}: expected a ControlNet folder or a .safetensors file")
+        return super().from_pretrained(path, dtype, device, weights=weights)
+
+    @classmethod
+    def _from_single_file(cls, path, dtype, device, weights, config, global_pool):
+        from weights_tools.controlnet import load_single_file_controlnet
+
+        dtype = resolve_device_dtype(dtype, device)
+        cfg, flat = load_single_file_controlnet(path, config, global_pool_conditions=global_pool)
+        return cls(cfg, flat, dtype=dtype, device=device, source=str(path), weights=weights)
 
     def _inputs(self, sample, context, image):
         """The three image / text inputs on the model's device and dtype, shapes checked; a

@@ -101,7 +101,8 @@ class StableDiffusion(AddOns):
         ``weights``: "eager" (cast at load), "lazy" or "stream" (keep float16 files memory-mapped
         and cast per layer: bounded memory, see minisd/weights.py).
         ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype).
-        ``controlnet``: a diffusers ControlNet folder (or a loaded ControlNetModel), kept as
+        ``controlnet``: a diffusers ControlNet folder, an original single-file .safetensors
+        ControlNet (lllyasviel's layout), or a loaded ControlNetModel, kept as
         ``self.controlnet`` for ``control_image=`` (pipeline_control.py)."""
         dtype = resolve_device_dtype(dtype, device).name
         kw = {"weights": check_weights_mode(weights)}

@@ -31,7 +31,8 @@ from .errors import InputError
 
 
 def load(controlnet, dtype, device, weights):
-    """A ControlNetModel from a diffusers ControlNet folder; a loaded one is used as it is."""
+    """A ControlNetModel from a diffusers ControlNet folder or an original single-file
+    .safetensors ControlNet; a loaded one is used as it is."""
     from .controlnet import ControlNetModel
 
     if isinstance(controlnet, ControlNetModel):

@@ -11,7 +11,9 @@ Plain functions (also ``python -m weights_tools <command>``)::
 
 In memory (for minisd.StableDiffusion.from_pretrained(single_file)):
 ``weights_tools.convert.load_single_file``, ``weights_tools.convert.original_to_diffusers``,
-``weights_tools.configs.infer_configs``. No torch; nothing is ever unpickled.
+``weights_tools.configs.infer_configs``; for original single-file ControlNets (lllyasviel's
+``control_model.*`` layout) ``weights_tools.controlnet.load_single_file_controlnet``. No torch;
+nothing is ever unpickled.
 """
 
 from .cast import cast

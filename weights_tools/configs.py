@@ -102,9 +102,10 @@ def _need(shapes, key, source="checkpoint"):
 # ------------------------------------------------------------------------- architectures
 
 
-def unet_arch_original(shapes):
-    """UNetArch from original-layout keys (``model.diffusion_model.`` prefix)."""
-    p = UNET_PREFIX
+def unet_arch_original(shapes, prefix=UNET_PREFIX):
+    """UNetArch from original-layout keys (``model.diffusion_model.`` prefix; a ControlNet's
+    encoder copy has no output blocks, so its up_attn is all False)."""
+    p = prefix
     keys = [k for k in shapes if k.startswith(p)]
     inputs = [i for i in indices(keys, p + "input_blocks.") if i > 0]
     downs = [i for i in inputs if p + f"input_blocks.{i}.0.op.weight" in shapes]

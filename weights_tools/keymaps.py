@@ -6,13 +6,14 @@ once, at load time:
 - the original CompVis / Stability AI single-file layout ("ldm"): ``model.diffusion_model.*``
   (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*`` (SD1,
   OpenAI CLIP) or ``cond_stage_model.model.*`` (SD2, OpenCLIP with fused q/k/v);
+- lllyasviel's ControlNet files (``control_model.*``, ldm's cldm.ControlNet);
 - the legacy diffusers VAE attention names (``query/key/value/proj_attn``).
 
-The UNet and VAE tables are generated from the architecture (block count, layers per block,
-which blocks have attention), so small test models convert exactly as full-size ones do. The
-same tables drive both directions (diffusers <-> original). Semantics follow diffusers'
+The UNet, ControlNet and VAE tables are generated from the architecture (block count, layers
+per block, which blocks have attention), so small test models convert exactly as full-size ones
+do. The same tables drive both directions (diffusers <-> original). Semantics follow diffusers'
 ``loaders/single_file_utils.py`` (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-convert_open_clip_checkpoint).
+convert_open_clip_checkpoint, convert_controlnet_checkpoint).
 """
 
 from __future__ import annotations
@@ -145,6 +146,38 @@ def unet_modules(arch: UNetArch):
             i = b * (L + 1) + L
             slot = 2 if arch.up_attn[b] else 1
             table[f"up_blocks.{b}.upsamplers.0.conv"] = (f"output_blocks.{i}.{slot}.conv", None)
+    return table
+
+
+# ------------------------------------------------------------------------- ControlNet
+
+# lllyasviel's ControlNet 1.0 / 1.1 files (ldm ``cldm.ControlNet``): the keys carry this prefix,
+# or none (files holding the ControlNet alone are often saved without it).
+CONTROLNET_PREFIX = "control_model."
+# diffusers name -> original name of the ControlNet's mid-block zero convolution.
+CONTROLNET_TOP = {"controlnet_mid_block": "middle_block_out.0"}
+_UNET_DECODER = ("up_blocks.", "conv_norm_out", "conv_out")
+
+
+def controlnet_modules(arch: UNetArch, hint_convs: int):
+    """{diffusers module: (original module, inner table)} for a ControlNetModel.
+
+    The UNet's encoder half keeps the UNet's names (:func:`unet_modules` without up blocks and
+    output convs). The zero convolutions are ``zero_convs.k.0`` (one per skip state, as
+    ``input_blocks.k``), the mid one ``middle_block_out.0``. The hint block (diffusers'
+    ``controlnet_cond_embedding``) is one Sequential of ``hint_convs`` convs with a SiLU after
+    each but the last, so its convs sit at the even indices: conv_in at 0, ``blocks.j`` at
+    ``2 (j + 1)``, conv_out at ``2 (hint_convs - 1)`` (14 in every SD ControlNet).
+    """
+    table = {d: v for d, v in unet_modules(arch).items() if not d.startswith(_UNET_DECODER)}
+    table.update({d: (o, None) for d, o in CONTROLNET_TOP.items()})
+    for k in range(arch.blocks * (arch.layers_per_block + 1)):  # = the number of skip states
+        table[f"controlnet_down_blocks.{k}"] = (f"zero_convs.{k}.0", None)
+    emb = "controlnet_cond_embedding"
+    table[f"{emb}.conv_in"] = ("input_hint_block.0", None)
+    for j in range(hint_convs - 2):
+        table[f"{emb}.blocks.{j}"] = (f"input_hint_block.{2 * (j + 1)}", None)
+    table[f"{emb}.conv_out"] = (f"input_hint_block.{2 * (hint_convs - 1)}", None)
     return table
 
 
