@@ -55,6 +55,13 @@ def _add_sampling(p, steps, size):
         default=size,
         help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)",
     )
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="0..1: pull CFG's spread back to the prompt's (Lin et al. 2024; for v-prediction "
+        "zero-SNR models, e.g. 0.7; default 0)",
+    )
     p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--clip-skip", type=int, default=None, help="skip the last k CLIP layers")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, TCD gamma (0 = deterministic)")
@@ -312,6 +319,7 @@ def _run(args, model, image, mask):
         mask_image=mask,
         clip_skip=args.clip_skip,
         eta=args.eta,
+        guidance_rescale=args.guidance_rescale,
         **cli_addons.call_kwargs(args, addons),
     )
     t2 = time.perf_counter()

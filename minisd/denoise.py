@@ -48,6 +48,7 @@ def run(
     rng,
     progress,
     control=None,
+    guidance_rescale=0.0,
 ):
     """``control``: pipeline_control.prepare's ControlNet state, or None."""
     cfg = uses_cfg(pipe, guidance_scale)
@@ -69,6 +70,7 @@ def run(
         )
     state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
     state["control"] = control
+    state["rescale"] = guidance_rescale
     return _loop(pipe, sched, state, lat, ctx, cfg, guidance_scale, eta, rng, callback, progress)
 
 
@@ -197,7 +199,7 @@ def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress
         if state.get("nine"):
             x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
         eps = pipe.unet(x_in, t, ctx, down, mid, timestep_cond=state["timestep_cond"])
-        return guide(eps, cfg, scale)  # (B, 4, h, w)
+        return guide(eps, cfg, scale, state["rescale"])  # (B, 4, h, w)
 
     # diffusers' legacy callback: once per solver step, after its last model call (Heun makes
     # two per step; PNDM's warm-up calls and PLMS's extra first call report nothing), numbered

@@ -218,6 +218,7 @@ class StableDiffusion(AddOns):
         guess_mode=False,
         control_guidance_start=0.0,
         control_guidance_end=1.0,
+        guidance_rescale=0.0,
     ):
         """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
         minisd.schedulers.NAMES), or None for the checkpoint's own scheduler, configured exactly
@@ -230,7 +231,9 @@ class StableDiffusion(AddOns):
         ``free_memory_between_phases``: None uses the pipeline attribute of that name.
         ``control_image`` and the four arguments after it: ControlNet guidance, with diffusers'
         StableDiffusionControlNetPipeline's names and meaning (minisd/pipeline_control.py); it
-        needs ``self.controlnet``, and works with img2img and inpainting too."""
+        needs ``self.controlnet``, and works with img2img and inpainting too.
+        ``guidance_rescale`` (0..1): pipeline_steps.rescale_guidance, as diffusers' txt2img
+        pipeline (applied in img2img and inpainting too)."""
         prompts = steps.as_prompt_list(prompt)
         negative = None
         if negative_prompt is not None:
@@ -255,6 +258,7 @@ class StableDiffusion(AddOns):
             eta=eta,
             clip_skip=clip_skip,
             callback=callback,
+            guidance_rescale=guidance_rescale,
         )
         cn_args = dict(
             scale=pipeline_control.default_scale(controlnet_conditioning_scale, image, mask_image),
@@ -301,6 +305,7 @@ class StableDiffusion(AddOns):
             rng=rng,
             progress=progress,
             control=control,
+            guidance_rescale=guidance_rescale,
         )
         self.phase_done("denoising")
         if output_type == "latent":

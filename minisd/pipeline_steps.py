@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backend import array_module
 from .config import is_int, is_number
 from .errors import InputError
 from .schedulers import NAMES
@@ -46,6 +47,7 @@ def validate(
     eta=0.0,
     clip_skip=None,
     callback=None,
+    guidance_rescale=0.0,
 ):
     """Check every argument up front, before any heavy work; raise InputError naming it."""
     for name, v in (("height", height), ("width", width)):
@@ -65,6 +67,8 @@ def validate(
         raise InputError(f"eta={eta!r}: must be a finite number >= 0")
     if scheduler == "tcd" and eta > 1:  # TCD's gamma: the share of the step that is re-noised
         raise InputError(f"eta={eta!r}: TCD's gamma must lie in [0, 1]")
+    if not (is_number(guidance_rescale) and 0 <= guidance_rescale <= 1):
+        raise InputError(f"guidance_rescale={guidance_rescale!r}: must be a number in [0, 1]")
     if clip_skip is not None and (not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0):
         raise InputError(f"clip_skip={clip_skip!r}: must be None or an integer >= 0")
     if callback is not None and not callable(callback):
@@ -159,18 +163,35 @@ def tile_to(x, batch, what):
 
 
 def pipe_concat(items):
-    from .backend import array_module
-
     return array_module(items[0]).concatenate(items, axis=0)
 
 
-def guide(eps, cfg, scale):
-    """Classifier-free guidance: split [uncond; text] and extrapolate."""
+def guide(eps, cfg, scale, rescale=0.0):
+    """Classifier-free guidance: split [uncond; text] and extrapolate; then, when ``rescale``
+    > 0, :func:`rescale_guidance`."""
     if not cfg:
         return eps
     n = eps.shape[0] // 2
     uncond, text = eps[:n], eps[n:]
-    return uncond + scale * (text - uncond)
+    guided = uncond + scale * (text - uncond)
+    return rescale_guidance(guided, text, rescale) if rescale > 0 else guided
+
+
+def rescale_guidance(guided, text, phi):
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", sec. 3.4, eqs. 15-16): CFG inflates the prediction's spread, which
+    over-exposes images of zero-terminal-SNR models; bring it back to the text prediction's,
+
+        x_rescaled = x_cfg * std(x_text) / std(x_cfg),   x = phi x_rescaled + (1 - phi) x_cfg,
+
+    std over each sample's (C, H, W) with Bessel's correction (torch.std's default), as
+    diffusers' ``rescale_noise_cfg``. guided, text (B, C, h, w)."""
+    xp = array_module(guided)
+    axes = tuple(range(1, guided.ndim))
+    std_text = xp.sqrt(text.var(axis=axes, keepdims=True, ddof=1))  # (B, 1, 1, 1)
+    std_cfg = xp.sqrt(guided.var(axis=axes, keepdims=True, ddof=1))  # (B, 1, 1, 1)
+    rescaled = guided * (std_text / std_cfg)
+    return phi * rescaled + (1 - phi) * guided
 
 
 def guidance_scale_embedding(w, dim):

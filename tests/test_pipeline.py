@@ -67,6 +67,33 @@ def test_same_latents_same_result(pair, scheduler):
         assert_rel(got, expect, TOL, "np images")
 
 
+@pytest.mark.parametrize("rescale", [0.0, 0.7, 1.0])
+def test_guidance_rescale_as_diffusers(pair, rescale):
+    """Lin et al.'s guidance rescale (rescale_noise_cfg), fixed latents; 0 is plain CFG."""
+    ref, ours = pair
+    latents = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    kw = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=9.0, height=64, width=64,
+              latents=latents, output_type="latent", guidance_rescale=rescale)  # fmt: skip
+    expect = _run_ref(ref, "ddim", **kw).numpy()
+    got = ours(**kw, scheduler="ddim", progress=False)
+    assert_rel(got, expect, TOL, f"guidance_rescale={rescale}")
+    if rescale:
+        plain = ours(**{**kw, "guidance_rescale": 0.0}, scheduler="ddim", progress=False)
+        assert np.abs(plain - got).max() > 1e-3 * np.abs(got).max()
+
+
+def test_rescale_guidance_is_rescale_noise_cfg_in_float64():
+    torch = need("torch")
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from minisd.pipeline_steps import rescale_guidance
+
+    rng = np.random.default_rng(0)
+    guided, text = rng.standard_normal((2, 3, 4, 4, 5)) * [[[[[3.0]]]], [[[[1.0]]]]]
+    expect = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(text), 0.6).numpy()
+    assert_rel(rescale_guidance(guided, text, 0.6), expect, 1e-14, "rescale_guidance")
+
+
 @pytest.mark.parametrize(
     "scheduler,eta",
     [("euler_a", 0.0), ("ddpm", 0.0), ("ddim", 0.7), ("dpmpp_2m_sde", 0.0),
@@ -315,6 +342,8 @@ def test_clip_skip_as_diffusers(pair, clip_skip):
         (dict(eta=-1.0), "eta=-1.0"),
         (dict(eta=1.5, scheduler="tcd"), "TCD's gamma"),
         (dict(clip_skip=1.5), "clip_skip=1.5"),
+        (dict(guidance_rescale=1.5), "guidance_rescale=1.5"),
+        (dict(guidance_rescale=float("nan")), "guidance_rescale=nan"),
         (dict(callback=5), "callback=5"),
         (dict(prompt="lone \ud800"), "not valid Unicode"),
     ],
