@@ -13,7 +13,7 @@ from refharness import need
 
 import weights_tools as wt
 from minisd.errors import MinisdError
-from minisd.weights import load_file, read_header
+from minisd.weights import load_file, read_header, save_file
 from weights_tools.__main__ import main
 from weights_tools.stream import float32_to_bf16_bits, write_tensors
 
@@ -286,3 +286,50 @@ def test_no_deep_learning_framework_is_imported(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+# ------------------------------------------------------------------------- add-on files
+
+
+ADDONS = {
+    "kohya": (
+        {"lora_unet_a_b.lora_down.weight": (4, 8), "lora_unet_a_b.lora_up.weight": (8, 4),
+         "lora_unet_a_b.alpha": (), "lora_te_x.lora_down.weight": (2, 8),
+         "lora_te_x.lora_up.weight": (8, 2)},
+        ["kind:                lora", "layout:              kohya / A1111",
+         "LoRA modules: 1 text_encoder, 1 unet; ranks [2, 4]; alphas: True"],
+    ),
+    "peft": (
+        {"unet.a.lora_A.weight": (3, 8), "unet.a.lora_B.weight": (8, 3)},
+        ["layout:              diffusers / peft", "LoRA modules: 1 unet; ranks [3]; alphas: False"],
+    ),
+    "loha": (
+        {"lora_unet_a.hada_w1_a": (8, 4), "lora_unet_a.hada_w1_b": (4, 8)},
+        ["kind:                lora", "note: LoHa / LoKr"],
+    ),
+    "ti_diffusers": ({"<cat-toy>": (1024,)}, ["family:              sd2",
+                                             "embeddings: <cat-toy> (1 vectors)"]),
+    "ti_a1111": ({"emb_params": (3, 768)},
+                 ["family:              sd1", "layout:              A1111",
+                  "embeddings: ti_a1111 (3 vectors)"]),
+    "ti_sdxl": ({"clip_l": (2, 768), "clip_g": (2, 1280)}, ["family:              sdxl"]),
+    "controlnet": (
+        {"control_model.input_hint_block.0.weight": (16, 3, 3, 3),
+         "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (4, 768)},
+        ["family:              sd1", "kind:                controlnet",
+         "layout:              original"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ADDONS))
+def test_inspect_names_add_on_files(name, tmp_path, capsys):
+    """LoRA, textual inversion and ControlNet files are told apart by their key names and
+    described (format, modules and ranks, tokens, the model family they fit)."""
+    tensors, lines = ADDONS[name]
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: np.zeros(s, np.float16) for k, s in tensors.items()}, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for line in lines:
+        assert line in out, (line, out)

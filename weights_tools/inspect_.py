@@ -28,11 +28,74 @@ def inspect(path):
     shapes = {k: t[1] for k, t in tensors.items()}
     tags = {k: t[0] for k, t in tensors.items()}
     report = {"path": str(path), "bytes": size, "metadata": meta, "notes": []}
-    if any(component_of(k) in ("unet", "vae", "text_encoder") for k in shapes):
+    addon = _addon(shapes, tags, path.stem)
+    if addon is not None:
+        report.update(addon)
+    elif any(component_of(k) in ("unet", "vae", "text_encoder") for k in shapes):
         report.update(_original(shapes, tags, meta, report["notes"]))
     else:
         report.update(_component(shapes, tags))
     return report
+
+
+# ------------------------------------------------------------------ add-on files
+
+LORA_MARKS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "_lora.", "hada_", "lokr_")
+TEXT_WIDTHS = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+
+
+def _addon(shapes, tags, stem):
+    """LoRA, textual inversion and ControlNet files: what they are and what they fit."""
+    keys = list(shapes)
+    stats = _stats(keys, shapes, tags)
+    if any(m in k for k in keys for m in LORA_MARKS):
+        return {"kind": "lora", "family": "add-on", "components": {"lora": stats}, **_lora(shapes)}
+    if any("input_hint_block." in k for k in keys):
+        return {"kind": "controlnet", "layout": "original", **_controlnet(shapes, stats)}
+    if "controlnet_cond_embedding.conv_in.weight" in shapes:
+        return {"kind": "controlnet", "layout": "diffusers", **_controlnet(shapes, stats)}
+    vectors = {k: v for k, v in shapes.items() if "." not in k and 1 <= len(v) <= 2}
+    if vectors and len(vectors) == len(shapes) and len(shapes) <= 8:
+        ti = _ti(vectors, stem)
+        return {"kind": "textual-inversion", "components": {"embeddings": stats}, **ti}
+    return None
+
+
+def _lora(shapes):
+    """Format, modules per component and ranks of a LoRA file (from the down factors)."""
+    kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in shapes)
+    downs = {k: v for k, v in shapes.items() if "lora_down" in k or "lora_A" in k or ".down." in k}
+    parts = Counter(
+        "unet" if k.startswith(("lora_unet_", "unet.")) else "text_encoder" for k in downs
+    )
+    other = [k for k in shapes if "hada_" in k or "lokr_" in k]
+    lora = {
+        "format": "kohya / A1111" if kohya else "diffusers / peft",
+        "modules": dict(parts),
+        "ranks": sorted({v[0] for v in downs.values()}),
+        "alphas": any(k.endswith(".alpha") for k in shapes),
+    }
+    if other:
+        lora["unsupported"] = "LoHa / LoKr (minisd merges plain LoRA factors only)"
+    return {"layout": lora["format"], "lora": lora}
+
+
+def _controlnet(shapes, stats):
+    key = next((k for k in shapes if k.endswith("attn2.to_k.weight")), None)
+    family = TEXT_WIDTHS.get(shapes[key][1], "unknown") if key else "unknown"
+    return {"family": family, "components": {"controlnet": stats}}
+
+
+def _ti(vectors, stem):
+    """Tokens (an A1111 file's is its name, as minisd and A1111 load it) and vector counts."""
+    names = {(stem if k == "emb_params" else k): (v[0] if len(v) == 2 else 1)
+             for k, v in vectors.items()}  # fmt: skip
+    width = {v[-1] for v in vectors.values()}
+    family = TEXT_WIDTHS.get(width.pop(), "unknown") if len(width) == 1 else "unknown"
+    if set(vectors) == {"clip_l", "clip_g"}:
+        family = "sdxl"
+    return {"family": family, "layout": "A1111" if "emb_params" in vectors else "diffusers",
+            "embeddings": names}  # fmt: skip
 
 
 def _stats(keys, shapes, tags):
@@ -158,6 +221,15 @@ def format_report(report):
         lines.append(
             f"  {part:<13} {s['tensors']:>5} tensors {s['parameters']:>14,} params  {dtypes}"
         )
+    if "lora" in report:
+        lo = report["lora"]
+        mods = ", ".join(f"{n} {part}" for part, n in sorted(lo["modules"].items()))
+        lines.append(f"  LoRA modules: {mods}; ranks {lo['ranks']}; alphas: {lo['alphas']}")
+        if lo.get("unsupported"):
+            lines.append(f"  note: {lo['unsupported']}")
+    if "embeddings" in report:
+        tokens = ", ".join(f"{t} ({n} vectors)" for t, n in report["embeddings"].items())
+        lines.append(f"  embeddings: {tokens}")
     if "ema" in report:
         lines.append(
             f"  EMA keys: {report['ema']['ema_keys']}, non-EMA UNet keys: "
