@@ -17,6 +17,7 @@ _LAZY = {
     "UNet2DConditionModel": "unet",
     "UNet2DModel": "unet2d",
     "AutoencoderKL": "vae",
+    "AutoencoderTiny": "vae_tiny",
     "CLIPTextModel": "clip",
     "CLIPTokenizer": "tokenizer",
     "ControlNetModel": "controlnet",

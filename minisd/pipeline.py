@@ -133,7 +133,6 @@ class StableDiffusion(AddOns):
         from .clip import CLIPTextModel
         from .tokenizer import CLIPTokenizer
         from .unet import UNet2DConditionModel
-        from .vae import AutoencoderKL
 
         if not (folder / "model_index.json").is_file():
             raise ConfigError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
@@ -143,7 +142,7 @@ class StableDiffusion(AddOns):
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw, **w),
             unet=UNet2DConditionModel.from_pretrained(folder / "unet", **kw, **w),
-            vae=AutoencoderKL.from_pretrained(folder / "vae", **kw, **w),
+            vae=_vae_class(folder).from_pretrained(folder / "vae", **kw, **w),
             scheduler_config=read_config(folder / "scheduler" / "scheduler_config.json"),
             **kw,
         )
@@ -380,6 +379,15 @@ class StableDiffusion(AddOns):
         else:
             dh, dw = height, width
         return (dh if height is None else height), (dw if width is None else width)
+
+
+def _vae_class(folder):
+    """AutoencoderKL, or AutoencoderTiny (TAESD) where the folder's VAE config names it."""
+    from .vae import AutoencoderKL
+    from .vae_tiny import AutoencoderTiny
+
+    name = read_config(folder / "vae" / "config.json").get("_class_name")
+    return AutoencoderTiny if name == "AutoencoderTiny" else AutoencoderKL
 
 
 def _tokenizer(parts):
