@@ -1,6 +1,7 @@
 """What StableDiffusion takes on top of a checkpoint: LoRAs merged into its weights
-(minisd/lora.py) and textual inversion embeddings added to its tokenizer and text encoder
-(minisd/textual_inversion.py). A ControlNet is a pipeline attribute (pipeline_control.py)."""
+(minisd/lora.py), textual inversion embeddings added to its tokenizer and text encoder
+(minisd/textual_inversion.py) and FreeU's re-weighting of the UNet's decoder (minisd/freeu.py).
+A ControlNet is a pipeline attribute (pipeline_control.py)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,14 @@ class AddOns:
         from .textual_inversion import unload_textual_inversion
 
         unload_textual_inversion(self, tokens)
+
+    def enable_freeu(self, s1, s2, b1, b2):
+        """FreeU (Si et al. 2023) on the UNet, as diffusers' ``pipe.enable_freeu``: s1, s2
+        damp the skip features' lowest frequencies and b1, b2 amplify half the backbone's
+        channels in the decoder's first two stages. SD1.5: (0.9, 0.2, 1.5, 1.6); SD2.1:
+        (0.9, 0.2, 1.4, 1.6). See UNet2DConditionModel.enable_freeu."""
+        self.unet.enable_freeu(s1, s2, b1, b2)
+
+    def disable_freeu(self):
+        """Turn FreeU off; the pipeline then computes exactly what it did before."""
+        self.unet.disable_freeu()

@@ -26,6 +26,7 @@ from . import trace
 from .backend import array_module, device_of, to_device
 from .blocks import conv, gn_silu
 from .errors import InputError
+from .freeu import FreeU
 from .unet_base import ConditionedModel
 from .unet_blocks import (
     broadcast_timesteps,
@@ -68,6 +69,19 @@ class UNet2DConditionModel(ConditionedModel):
     attention_chunk_size: int | None = 1024
     CONFIG = UNetConfig
     param_shapes = staticmethod(param_shapes)
+    #: FreeU's factors (minisd/freeu.py) while :meth:`enable_freeu` is on; None: off.
+    freeu: FreeU | None = None
+
+    def enable_freeu(self, s1, s2, b1, b2):
+        """FreeU (Si et al. 2023) on ``up_blocks.0`` (s1, b1) and ``up_blocks.1`` (s2, b2), as
+        diffusers' ``enable_freeu``: b scales the first half of the backbone's channels, s the
+        skip features' lowest frequencies. SD1.5: (0.9, 0.2, 1.5, 1.6); SD2.1: (0.9, 0.2, 1.4,
+        1.6). Factors: finite, non-zero numbers (InputError naming the first bad one)."""
+        self.freeu = FreeU.checked(s1, s2, b1, b2)
+
+    def disable_freeu(self):
+        """Turn FreeU off: the UNet computes exactly what it computed before enable_freeu."""
+        self.freeu = None
 
     def _inputs(self, sample, context):
         x = sample_input(sample, self)
@@ -179,6 +193,7 @@ class UNet2DConditionModel(ConditionedModel):
                 heads=cfg.attention_head_dim[n - 1 - i],
                 size=size,
                 context=ctx if kind == "CrossAttnUpBlock2D" else None,
+                freeu=None if self.freeu is None else self.freeu.stage(i),
             )
         return h
 

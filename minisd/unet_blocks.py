@@ -18,6 +18,7 @@ from . import blocks, ops, parallel, trace
 from .backend import array_module
 from .blocks import gn, lin, ln
 from .errors import InputError
+from .freeu import apply_freeu
 
 _rec = trace.record
 
@@ -205,17 +206,22 @@ def down_block(x, temb, p, opts, *, heads=None, context=None):
     return x, tuple(states)
 
 
-def up_block(x, skips, temb, p, opts, *, heads=None, context=None, size=None):
+def up_block(x, skips, temb, p, opts, *, heads=None, context=None, size=None, freeu=None):
     """UpBlock2D / CrossAttnUpBlock2D (``context``) / AttnUpBlock2D (``heads`` only).
 
     For each layer j the last unused skip state is concatenated on channels,
     x = resnets.j([x, skip]), then attentions.j(x); then upsamplers.0: nearest 2x (or to
     ``size``, diffusers' forward_upsample_size) and a 3x3 conv. skips: this block's states.
+    ``freeu``: this stage's FreeU factors (minisd/freeu.py), applied to x and the skip before
+    each concatenation; None (the default) leaves them as they are.
     """
     xp = array_module(x)
     skips = list(skips)
     for j in range(len(p["resnets"])):
-        x = xp.concatenate([x, skips.pop()], axis=1)  # (N, C + Cskip, H, W)
+        skip = skips.pop()  # (N, Cskip, H, W)
+        if freeu is not None:
+            x, skip = apply_freeu(x, skip, **freeu)
+        x = xp.concatenate([x, skip], axis=1)  # (N, C + Cskip, H, W)
         x = _layer(j, x, temb, p, opts, heads=heads, context=context)  # (N, Cout, H, W)
     if "upsamplers" in p:
         x = traced("upsamplers.0", blocks.upsample, x, p["upsamplers"][0], size=size)

@@ -277,6 +277,12 @@ class FakeCupy(types.ModuleType):
 
         return _Namespace(stride_tricks=_Namespace(as_strided=as_strided))
 
+    @property
+    def fft(self):
+        """cupy.fft's 2-D transforms and shifts (minisd/freeu.py) on device arrays."""
+        names = ("fft2", "ifft2", "fftshift", "ifftshift")
+        return _Namespace(**{n: _wrap(f"fft.{n}", getattr(np.fft, n)) for n in names})
+
     def get_default_memory_pool(self):
         return self._pool
 
