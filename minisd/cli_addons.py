@@ -36,6 +36,12 @@ def add_arguments(g):
         "(default 1); repeat for several",
     )
     g.add_argument(
+        "--freeu",
+        default=None,
+        metavar="S1,S2,B1,B2",
+        help="FreeU factors, e.g. 0.9,0.2,1.5,1.6 (SD1.5) or 0.9,0.2,1.4,1.6 (SD2.1)",
+    )
+    g.add_argument(
         "--embedding",
         action="append",
         default=None,
@@ -56,6 +62,7 @@ def read(args, open_image):
     loras = [parse_lora_arg(v) for v in getattr(args, "lora", None) or ()]
     embeddings = [parse_embedding_arg(v) for v in getattr(args, "embedding", None) or ()]
     return {
+        "freeu": parse_freeu_arg(getattr(args, "freeu", None)),
         "controlnet": cn,
         "control_image": None if image is None else open_image(image),
         "loras": [(read_lora(path), scale) for path, scale in loras],
@@ -71,6 +78,8 @@ def apply(pipe, addons):
         pipe.load_lora(lora, scale)
     for path, token in addons["embeddings"]:
         load_textual_inversion(pipe, path, token)
+    if addons["freeu"] is not None:
+        pipe.enable_freeu(*addons["freeu"])
 
 
 def call_kwargs(args, addons):
@@ -90,6 +99,8 @@ def parameters(args):
 
     text = "".join(f", LoRA: {v}" for v in getattr(args, "lora", None) or ())
     text += "".join(f", Embedding: {v}" for v in getattr(args, "embedding", None) or ())
+    if getattr(args, "freeu", None):
+        text += f", FreeU: {args.freeu}"
     if getattr(args, "controlnet", None) is not None:
         scale = default_scale(args.control_scale, args.init_image, args.mask)
         text += f", ControlNet: {args.controlnet}:{scale}"
@@ -104,3 +115,19 @@ def parse_embedding_arg(text) -> tuple[str, str | None]:
     if not sep or not path or Path(text).exists() or "/" in token:
         return text, None
     return path, token
+
+
+def parse_freeu_arg(text):
+    """``S1,S2,B1,B2`` -> four floats (checked by enable_freeu) or None."""
+    if text is None:
+        return None
+    from .freeu import FreeU
+
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise InputError(f"--freeu {text}: expected four numbers S1,S2,B1,B2, e.g. 0.9,0.2,1.5,1.6")
+    FreeU.checked(*values)  # a bad factor fails before the model loads
+    return values

@@ -230,6 +230,8 @@ def test_generate_with_a_controlnet_is_the_api_s_result(demo_model, tmp_path):
         (["--controlnet", "{tmp}"], "--controlnet and --control-image: give both or neither"),
         (["--embedding", "{tmp}/no.safetensors"], "no.safetensors"),
         (["--embedding", "{tmp}/x.pt"], "never"),
+        (["--freeu", "0.9,0.2,1.5"], "expected four numbers"),
+        (["--freeu", "0.9,0.2,1.5,nan"], "b2=nan"),
     ],
 )
 def test_addon_errors_come_before_the_model_loads(demo_model, tmp_path, args, message, capsys):
@@ -239,3 +241,20 @@ def test_addon_errors_come_before_the_model_loads(demo_model, tmp_path, args, me
         (tmp_path / "x.pt").write_bytes(b"x")
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_with_freeu_is_the_api_s_result(demo_model, tmp_path):
+    import minisd
+
+    pipe = minisd.StableDiffusion.from_pretrained(demo_model)
+    kw = dict(num_inference_steps=2, height=64, width=64, seed=0, output_type="np", progress=False)
+    plain = pipe("a cat", **kw)
+    pipe.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    expect = pipe("a cat", **kw)
+    assert np.abs(expect - plain).max() > 0.01
+    out = tmp_path / "freeu.png"
+    args = ["generate", "a cat", "--model", str(demo_model), "--steps", "2", "--size", "64x64"]
+    assert main([*args, "--seed", "0", "--freeu", "0.9,0.2,1.5,1.6", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert np.abs(np.asarray(img) / 255 - expect[0]).max() <= 1 / 255 + 1e-6
+    assert "FreeU: 0.9,0.2,1.5,1.6" in img.info["parameters"]
