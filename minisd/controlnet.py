@@ -53,7 +53,6 @@ from .errors import InputError, WeightsError
 from .unet_base import ConditionedModel
 from .unet_blocks import (
     broadcast_timesteps,
-    down_block,
     mid_block,
     time_embedding,
     traced,
@@ -234,21 +233,3 @@ class ControlNetModel(ConditionedModel):
             guess_mode=bool(guess_mode),
             global_pool=bool(cfg.global_pool_conditions),
         )
-
-    def _down(self, h, temb, ctx, opts):
-        """The UNet's down path; returns the last output and every skip state."""
-        cfg = self.config
-        states = [h]
-        for i, kind in enumerate(cfg.down_block_types):
-            h, s = traced(
-                f"down_blocks.{i}",
-                down_block,
-                h,
-                temb,
-                self.params["down_blocks"][i],
-                opts,
-                heads=cfg.heads[i],
-                context=ctx if kind == "CrossAttnDownBlock2D" else None,
-            )
-            states.extend(s)
-        return h, states

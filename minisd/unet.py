@@ -30,7 +30,6 @@ from .freeu import FreeU
 from .unet_base import ConditionedModel
 from .unet_blocks import (
     broadcast_timesteps,
-    down_block,
     mid_block,
     time_embedding,
     traced,
@@ -152,23 +151,6 @@ class UNet2DConditionModel(ConditionedModel):
         h = gn_silu(h, p["conv_norm_out"], "conv_norm_out", groups=opts.groups, eps=opts.eps)
         pad = cfg.conv_out_kernel // 2
         return _rec("conv_out", conv(h, p["conv_out"], padding=pad))  # (N, Cout, H, W)
-
-    def _down(self, h, temb, ctx, opts):
-        cfg = self.config
-        states = [h]
-        for i, kind in enumerate(cfg.down_block_types):
-            h, s = traced(
-                f"down_blocks.{i}",
-                down_block,
-                h,
-                temb,
-                self.params["down_blocks"][i],
-                opts,
-                heads=cfg.attention_head_dim[i],
-                context=ctx if kind == "CrossAttnDownBlock2D" else None,
-            )
-            states.extend(s)
-        return h, states
 
     def _up(self, h, states, temb, ctx, opts):
         """Each up block takes the last ``layers + 1`` skip states. Latent sizes that are not

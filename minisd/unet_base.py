@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .backend import device_of, to_device
 from .errors import InputError
-from .unet_blocks import BlockOpts
+from .unet_blocks import BlockOpts, down_block, traced
 from .unet_config import load_pretrained, prepare_params
 
 
@@ -79,3 +79,23 @@ class ConditionedModel:
                 f"timestep_cond: expected shape ({x.shape[0]}, {dim}), got {tuple(cond.shape)}"
             )
         return cond
+
+    def _down(self, h, temb, ctx, opts):
+        """The down path from conv_in's output h: returns the last block's output and every
+        skip state (conv_in's output first), the inputs of the up path / ControlNet's zero
+        convolutions."""
+        cfg = self.config
+        states = [h]
+        for i, kind in enumerate(cfg.down_block_types):
+            h, s = traced(
+                f"down_blocks.{i}",
+                down_block,
+                h,
+                temb,
+                self.params["down_blocks"][i],
+                opts,
+                heads=cfg.heads[i],
+                context=ctx if kind == "CrossAttnDownBlock2D" else None,
+            )
+            states.extend(s)
+        return h, states

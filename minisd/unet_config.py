@@ -208,6 +208,11 @@ class UNetConfig:
     def time_embed_dim(self):
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
+    @property
+    def heads(self):
+        """Attention heads per down block (``attention_head_dim``, see the class doc)."""
+        return self.attention_head_dim
+
 
 def param_shapes(cfg: UNetConfig) -> dict:
     """{checkpoint key: shape} of every parameter of the UNet ``cfg`` describes."""
