@@ -21,10 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from . import blocks, trace, vae_tiling
-from .backend import array_module, device_of, resolve_device_dtype, resolve_dtype, to_device
+from .backend import array_module, device_of, resolve_device_dtype, resolve_dtype
 from .errors import InputError
 from .rng import standard_normal
-from .vae_config import _ATTN_PROJ, VAEConfig, expected_shapes, fix_legacy_keys  # noqa: F401
+from .vae_config import (  # noqa: F401
+    _ATTN_PROJ,
+    Sliced,
+    VAEConfig,
+    expected_shapes,
+    fix_legacy_keys,
+)
 from .weights import (
     check_keys,
     find_weights,
@@ -179,7 +185,7 @@ def _cast_tree(p, dtype):
     return p.astype(dtype, copy=False)
 
 
-class AutoencoderKL:
+class AutoencoderKL(Sliced):
     """The Stable Diffusion VAE. ``AutoencoderKL(config, params)`` or ``from_pretrained``."""
 
     def __init__(
@@ -250,20 +256,7 @@ class AutoencoderKL:
     def disable_tiling(self):
         self.use_tiling = False
 
-    def enable_slicing(self):
-        """Run a batch one image at a time (lower peak memory, same result)."""
-        self.use_slicing = True
-
-    def disable_slicing(self):
-        self.use_slicing = False
-
     # ----------------------------------------------------------------- forward
-
-    def _input(self, x, channels, what):
-        x = to_device(x, self.device, self.dtype)
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise InputError(f"{what}: expected shape (N, {channels}, H, W), got {x.shape}")
-        return x
 
     def _moments(self, x):
         """Encoder + quant_conv for one batch. (N, 3, H, W) -> (N, 2L, h, w)."""
@@ -286,12 +279,7 @@ class AutoencoderKL:
         f = self.config.vae_scale_factor  # each downsampler halves, and needs 2 pixels or more
         if min(x.shape[2:]) < f:
             raise InputError(f"encode(images): {x.shape[2]}x{x.shape[3]} pixels; needs >= {f}")
-        xp = array_module(x)
-        if self.use_slicing and x.shape[0] > 1:
-            moments = xp.concatenate([self._moments(x[i : i + 1]) for i in range(x.shape[0])])
-        else:
-            moments = self._moments(x)
-        return DiagonalGaussian(moments)
+        return DiagonalGaussian(self._batched(self._moments, x))
 
     def _decode(self, z):
         if self.use_tiling and max(z.shape[2:]) > self.tile_latent_min_size:
@@ -311,10 +299,7 @@ class AutoencoderKL:
         """latents (N, L, h, w), NOT scaled (divide by config.scaling_factor first) ->
         images (N, 3, f h, f w), roughly in [-1, 1]."""
         z = self._input(latents, self.config.latent_channels, "decode(latents)")
-        xp = array_module(z)
-        if self.use_slicing and z.shape[0] > 1:
-            return xp.concatenate([self._decode(z[i : i + 1]) for i in range(z.shape[0])])
-        return self._decode(z)
+        return self._batched(self._decode, z)
 
     # ----------------------------------------------------------------- tiling
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .backend import array_module, to_device
 from .config import check_divides, check_numbers
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, InputError, WeightsError
 
 
 @dataclass(frozen=True)
@@ -154,3 +155,29 @@ def fix_legacy_keys(flat: dict) -> dict:
                 raise WeightsError(f"key {name!r}: attention kernel {w.shape} is not 1x1")
             out[name] = w.reshape(w.shape[:2])  # (out, in)
     return out
+
+
+class Sliced:
+    """What AutoencoderKL and AutoencoderTiny share: the input check and batch slicing (one
+    image at a time: lower peak memory, the same result)."""
+
+    use_slicing = False
+
+    def enable_slicing(self):
+        """Run a batch one image at a time (lower peak memory, same result)."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def _input(self, x, channels, what):
+        x = to_device(x, self.device, self.dtype)
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise InputError(f"{what}: expected shape (N, {channels}, H, W), got {x.shape}")
+        return x
+
+    def _batched(self, fn, x):
+        """fn(x), or fn on each image of x concatenated back when slicing is on."""
+        if self.use_slicing and x.shape[0] > 1:
+            return array_module(x).concatenate([fn(x[i : i + 1]) for i in range(x.shape[0])])
+        return fn(x)

@@ -33,9 +33,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import blocks, ops, trace
-from .backend import array_module, device_of, resolve_device_dtype, resolve_dtype, to_device
+from .backend import array_module, device_of, resolve_device_dtype, resolve_dtype
 from .config import check_numbers, is_int
-from .errors import ConfigError, InputError
+from .errors import ConfigError
+from .vae_config import Sliced
 from .weights import check_keys, find_weights, flatten, load_file, prepare_weights, read_config
 
 ACTIVATIONS = ("relu", "silu", "swish", "gelu", "mish")  # diffusers' get_activation names
@@ -277,7 +278,7 @@ def _read_all(p):
     return {k: _read_all(p[k]) for k in p} if isinstance(p, dict) else p
 
 
-class AutoencoderTiny:
+class AutoencoderTiny(Sliced):
     """TAESD. ``AutoencoderTiny(config, params)`` or ``AutoencoderTiny.from_pretrained``; has
     the surface a pipeline uses of a VAE (config.scaling_factor, config.latent_channels,
     config.block_out_channels, needs_upcast, upcast, encode, decode, dtype, params)."""
@@ -324,25 +325,7 @@ class AutoencoderTiny:
         up.params = prepare_weights(dec, dtype=up.dtype, device=self.device)
         return up
 
-    def enable_slicing(self):
-        """Run a batch one image at a time (lower peak memory, same result)."""
-        self.use_slicing = True
-
-    def disable_slicing(self):
-        self.use_slicing = False
-
     # ----------------------------------------------------------------- forward
-
-    def _input(self, x, channels, what):
-        x = to_device(x, self.device, self.dtype)
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise InputError(f"{what}: expected shape (N, {channels}, H, W), got {x.shape}")
-        return x
-
-    def _batched(self, fn, x):
-        if self.use_slicing and x.shape[0] > 1:
-            return array_module(x).concatenate([fn(x[i : i + 1]) for i in range(x.shape[0])])
-        return fn(x)
 
     def _encode(self, x):
         with trace.scope("encoder"):
