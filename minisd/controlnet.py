@@ -52,9 +52,7 @@ from .controlnet_config import ControlNetConfig, param_shapes
 from .errors import InputError, WeightsError
 from .unet_base import ConditionedModel
 from .unet_blocks import (
-    broadcast_timesteps,
     mid_block,
-    time_embedding,
     traced,
 )
 from .unet_config import sample_input
@@ -194,16 +192,7 @@ class ControlNetModel(ConditionedModel):
             raise InputError(f"conditioning_scale={conditioning_scale!r}: expected a number")
         cfg, p, opts = self.config, self.params, self._opts()
         x, ctx, img = self._inputs(sample, encoder_hidden_states, controlnet_cond)
-        t = broadcast_timesteps(timestep, x.shape[0], array_module(x))  # (N,)
-        temb = time_embedding(
-            t,
-            p["time_embedding"],
-            dim=cfg.block_out_channels[0],
-            flip_sin_to_cos=cfg.flip_sin_to_cos,
-            freq_shift=cfg.freq_shift,
-            dtype=x.dtype,
-            cond=self._timestep_cond(timestep_cond, x),
-        )  # (N, T)
+        temb = self._temb(timestep, x, timestep_cond)  # (N, T)
         h = _rec("conv_in", conv(x, p["conv_in"], padding=1))  # (N, C0, H, W)
         emb = traced(
             "controlnet_cond_embedding", cond_embedding, img, p["controlnet_cond_embedding"]

@@ -23,15 +23,13 @@ from __future__ import annotations
 import dataclasses
 
 from . import trace
-from .backend import array_module, device_of, to_device
+from .backend import device_of, to_device
 from .blocks import conv, gn_silu
 from .errors import InputError
 from .freeu import FreeU
 from .unet_base import ConditionedModel
 from .unet_blocks import (
-    broadcast_timesteps,
     mid_block,
-    time_embedding,
     traced,
     up_block,
 )
@@ -116,19 +114,9 @@ class UNet2DConditionModel(ConditionedModel):
             )
         cfg, p, opts = self.config, self.params, self._opts()
         x, ctx = self._inputs(sample, encoder_hidden_states)
-        xp = array_module(x)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        t = broadcast_timesteps(timestep, x.shape[0], xp)  # (N,)
-        temb = time_embedding(
-            t,
-            p["time_embedding"],
-            dim=cfg.block_out_channels[0],
-            flip_sin_to_cos=cfg.flip_sin_to_cos,
-            freq_shift=cfg.freq_shift,
-            dtype=x.dtype,
-            cond=self._timestep_cond(timestep_cond, x),
-        )  # (N, T)
+        temb = self._temb(timestep, x, timestep_cond)  # (N, T)
         h = _rec("conv_in", conv(x, p["conv_in"], padding=cfg.conv_in_kernel // 2))  # (N, C0, H, W)
         h, states = self._down(h, temb, ctx, opts)
         if down_block_additional_residuals is not None:

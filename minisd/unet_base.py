@@ -4,9 +4,9 @@ the LCM guidance embedding input (``timestep_cond``)."""
 
 from __future__ import annotations
 
-from .backend import device_of, to_device
+from .backend import array_module, device_of, to_device
 from .errors import InputError
-from .unet_blocks import BlockOpts, down_block, traced
+from .unet_blocks import BlockOpts, broadcast_timesteps, down_block, time_embedding, traced
 from .unet_config import load_pretrained, prepare_params
 
 
@@ -79,6 +79,21 @@ class ConditionedModel:
                 f"timestep_cond: expected shape ({x.shape[0]}, {dim}), got {tuple(cond.shape)}"
             )
         return cond
+
+    def _temb(self, timestep, x, timestep_cond):
+        """The timestep embedding (N, T) for x (N, C, H, W): sinusoidal features (time_proj),
+        plus LCM's guidance embedding where given, through time_embedding's MLP."""
+        cfg = self.config
+        t = broadcast_timesteps(timestep, x.shape[0], array_module(x))  # (N,)
+        return time_embedding(
+            t,
+            self.params["time_embedding"],
+            dim=cfg.block_out_channels[0],
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+            dtype=x.dtype,
+            cond=self._timestep_cond(timestep_cond, x),
+        )
 
     def _down(self, h, temb, ctx, opts):
         """The down path from conv_in's output h: returns the last block's output and every
