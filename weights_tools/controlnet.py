@@ -35,10 +35,11 @@ from pathlib import Path
 from minisd.config import path_arg
 from minisd.controlnet_config import ControlNetConfig, param_shapes
 from minisd.errors import ConfigError, WeightsError
-from minisd.weights import check_keys, load_file, read_config, read_header, refuse_pickle
+from minisd.weights import load_file, read_config, read_header, refuse_pickle
 
 from . import keymaps as km
 from .configs import HINTS_KEY, component_of, indices, unet_arch_original
+from .schema import check_shapes
 
 # Fields the tensors show: a given config must agree with them.
 STRUCTURE = (
@@ -90,19 +91,8 @@ def plan_controlnet(shapes, config=None, *, hints=None, global_pool_conditions=N
             raise ConfigError(f"{source}: the config needs {d!r}, which has no original name")
         names[d] = prefix + o
     expected = {names[d]: s for d, s in param_shapes(parsed).items()}
-    check_keys(_Shaped({prefix + k: s for k, s in own.items()}), expected, source)
+    check_shapes({prefix + k: s for k, s in own.items()}, expected, source)
     return cfg, names
-
-
-class _Shaped(dict):
-    """{name: shape} seen as {name: object with .shape} by minisd.weights.check_keys."""
-
-    class _S:
-        def __init__(self, shape):
-            self.shape = shape
-
-    def __getitem__(self, key):
-        return self._S(super().__getitem__(key))
 
 
 # ------------------------------------------------------------------------- layout

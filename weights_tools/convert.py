@@ -14,13 +14,13 @@ import warnings
 from pathlib import Path
 
 from minisd.errors import WeightsError
-from minisd.weights import check_keys, load_file, read_header
+from minisd.weights import load_file, read_header
 
 from . import plan as pl
 from .configs import HINTS_KEY, check_prediction_type, infer_configs
 from .folders import COMPONENTS, read_folder_configs, text_prefix_of, weights_paths, write_configs
 from .output import building_folder, check_out_file, check_out_folder, path_arg
-from .schema import component_shapes
+from .schema import check_shapes, component_shapes
 from .stream import FLOAT_TAGS, Lazy, LazyFile, cast_array, target_tag, write_tensors
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -56,19 +56,8 @@ def _plan(shapes, configs, extract_ema, text_prefix, source):
     for part, moves in plans.items():
         got = {m.dst: pl.out_shape(m, src_shapes) for m in moves}
         want = component_shapes(part, configs[part], text_prefix)
-        check_keys(_Shaped(got), want, f"{source} ({part})")
+        check_shapes(got, want, f"{source} ({part})")
     return plans, skipped
-
-
-class _Shaped(dict):
-    """{name: shape} presented as {name: object with .shape} for minisd.weights.check_keys."""
-
-    class _S:
-        def __init__(self, shape):
-            self.shape = shape
-
-    def __getitem__(self, key):
-        return self._S(super().__getitem__(key))
 
 
 def original_to_diffusers(

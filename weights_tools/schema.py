@@ -9,6 +9,7 @@ diffusers' UNet2DConditionModel / get_up_block and AutoencoderKL's Encoder / Dec
 from __future__ import annotations
 
 from minisd.errors import ConfigError
+from minisd.weights import check_keys
 
 
 class _Shapes(dict):
@@ -165,3 +166,20 @@ def component_shapes(part, cfg, text_prefix=""):
     if part == "vae":
         return vae_shapes(cfg)
     return text_encoder_shapes(cfg, text_prefix)
+
+
+class _Shaped(dict):
+    """{name: shape} presented as {name: object with .shape} for minisd.weights.check_keys."""
+
+    class _S:
+        def __init__(self, shape):
+            self.shape = shape
+
+    def __getitem__(self, key):
+        return self._S(super().__getitem__(key))
+
+
+def check_shapes(shapes, expected, source):
+    """minisd.weights.check_keys on names and shapes alone ({name: shape}, no tensors read):
+    a WeightsError naming ``source`` and the first missing, unexpected or misshapen key."""
+    check_keys(_Shaped(shapes), expected, source)
