@@ -40,8 +40,6 @@ diffusers' ControlNet pipelines never pass one to the ControlNet.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from . import ops, trace
@@ -52,7 +50,6 @@ from .controlnet_config import ControlNetConfig, param_shapes
 from .errors import InputError, WeightsError
 from .unet_base import ConditionedModel
 from .unet_blocks import (
-    mid_block,
     traced,
 )
 from .unet_config import sample_input
@@ -199,18 +196,8 @@ class ControlNetModel(ConditionedModel):
         )  # (N or 1, C0, H, W)
         h = h + emb  # (N, C0, H, W)
         h, states = self._down(h, temb, ctx, opts)
-        mid_opts = dataclasses.replace(opts, out_scale=cfg.mid_block_scale_factor)
-        cross = cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
-        h = traced(
-            "mid_block",
-            mid_block,
-            h,
-            temb,
-            p["mid_block"],
-            mid_opts,
-            heads=cfg.heads[-1],
-            context=ctx if cross else None,
-        )  # (N, C_last, H / 2^(blocks - 1), W / 2^(blocks - 1)), sizes rounded up
+        h = self._mid(h, temb, ctx, opts)
+        # (N, C_last, H / 2^(blocks - 1), W / 2^(blocks - 1)), sizes rounded up
         zc = p["controlnet_down_blocks"]
         downs = [_rec(f"controlnet_down_blocks.{k}", conv(s, zc[k])) for k, s in enumerate(states)]
         mid = _rec("controlnet_mid_block", conv(h, p["controlnet_mid_block"]))  # as h

@@ -20,8 +20,6 @@ parameter-free activation modules (``conv_act``, ``time_embedding.act``, the Res
 
 from __future__ import annotations
 
-import dataclasses
-
 from . import trace
 from .backend import device_of, to_device
 from .blocks import conv, gn_silu
@@ -29,7 +27,6 @@ from .errors import InputError
 from .freeu import FreeU
 from .unet_base import ConditionedModel
 from .unet_blocks import (
-    mid_block,
     traced,
     up_block,
 )
@@ -122,17 +119,7 @@ class UNet2DConditionModel(ConditionedModel):
         if down_block_additional_residuals is not None:
             states = _add_residuals(states, down_block_additional_residuals)
         if cfg.mid_block_type:
-            mid_opts = dataclasses.replace(opts, out_scale=cfg.mid_block_scale_factor)
-            h = traced(
-                "mid_block",
-                mid_block,
-                h,
-                temb,
-                p["mid_block"],
-                mid_opts,
-                heads=cfg.attention_head_dim[-1],
-                context=ctx,
-            )
+            h = self._mid(h, temb, ctx, opts)
         if mid_block_additional_residual is not None:
             h = h + _residual(mid_block_additional_residual, h, "mid_block_additional_residual")
         h = self._up(h, states, temb, ctx, opts)  # (N, C0, H, W)

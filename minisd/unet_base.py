@@ -4,9 +4,18 @@ the LCM guidance embedding input (``timestep_cond``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from .backend import array_module, device_of, to_device
 from .errors import InputError
-from .unet_blocks import BlockOpts, broadcast_timesteps, down_block, time_embedding, traced
+from .unet_blocks import (
+    BlockOpts,
+    broadcast_timesteps,
+    down_block,
+    mid_block,
+    time_embedding,
+    traced,
+)
 from .unet_config import load_pretrained, prepare_params
 
 
@@ -114,3 +123,20 @@ class ConditionedModel:
             )
             states.extend(s)
         return h, states
+
+    def _mid(self, h, temb, ctx, opts):
+        """The mid block (resnet, cross-attention transformer, resnet; or resnets only for a
+        ControlNet's UNetMidBlock2D), its output scaled by mid_block_scale_factor."""
+        cfg = self.config
+        mid_opts = dataclasses.replace(opts, out_scale=cfg.mid_block_scale_factor)
+        cross = cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
+        return traced(
+            "mid_block",
+            mid_block,
+            h,
+            temb,
+            self.params["mid_block"],
+            mid_opts,
+            heads=cfg.heads[-1],
+            context=ctx if cross else None,
+        )
