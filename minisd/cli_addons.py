@@ -14,10 +14,14 @@ from .errors import InputError
 def add_arguments(g):
     g.add_argument(
         "--controlnet",
+        action="append",
         default=None,
-        help="a ControlNet: a diffusers folder or an original single .safetensors file",
+        help="a ControlNet: a diffusers folder or an original single .safetensors file; "
+        "repeat (with one --control-image each) to sum several",
     )
-    g.add_argument("--control-image", default=None, help="the ControlNet's condition image")
+    g.add_argument(
+        "--control-image", action="append", default=None, help="the ControlNet's condition image"
+    )
     g.add_argument(
         "--control-scale",
         type=float,
@@ -56,15 +60,19 @@ def read(args, open_image):
     from .lora import parse_lora_arg, read_lora
     from .textual_inversion import read_embeddings
 
-    cn, image = getattr(args, "controlnet", None), getattr(args, "control_image", None)
-    if (cn is None) != (image is None):
-        raise InputError("--controlnet and --control-image: give both or neither")
+    cn, image = getattr(args, "controlnet", None) or [], getattr(args, "control_image", None) or []
+    if len(cn) != len(image):
+        raise InputError(
+            f"--controlnet and --control-image: one image per ControlNet (got {len(cn)} "
+            f"ControlNet(s) and {len(image)} image(s))"
+        )
+    images = [open_image(i) for i in image]
     loras = [parse_lora_arg(v) for v in getattr(args, "lora", None) or ()]
     embeddings = [parse_embedding_arg(v) for v in getattr(args, "embedding", None) or ()]
     return {
         "freeu": parse_freeu_arg(getattr(args, "freeu", None)),
-        "controlnet": cn,
-        "control_image": None if image is None else open_image(image),
+        "controlnet": None if not cn else cn[0] if len(cn) == 1 else cn,
+        "control_image": None if not images else images[0] if len(images) == 1 else images,
         "loras": [(read_lora(path), scale) for path, scale in loras],
         "embeddings": [(p, t) for p, t in embeddings if read_embeddings(p, t)],  # checked
     }
@@ -101,9 +109,9 @@ def parameters(args):
     text += "".join(f", Embedding: {v}" for v in getattr(args, "embedding", None) or ())
     if getattr(args, "freeu", None):
         text += f", FreeU: {args.freeu}"
-    if getattr(args, "controlnet", None) is not None:
+    for cn in getattr(args, "controlnet", None) or ():
         scale = default_scale(args.control_scale, args.init_image, args.mask)
-        text += f", ControlNet: {args.controlnet}:{scale}"
+        text += f", ControlNet: {cn}:{scale}"
     return text
 
 

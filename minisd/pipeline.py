@@ -239,7 +239,7 @@ class StableDiffusion(AddOns):
             negative = steps.as_prompt_list(negative_prompt, "negative_prompt")
             if isinstance(negative_prompt, str):
                 negative = negative * len(prompts)
-        sized_by = image if image is not None else control_image
+        sized_by = image if image is not None else pipeline_control.first_image(self, control_image)
         height, width = self._resolve_size(height, width, sized_by)
         steps.validate(
             prompts=prompts,
@@ -335,7 +335,7 @@ class StableDiffusion(AddOns):
             free_memory(self.device)
         done = {
             "text encoding": [self.text_encoder],
-            "denoising": [self.unet, self.controlnet],
+            "denoising": [self.unet, *pipeline_control.nets(self)],
             "decoding": [self.vae],
         }
         for model in done.get(phase, ()):

@@ -32,9 +32,11 @@ from .errors import InputError
 
 def load(controlnet, dtype, device, weights):
     """A ControlNetModel from a diffusers ControlNet folder or an original single-file
-    .safetensors ControlNet; a loaded one is used as it is."""
+    .safetensors ControlNet (a loaded one is used as it is); a list of them: several."""
     from .controlnet import ControlNetModel
 
+    if isinstance(controlnet, (list, tuple)):
+        return [load(c, dtype, device, weights) for c in controlnet]
     if isinstance(controlnet, ControlNetModel):
         return controlnet
     return ControlNetModel.from_pretrained(controlnet, dtype=dtype, device=device, weights=weights)
@@ -48,52 +50,106 @@ def default_scale(scale, image, mask_image):
     return 1.0 if image is None else 0.8 if mask_image is None else 0.5
 
 
+def nets(pipe) -> list:
+    """The pipeline's ControlNets: [] / [one] / several (MultiControlNet: residuals summed)."""
+    cn = getattr(pipe, "controlnet", None)
+    return [] if cn is None else list(cn) if isinstance(cn, (list, tuple)) else [cn]
+
+
+def per_net(value, n, name):
+    """A scalar for every ControlNet, or one value per ControlNet (diffusers' broadcast)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise InputError(f"{name}: {len(values)} values for {n} ControlNets")
+    return values
+
+
+def images_per_net(control_image, n):
+    """One control image entry per ControlNet: the image itself for one; for several, the
+    list (a list of lists is per prompt, one image per ControlNet, transposed as diffusers)."""
+    if n == 1:
+        return [control_image]
+    if not isinstance(control_image, (list, tuple)) or len(control_image) == 0:
+        raise InputError(f"control_image: expected a list of {n} images, one per ControlNet")
+    if isinstance(control_image[0], (list, tuple)):
+        control_image = [list(t) for t in zip(*control_image)]
+    if len(control_image) != n:
+        raise InputError(f"control_image: {len(control_image)} images for {n} ControlNets")
+    return list(control_image)
+
+
+def first_image(pipe, control_image):
+    """The image whose size sets the output size (the first ControlNet's)."""
+    if control_image is None or len(nets(pipe)) < 2:
+        return control_image
+    return images_per_net(control_image, len(nets(pipe)))[0]
+
+
 def check(pipe, control_image, scale, guess_mode, start, end):
     """Refuse bad ControlNet arguments up front (InputError naming the argument)."""
     if control_image is None:
         return
-    if getattr(pipe, "controlnet", None) is None:
+    n = len(nets(pipe))
+    if n == 0:
         raise InputError(
             "control_image: this pipeline has no ControlNet; load one with "
             "StableDiffusion.from_pretrained(..., controlnet=FOLDER) or set pipe.controlnet"
         )
-    if not (is_number(scale) and math.isfinite(scale)):
-        raise InputError(f"controlnet_conditioning_scale={scale!r}: expected a finite number")
+    images_per_net(control_image, n)
+    for v in per_net(scale, n, "controlnet_conditioning_scale"):
+        if not (is_number(v) and math.isfinite(v)):
+            raise InputError(f"controlnet_conditioning_scale={scale!r}: expected finite numbers")
     if not isinstance(guess_mode, bool):
         raise InputError(f"guess_mode={guess_mode!r}: expected True or False")
-    ok = is_number(start) and is_number(end) and 0 <= start < end <= 1
-    if not ok:
-        raise InputError(
-            f"control_guidance_start={start!r}, control_guidance_end={end!r}: expected "
-            "0 <= start < end <= 1"
-        )
+    starts, ends = (
+        per_net(start, n, "control_guidance_start"),
+        per_net(end, n, "control_guidance_end"),
+    )
+    for s0, e0 in zip(starts, ends):
+        if not (is_number(s0) and is_number(e0) and 0 <= s0 < e0 <= 1):
+            raise InputError(
+                f"control_guidance_start={start!r}, control_guidance_end={end!r}: expected "
+                "0 <= start < end <= 1"
+            )
 
 
 def prepare(pipe, control_image, *, scale, guess_mode, start, end, batch, nipp, size, cfg):
-    """The per-run ControlNet state: the preprocessed control image, batched as the latents
-    (and doubled for CFG unless in guess mode), and the scale / guess mode / step window."""
+    """The per-run ControlNet state: for each ControlNet its preprocessed control image,
+    batched as the latents (and doubled for CFG unless in guess mode), its scale and step
+    window; guess mode (from the first ControlNet's global_pool_conditions too, as diffusers)."""
     if control_image is None:
         return None
-    cn = pipe.controlnet
+    models = nets(pipe)
+    n = len(models)
+    guess = bool(guess_mode or models[0].config.global_pool_conditions)
+    units = []
+    scales = per_net(scale, n, "controlnet_conditioning_scale")
+    windows = zip(
+        per_net(start, n, "control_guidance_start"), per_net(end, n, "control_guidance_end")
+    )
+    for cn, image, s0, (a, b) in zip(models, images_per_net(control_image, n), scales, windows):
+        img = _control_batch(pipe, image, size, batch, nipp)  # (B, 3, H, W) in [0, 1]
+        cn.attention_chunk_size = pipe.unet.attention_chunk_size  # the pipeline's memory policy
+        img = pipe.xp.asarray(img).astype(cn.dtype)
+        if cfg and not guess:
+            img = pipe.xp.concatenate([img, img])  # (2B, 3, H, W): [uncond; text]
+        units.append({"net": cn, "image": img, "scale": float(s0), "start": a, "end": b})
+    return {"units": units, "guess": guess}
+
+
+def _control_batch(pipe, image, size, batch, nipp):
+    """diffusers' control_image_processor, then one image for the batch or one per prompt."""
     proc = imageproc.ImageProcessor(pipe.vae_scale_factor, do_normalize=False, do_convert_rgb=True)
-    img = proc.preprocess(control_image, height=size[0], width=size[1])  # (n, 3, H, W) in [0, 1]
+    img = proc.preprocess(image, height=size[0], width=size[1])  # (n, 3, H, W) in [0, 1]
     prompts = batch // nipp
     if img.shape[0] == 1:
-        img = img.repeat(batch, axis=0)  # (B, 3, H, W)
-    elif img.shape[0] == prompts:
-        img = img.repeat(nipp, axis=0)  # each prompt's image for each of its images
-    else:
-        raise InputError(
-            f"control_image: {img.shape[0]} images for {prompts} prompt(s); give one image, "
-            "or one per prompt"
-        )
-    cn.attention_chunk_size = pipe.unet.attention_chunk_size  # the pipeline's memory policy
-    guess = bool(guess_mode or cn.config.global_pool_conditions)
-    xp = pipe.xp
-    img = xp.asarray(img).astype(cn.dtype)
-    if cfg and not guess:
-        img = xp.concatenate([img, img])  # (2B, 3, H, W): [uncond; text]
-    return {"image": img, "scale": float(scale), "guess": guess, "start": start, "end": end}
+        return img.repeat(batch, axis=0)  # (B, 3, H, W)
+    if img.shape[0] == prompts:
+        return img.repeat(nipp, axis=0)  # each prompt's image for each of its images
+    raise InputError(
+        f"control_image: {img.shape[0]} images for {prompts} prompt(s); give one image, "
+        "or one per prompt"
+    )
 
 
 def keep(i, n, start, end) -> float:
@@ -102,22 +158,26 @@ def keep(i, n, start, end) -> float:
 
 
 def residuals(pipe, control, sched, x, x_in, t, i, n, ctx, cfg):
-    """(down residuals, mid residual) for the UNet call at step i of n, or (None, None).
+    """(down residuals, mid residual) for the UNet call at step i of n, summed over the
+    ControlNets (diffusers' MultiControlNetModel), or (None, None).
 
     x: the latents (B, 4, h, w); x_in: the scaled UNet input (2B or B, 4, h, w), before an
     inpainting UNet's extra channels; ctx: the prompt embeddings (2B or B, 77, D)."""
     if control is None:
         return None, None
-    scale = control["scale"] * keep(i, n, control["start"], control["end"])
-    if scale == 0:
-        return None, None  # the residuals would be zeros: adding them changes nothing
     guess_cfg = control["guess"] and cfg
     cx = sched.scale_model_input(x, t) if guess_cfg else x_in  # prompt half only
     cctx = ctx[ctx.shape[0] // 2 :] if guess_cfg else ctx
-    down, mid = pipe.controlnet(
-        cx, t, cctx, control["image"], conditioning_scale=scale, guess_mode=control["guess"]
-    )
-    if guess_cfg:  # the unconditional half gets no control
+    down, mid = None, None
+    for u in control["units"]:
+        scale = u["scale"] * keep(i, n, u["start"], u["end"])
+        if scale == 0:
+            continue  # its residuals would be zeros: adding them changes nothing
+        d, m = u["net"](
+            cx, t, cctx, u["image"], conditioning_scale=scale, guess_mode=control["guess"]
+        )
+        down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+    if guess_cfg and down is not None:  # the unconditional half gets no control
         xp = pipe.xp
         down = [xp.concatenate([xp.zeros_like(d), d]) for d in down]
         mid = xp.concatenate([xp.zeros_like(mid), mid])

@@ -227,7 +227,7 @@ def test_generate_with_a_controlnet_is_the_api_s_result(demo_model, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--controlnet", "{tmp}"], "--controlnet and --control-image: give both or neither"),
+        (["--controlnet", "{tmp}"], "one image per ControlNet (got 1 ControlNet(s) and 0"),
         (["--embedding", "{tmp}/no.safetensors"], "no.safetensors"),
         (["--embedding", "{tmp}/x.pt"], "never"),
         (["--freeu", "0.9,0.2,1.5"], "expected four numbers"),

@@ -169,3 +169,61 @@ def test_lazy_weights_give_the_eager_result(trio):
     args = dict(prompt="a cat", num_inference_steps=2, control_image=_control(), seed=0,
                 scheduler="ddim", output_type="latent", progress=False)  # fmt: skip
     np.testing.assert_array_equal(lazy(**args), ours(**args))
+
+
+@pytest.fixture(scope="module")
+def multi(trio):
+    """A second randomized ControlNet beside the first: (diffusers pipeline, minisd pipeline)."""
+    torch, diffusers = need("torch", "diffusers")
+    components, folder, _ = trio
+    cn2 = diffusers.ControlNetModel.from_unet(components["unet"])
+    randomize_(cn2, seed=8)
+    with torch.no_grad():
+        for conv in [*cn2.controlnet_down_blocks, cn2.controlnet_mid_block]:
+            conv.weight.mul_(0.1)
+    cn2.eval().save_pretrained(str(folder / "controlnet2"), safe_serialization=True)
+    nets = [folder / "controlnet", folder / "controlnet2"]
+    ours = minisd.StableDiffusion.from_pretrained(folder, controlnet=nets)
+    ref = _ref(({**components, "controlnet": [components["controlnet"], cn2.eval()]},))
+    return ref, ours
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(controlnet_conditioning_scale=[0.7, 0.4]),
+        dict(control_guidance_start=[0.0, 0.5], control_guidance_end=[0.5, 1.0]),
+        dict(guess_mode=True, controlnet_conditioning_scale=0.6),
+    ],
+)
+def test_multi_controlnet_same_latents(multi, kw):
+    """Several ControlNets (diffusers' MultiControlNetModel): residuals summed, each with its
+    own image, scale and step window."""
+    ref, ours = multi
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    images = [_control(seed=5), _control(seed=6)]
+    args = dict(prompt=PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=latents,
+                output_type="latent", **kw)  # fmt: skip
+    expect = _run_ref(ref, "ddim", image=images, **args).numpy()
+    got = ours(**args, control_image=images, scheduler="ddim", progress=False)
+    assert_rel(got, expect, TOL, f"MultiControlNet {kw}")
+    one = ours(**{**args, "controlnet_conditioning_scale": [0.7, 0.0]}, control_image=images,
+               scheduler="ddim", progress=False)  # fmt: skip
+    assert np.abs(one - got).max() > 1e-3 * np.abs(got).max()  # the second one counts
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(control_image=[_control()]), "1 images for 2 ControlNets"),
+        (dict(control_image=_control()), "a list of 2 images"),
+        (dict(controlnet_conditioning_scale=[1.0, 1.0, 1.0]), "3 values for 2 ControlNets"),
+        (dict(control_guidance_end=[1.0, 0.0]), "0 <= start < end <= 1"),
+    ],
+)
+def test_bad_multi_controlnet_arguments(multi, kw, message):
+    _, ours = multi
+    args = dict(prompt="a", num_inference_steps=2, control_image=[_control(), _control()],
+                progress=False)  # fmt: skip
+    with pytest.raises(InputError, match=message):
+        ours(**{**args, **kw})
