@@ -139,3 +139,23 @@ def diffusers_models(ref_cache, class_name, configs, prefix, *, seed):
         return cache[name]
 
     return get
+
+
+def copy_model_folder(folder, dst, change=None, config=None):
+    """Copy a diffusers model folder to ``dst``, then ``change(flat)`` its weights in place and
+    merge ``config`` into its config.json (to build a broken or altered checkpoint).
+    Returns (dst, the weights file)."""
+    import json
+
+    from minisd.weights import load_file, save_file
+
+    shutil.copytree(folder, dst)
+    path = dst / "diffusion_pytorch_model.safetensors"
+    if change is not None:
+        flat = {k: np.array(v) for k, v in load_file(path).items()}
+        change(flat)
+        save_file(flat, path)
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dst, path

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ from refharness import (
     assert_rel,
     collect_outputs,
     compare_traces,
+    copy_model_folder,
     diffusers_models,
     need,
     rand,
@@ -44,7 +44,7 @@ import minisd
 from minisd.controlnet import ControlNetConfig, ControlNetModel, guess_mode_scales, param_shapes
 from minisd.errors import ConfigError, InputError, WeightsError
 from minisd.unet import UNet2DConditionModel
-from minisd.weights import RecordingDict, load_file, save_file
+from minisd.weights import RecordingDict, load_file
 from minisd_parity.compare import time_proj_bound
 
 DTYPES = ["float64", "float32"]
@@ -314,17 +314,7 @@ def test_in_memory_constructor_and_weight_modes(tiny):
 
 
 def _copy_folder(folder, tmp_path, change=None, config=None):
-    dst = tmp_path / "controlnet"
-    shutil.copytree(folder, dst)
-    path = dst / "diffusion_pytorch_model.safetensors"
-    if change is not None:
-        flat = {k: np.array(v) for k, v in load_file(path).items()}
-        change(flat)
-        save_file(flat, path)
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        (dst / "config.json").write_text(json.dumps({**cfg, **config}))
-    return dst, path
+    return copy_model_folder(folder, tmp_path / "controlnet", change, config)
 
 
 def test_missing_key_names_file_and_key(tiny, tmp_path):

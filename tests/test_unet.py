@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from refharness import (
     assert_rel,
     collect_outputs,
     compare_traces,
+    copy_model_folder,
     diffusers_models,
     need,
     rand,
@@ -38,7 +38,7 @@ import minisd
 from minisd import ops
 from minisd.errors import ConfigError, InputError, WeightsError
 from minisd.unet import UNet2DConditionModel, UNetConfig, param_shapes
-from minisd.weights import RecordingDict, load_file, save_file
+from minisd.weights import RecordingDict, load_file
 from minisd_parity.compare import time_proj_bound  # (shared with `minisd parity`)
 
 DTYPES = ["float64", "float32"]
@@ -225,14 +225,8 @@ def test_in_memory_constructor_flat_or_nested(tiny):
     assert rel_err(a(x, 7, ctx), b(x, 7, ctx)) < 1e-5
 
 
-def _copy_folder(folder, tmp_path, change):
-    dst = tmp_path / "unet"
-    shutil.copytree(folder, dst)
-    path = dst / "diffusion_pytorch_model.safetensors"
-    flat = {k: np.array(v) for k, v in load_file(path).items()}
-    change(flat)
-    save_file(flat, path)
-    return dst, path
+def _copy_folder(folder, tmp_path, change=None, config=None):
+    return copy_model_folder(folder, tmp_path / "unet", change, config)
 
 
 def test_missing_key_names_file_and_key(tiny, tmp_path):
@@ -259,11 +253,7 @@ def test_misshapen_key_names_file_and_key(tiny, tmp_path):
 
 def test_unsupported_config_is_refused(tiny, tmp_path):
     _, folder = tiny("sd1")
-    dst = tmp_path / "unet"
-    shutil.copytree(folder, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["class_embed_type"] = "timestep"
-    (dst / "config.json").write_text(json.dumps(cfg))
+    dst, _ = _copy_folder(folder, tmp_path, config={"class_embed_type": "timestep"})
     with pytest.raises(ConfigError, match="class_embed_type") as e:
         UNet2DConditionModel.from_pretrained(dst)
     assert "config.json" in str(e.value)
