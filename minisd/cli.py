@@ -132,6 +132,7 @@ def build_parser():
         help="single-file SD2: epsilon or v_prediction (can't be seen from the weights)",
     )
     cli_addons.add_arguments(g)
+    cli_addons.add_image_prompt_arguments(g)
     g.add_argument(
         "--weights",
         choices=("eager", "lazy", "stream"),
@@ -299,7 +300,7 @@ def _run(args, model, image, mask):
     image, mask = _open_image(image), _open_image(mask)
     t0 = time.perf_counter()
     addons = cli_addons.read(args, _open_image)  # bad files fail before the model loads
-    kw["controlnet"] = addons["controlnet"]
+    kw["controlnet"], kw["adapter"] = addons["controlnet"], addons["adapter"]
     pipe = StableDiffusion.from_pretrained(model, dtype=args.dtype, device=args.device, **kw)
     cli_addons.apply(pipe, addons)
     w, h = args.size if args.size else (None, None)

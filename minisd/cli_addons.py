@@ -1,4 +1,5 @@
-"""``minisd generate``'s add-ons: ControlNet, LoRAs and textual inversion embeddings.
+"""``minisd generate``'s add-ons: ControlNet, T2I-Adapter, IP-Adapter, LoRAs, textual inversion
+embeddings, FreeU, and InstructPix2Pix's image guidance.
 
 Every file is read and checked before the model loads (a bad one costs no model load), then
 applied to the loaded pipeline; the PNG's parameters name each one.
@@ -55,24 +56,70 @@ def add_arguments(g):
     )
 
 
+def add_image_prompt_arguments(g):
+    """T2I-Adapter, IP-Adapter and InstructPix2Pix options."""
+    g.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        help="a T2I-Adapter (diffusers folder); repeat (with one --adapter-image each) for several",
+    )
+    g.add_argument("--adapter-image", action="append", default=None, help="its condition image")
+    g.add_argument("--adapter-scale", type=float, default=1.0, help="T2I-Adapter feature scale")
+    g.add_argument(
+        "--adapter-factor",
+        type=float,
+        default=1.0,
+        help="the fraction of the steps that get the T2I-Adapter's features (default 1)",
+    )
+    g.add_argument("--ip-adapter", default=None, help="an IP-Adapter .safetensors (h94 layout)")
+    g.add_argument("--image-encoder", default=None, help="the IP-Adapter's CLIP vision folder")
+    g.add_argument("--ip-adapter-image", default=None, help="the image prompt (IP-Adapter)")
+    g.add_argument("--ip-adapter-scale", type=float, default=1.0, help="IP-Adapter weight")
+    g.add_argument(
+        "--image-guidance",
+        type=float,
+        default=None,
+        help="InstructPix2Pix models: image guidance scale (default 1.5); --init-image is the "
+        "image to edit and the prompt the instruction",
+    )
+
+
+def _paired(args, model_arg, image_arg, open_image):
+    """--controlnet / --adapter and their images: one image each -> (one or a list, same)."""
+    models = getattr(args, model_arg, None) or []
+    images = getattr(args, image_arg, None) or []
+    if len(models) != len(images):
+        flag = "--" + model_arg.replace("_", "-")
+        raise InputError(
+            f"{flag} and --{image_arg.replace('_', '-')}: one image per model (got "
+            f"{len(models)} model(s) and {len(images)} image(s))"
+        )
+    images = [open_image(i) for i in images]
+    one = len(models) == 1
+    return (models[0] if one else models or None), (images[0] if one else images or None)
+
+
 def read(args, open_image):
     """Everything the add-on arguments name, read and checked: a dict for :func:`apply`."""
     from .lora import parse_lora_arg, read_lora
     from .textual_inversion import read_embeddings
 
-    cn, image = getattr(args, "controlnet", None) or [], getattr(args, "control_image", None) or []
-    if len(cn) != len(image):
-        raise InputError(
-            f"--controlnet and --control-image: one image per ControlNet (got {len(cn)} "
-            f"ControlNet(s) and {len(image)} image(s))"
-        )
-    images = [open_image(i) for i in image]
+    cn, control_image = _paired(args, "controlnet", "control_image", open_image)
+    adapter, adapter_image = _paired(args, "adapter", "adapter_image", open_image)
+    ip = [getattr(args, k, None) for k in ("ip_adapter", "image_encoder", "ip_adapter_image")]
+    if any(ip) and not all(ip):
+        raise InputError("--ip-adapter, --image-encoder, --ip-adapter-image: give all three")
     loras = [parse_lora_arg(v) for v in getattr(args, "lora", None) or ()]
     embeddings = [parse_embedding_arg(v) for v in getattr(args, "embedding", None) or ()]
     return {
         "freeu": parse_freeu_arg(getattr(args, "freeu", None)),
-        "controlnet": None if not cn else cn[0] if len(cn) == 1 else cn,
-        "control_image": None if not images else images[0] if len(images) == 1 else images,
+        "controlnet": cn,
+        "control_image": control_image,
+        "adapter": adapter,
+        "adapter_image": adapter_image,
+        "ip_adapter": (*ip[:2], getattr(args, "ip_adapter_scale", 1.0)) if all(ip) else None,
+        "ip_adapter_image": open_image(ip[2]) if all(ip) else None,
         "loras": [(read_lora(path), scale) for path, scale in loras],
         "embeddings": [(p, t) for p, t in embeddings if read_embeddings(p, t)],  # checked
     }
@@ -88,17 +135,30 @@ def apply(pipe, addons):
         load_textual_inversion(pipe, path, token)
     if addons["freeu"] is not None:
         pipe.enable_freeu(*addons["freeu"])
+    if addons["ip_adapter"] is not None:
+        pipe.load_ip_adapter(*addons["ip_adapter"])  # weights, image encoder, scale
 
 
 def call_kwargs(args, addons):
-    """The ControlNet arguments of the pipeline call."""
-    if addons["control_image"] is None:
-        return {}
-    return dict(
-        control_image=addons["control_image"],
-        controlnet_conditioning_scale=args.control_scale,
-        guess_mode=args.guess_mode,
-    )
+    """The add-on arguments of the pipeline call."""
+    kw = {}
+    if addons["control_image"] is not None:
+        kw.update(
+            control_image=addons["control_image"],
+            controlnet_conditioning_scale=args.control_scale,
+            guess_mode=args.guess_mode,
+        )
+    if addons["adapter_image"] is not None:
+        kw.update(
+            adapter_image=addons["adapter_image"],
+            adapter_conditioning_scale=args.adapter_scale,
+            adapter_conditioning_factor=args.adapter_factor,
+        )
+    if addons["ip_adapter_image"] is not None:
+        kw["ip_adapter_image"] = addons["ip_adapter_image"]
+    if getattr(args, "image_guidance", None) is not None:
+        kw["image_guidance_scale"] = args.image_guidance
+    return kw
 
 
 def parameters(args):
@@ -112,6 +172,12 @@ def parameters(args):
     for cn in getattr(args, "controlnet", None) or ():
         scale = default_scale(args.control_scale, args.init_image, args.mask)
         text += f", ControlNet: {cn}:{scale}"
+    for adapter in getattr(args, "adapter", None) or ():
+        text += f", T2I-Adapter: {adapter}:{args.adapter_scale}:{args.adapter_factor}"
+    if getattr(args, "ip_adapter", None):
+        text += f", IP-Adapter: {args.ip_adapter}:{args.ip_adapter_scale}"
+    if getattr(args, "image_guidance", None) is not None:
+        text += f", Image CFG scale: {args.image_guidance}"
     return text
 
 

@@ -14,7 +14,9 @@ import inspect
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import pipeline_pix2pix as pix2pix
 from .blocks import upsample_nearest
+from .pipeline_call import unet_rows
 from .pipeline_control import residuals as control_residuals
 from .pipeline_steps import (
     draw,
@@ -47,11 +49,14 @@ def run(
     callback,
     rng,
     progress,
-    control=None,
+    addons=None,
     guidance_rescale=0.0,
 ):
-    """``control``: pipeline_control.prepare's ControlNet state, or None."""
-    cfg = uses_cfg(pipe, guidance_scale)
+    """``addons``: the add-ons' conditioning (pipeline_call.py), or None for none."""
+    addons = {} if addons is None else addons
+    edit = addons.get("image_guidance_scale")  # InstructPix2Pix's s_I, else None
+    n_rows = unet_rows(pipe, guidance_scale, edit)
+    cfg = n_rows > 1
     ctx = encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip)  # (2B or B, 77, D)
     pipe.phase_done("text encoding")  # frees CuPy's cached blocks when asked (GPU policy)
     sched = pipe.make_scheduler(scheduler)
@@ -59,9 +64,12 @@ def run(
     f = pipe.vae_scale_factor
     batch = len(prompts) * nipp
     shape = (batch, pipe.vae.config.latent_channels, height // f, width // f)
-    state = {"timesteps": sched.timesteps, "solver_steps": steps}
+    state = {"timesteps": sched.timesteps, "solver_steps": steps, "rows": n_rows}
     if image is None:
         lat = _txt2img_latents(pipe, sched, shape, latents, rng)
+    elif edit is not None:  # InstructPix2Pix: from pure noise, the image as extra channels
+        lat = _txt2img_latents(pipe, sched, shape, latents, rng)
+        ctx, state["edit"] = pix2pix.conditioning(pipe, image, shape, ctx, n_rows)
     elif mask_image is None:
         lat = _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng)
     else:
@@ -69,15 +77,13 @@ def run(
             pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
         )
     state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
-    state["control"] = control
-    state["rescale"] = guidance_rescale
-    return _loop(pipe, sched, state, lat, ctx, cfg, guidance_scale, eta, rng, callback, progress)
-
-
-def uses_cfg(pipe, guidance_scale) -> bool:
-    """Classifier-free guidance (two UNet batches) when the scale is > 1, except for
-    LCM-distilled UNets, which take the scale as an embedding instead (as diffusers)."""
-    return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+    state.update(
+        control=addons.get("control"),
+        adapter=addons.get("adapter"),
+        image_embeds=addons.get("image_embeds"),
+        scales=(guidance_scale, edit, guidance_rescale),
+    )
+    return _loop(pipe, sched, state, lat, ctx, eta, rng, callback, progress)
 
 
 def _timestep_cond(pipe, guidance_scale, batch):
@@ -184,22 +190,27 @@ def _step_kwargs(sched, eta, rng):
     return kw
 
 
-def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress):
+def _loop(pipe, sched, state, lat, ctx, eta, rng, callback, progress):
     xp = pipe.xp
     ts = state["timesteps"]
     kw = _step_kwargs(sched, eta, rng)
+    rows, (scale, edit, rescale) = state["rows"], state["scales"]
 
     def model(x, t, i):
         """Guided eps (or v) prediction for latents x at timestep t (step i)."""
-        x_in = xp.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
+        x_in = xp.concatenate([x] * rows) if rows > 1 else x  # (rows B, 4, h, w)
         x_in = sched.scale_model_input(x_in, t)
         down, mid = control_residuals(
-            pipe, state["control"], sched, x, x_in, t, i, len(ts), ctx, cfg
+            pipe, state["control"], sched, x, x_in, t, i, len(ts), ctx, rows > 1
         )  # ControlNet: one residual per skip state and one for the mid block (or None)
         if state.get("nine"):
             x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
-        eps = pipe.unet(x_in, t, ctx, down, mid, timestep_cond=state["timestep_cond"])
-        return guide(eps, cfg, scale, state["rescale"])  # (B, 4, h, w)
+        if "edit" in state:
+            x_in = xp.concatenate([x_in, state["edit"]], axis=1)  # (rows B, 8, h, w)
+        eps = pipe.unet(x_in, t, ctx, down, mid, **_unet_extras(state, i, len(ts)))
+        if edit is not None:
+            return pix2pix.guide(eps, rows, scale, edit)  # (B, 4, h, w)
+        return guide(eps, rows > 1, scale, rescale)  # (B, 4, h, w)
 
     # diffusers' legacy callback: once per solver step, after its last model call (Heun makes
     # two per step; PNDM's warm-up calls and PLMS's extra first call report nothing), numbered
@@ -214,6 +225,19 @@ def _loop(pipe, sched, state, lat, ctx, cfg, scale, eta, rng, callback, progress
         if callback is not None and solver_step_done:
             callback(i // order, t, lat)
     return lat
+
+
+def _unet_extras(state, i, n):
+    """The UNet's keyword inputs beyond ControlNet's: LCM's guidance embedding, T2I-Adapter
+    features (while the step is inside adapter_conditioning_factor), IP-Adapter embeddings."""
+    kw = {"timestep_cond": state["timestep_cond"]}
+    if state["adapter"] is not None:
+        from .pipeline_adapter import residuals
+
+        kw["down_intrablock_additional_residuals"] = residuals(state["adapter"], i, n)
+    if state["image_embeds"] is not None:
+        kw["image_embeds"] = state["image_embeds"]
+    return kw
 
 
 def _blend(sched, state, lat, ts, i):

@@ -11,6 +11,7 @@ images. The steps themselves live in ``pipeline_steps.py``.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 from . import image as imageproc
 from . import parallel, pipeline_control
@@ -22,7 +23,6 @@ from .backend import (
     memory_info,
     resolve_device_dtype,
     resolve_dtype,
-    to_numpy,
 )
 from .config import path_arg
 from .errors import ConfigError, InputError, WeightsError
@@ -87,13 +87,15 @@ class StableDiffusion(AddOns):
         self.scheduler = self.make_scheduler()
         self.loras = []  # handles of the merged LoRAs, in the order applied (minisd.lora)
         self.controlnet = None  # a ControlNetModel for control_image= (pipeline_control.py)
+        self.adapter = None  # a T2IAdapter for adapter_image= (pipeline_adapter.py)
+        self.image_encoder = None  # an IP-Adapter's CLIP vision model (pipeline_ip.py)
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(
         cls, path, dtype=None, device="cpu", *, config=None, prediction_type=None,
-        weights="eager", controlnet=None,
+        weights="eager", controlnet=None, adapter=None,
     ):  # fmt: skip
         """Load a diffusers folder (model_index.json + component subfolders) or a single
         original-layout ``.safetensors`` checkpoint (converted in memory, no temp files).
@@ -103,7 +105,9 @@ class StableDiffusion(AddOns):
         ``dtype`` None: float32 on the CPU, float16 on "cuda" (backend.default_dtype).
         ``controlnet``: a diffusers ControlNet folder, an original single-file .safetensors
         ControlNet (lllyasviel's layout), or a loaded ControlNetModel, kept as
-        ``self.controlnet`` for ``control_image=`` (pipeline_control.py)."""
+        ``self.controlnet`` for ``control_image=`` (pipeline_control.py); a list: several.
+        ``adapter``: a diffusers T2I-Adapter folder or a loaded T2IAdapter (a list: several),
+        kept as ``self.adapter`` for ``adapter_image=`` (pipeline_adapter.py)."""
         dtype = resolve_device_dtype(dtype, device).name
         kw = {"weights": check_weights_mode(weights)}
         path = path_arg(path, "path")
@@ -111,6 +115,10 @@ class StableDiffusion(AddOns):
         pipe = cls._load(path, dtype, device, config, prediction_type, kw)
         if controlnet is not None:
             pipe.controlnet = pipeline_control.load(controlnet, dtype, device, kw["weights"])
+        if adapter is not None:
+            from . import pipeline_adapter
+
+            pipe.adapter = pipeline_adapter.load(adapter, dtype, device)
         return pipe
 
     @classmethod
@@ -218,6 +226,11 @@ class StableDiffusion(AddOns):
         control_guidance_start=0.0,
         control_guidance_end=1.0,
         guidance_rescale=0.0,
+        image_guidance_scale=None,
+        adapter_image=None,
+        adapter_conditioning_scale=1.0,
+        adapter_conditioning_factor=1.0,
+        ip_adapter_image=None,
     ):
         """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
         minisd.schedulers.NAMES), or None for the checkpoint's own scheduler, configured exactly
@@ -232,88 +245,18 @@ class StableDiffusion(AddOns):
         StableDiffusionControlNetPipeline's names and meaning (minisd/pipeline_control.py); it
         needs ``self.controlnet``, and works with img2img and inpainting too.
         ``guidance_rescale`` (0..1): pipeline_steps.rescale_guidance, as diffusers' txt2img
-        pipeline (applied in img2img and inpainting too)."""
-        prompts = steps.as_prompt_list(prompt)
-        negative = None
-        if negative_prompt is not None:
-            negative = steps.as_prompt_list(negative_prompt, "negative_prompt")
-            if isinstance(negative_prompt, str):
-                negative = negative * len(prompts)
-        sized_by = image if image is not None else pipeline_control.first_image(self, control_image)
-        height, width = self._resolve_size(height, width, sized_by)
-        steps.validate(
-            prompts=prompts,
-            negative=negative,
-            height=height,
-            width=width,
-            steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            strength=strength,
-            image=image,
-            mask_image=mask_image,
-            scheduler=self.scheduler_name if scheduler is None else scheduler,
-            output_type=output_type,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            clip_skip=clip_skip,
-            callback=callback,
-            guidance_rescale=guidance_rescale,
-        )
-        cn_args = dict(
-            scale=pipeline_control.default_scale(controlnet_conditioning_scale, image, mask_image),
-            guess_mode=guess_mode,
-            start=control_guidance_start,
-            end=control_guidance_end,
-        )
-        pipeline_control.check(self, control_image, **cn_args)
-        if rng is None:
-            from .rng import make_rng
+        pipeline (applied in img2img and inpainting too).
+        ``image_guidance_scale`` (None: 1.5): InstructPix2Pix UNets only, which edit ``image``
+        (minisd/pipeline_pix2pix.py). ``adapter_image`` and the two arguments after it:
+        T2I-Adapter guidance with diffusers' StableDiffusionAdapterPipeline's meaning (its
+        ``image`` is ``adapter_image`` here; needs ``self.adapter``, minisd/pipeline_adapter.py).
+        ``ip_adapter_image``: the image prompt of a loaded IP-Adapter (``load_ip_adapter``,
+        minisd/pipeline_ip.py). The steps of a call: minisd/pipeline_call.py."""
+        from .pipeline_call import generate
 
-            rng = make_rng(seed)
-        from .denoise import run, uses_cfg
-
-        self._free_phases = (
-            self.free_memory_between_phases
-            if free_memory_between_phases is None
-            else free_memory_between_phases
-        )
-        cfg = uses_cfg(self, guidance_scale)
-        cfg_batch = len(prompts) * num_images_per_prompt * (2 if cfg else 1)
-        self._set_attention_chunk(cfg_batch, height, width)
-        control = pipeline_control.prepare(
-            self, control_image, **cn_args, batch=len(prompts) * num_images_per_prompt,
-            nipp=num_images_per_prompt, size=(height, width), cfg=cfg,
-        )  # fmt: skip
-        lat = run(
-            self,
-            prompts=prompts,
-            negative=negative,
-            steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            scheduler=scheduler,
-            nipp=num_images_per_prompt,
-            latents=latents,
-            image=image,
-            strength=strength,
-            mask_image=mask_image,
-            clip_skip=clip_skip,
-            eta=eta,
-            callback=callback,
-            rng=rng,
-            progress=progress,
-            control=control,
-            guidance_rescale=guidance_rescale,
-        )
-        self.phase_done("denoising")
-        if output_type == "latent":
-            return to_numpy(lat)
-        decoded = self.decode_latents(lat)  # (N, 3, H, W)
-        out = self.image_processor.postprocess(to_numpy(decoded), output_type=output_type)
-        del decoded
-        self.phase_done("decoding")
-        return out
+        args = dict(locals())
+        del args["self"], args["generate"]
+        return generate(self, SimpleNamespace(**args))
 
     # ------------------------------------------------------------------ GPU policy
 

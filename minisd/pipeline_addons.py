@@ -1,7 +1,8 @@
 """What StableDiffusion takes on top of a checkpoint: LoRAs merged into its weights
 (minisd/lora.py), textual inversion embeddings added to its tokenizer and text encoder
-(minisd/textual_inversion.py) and FreeU's re-weighting of the UNet's decoder (minisd/freeu.py).
-A ControlNet is a pipeline attribute (pipeline_control.py)."""
+(minisd/textual_inversion.py), FreeU's re-weighting of the UNet's decoder (minisd/freeu.py) and
+IP-Adapter's image prompts (minisd/pipeline_ip.py). ControlNets and T2I-Adapters are pipeline
+attributes (pipeline_control.py, pipeline_adapter.py)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,24 @@ class AddOns:
     def disable_freeu(self):
         """Turn FreeU off; the pipeline then computes exactly what it did before."""
         self.unet.disable_freeu()
+
+    def load_ip_adapter(self, weights, image_encoder, scale=1.0):
+        """Attach an IP-Adapter (Ye et al. 2023): ``weights`` its .safetensors file (h94's
+        layout), ``image_encoder`` the folder of its CLIP vision model; then
+        ``pipe(..., ip_adapter_image=)`` prompts with an image too. diffusers'
+        ``load_ip_adapter`` + ``set_ip_adapter_scale(scale)``; see minisd/pipeline_ip.py."""
+        from .pipeline_ip import load_ip_adapter
+
+        return load_ip_adapter(self, weights, image_encoder, scale)
+
+    def set_ip_adapter_scale(self, scale):
+        """The weight of the image prompt's attention (0: none; 1: as trained)."""
+        from .pipeline_ip import set_ip_adapter_scale
+
+        set_ip_adapter_scale(self, scale)
+
+    def unload_ip_adapter(self):
+        """Detach the IP-Adapter: the UNet is the original again, bit for bit."""
+        from .pipeline_ip import unload_ip_adapter
+
+        unload_ip_adapter(self)

@@ -3,6 +3,7 @@
 SD1-like: conv projections, quick_gelu text encoder, PNDM, epsilon. SD2-like: linear projections,
 per-block heads, gelu text encoder, "!" padding, DDIM, v-prediction. Inpaint: SD1-like with a
 9-channel UNet. LCM: SD1-like with an LCM-distilled UNet (time_cond_proj_dim) and LCMScheduler.
+pix2pix: SD1-like with an 8-channel InstructPix2Pix UNet.
 The tokenizer is the real CLIP vocabulary bundled with minisd.
 """
 
@@ -20,6 +21,9 @@ KINDS = {
     # LCM-distilled (Luo et al. 2023): the UNet takes a guidance-scale embedding, LCMScheduler
     "lcm": dict(linear=False, heads=2, act="quick_gelu", pred="epsilon", pad="<|endoftext|>",
                 in_channels=4, cond_dim=8),
+    # InstructPix2Pix (Brooks et al. 2023): latents and the edited image's latents side by side
+    "pix2pix": dict(linear=False, heads=2, act="quick_gelu", pred="epsilon",
+                    pad="<|endoftext|>", in_channels=8),
 }  # fmt: skip
 
 
@@ -69,8 +73,10 @@ def build(kind, folder):
     """Write the pipeline folder with save_pretrained; returns diffusers' pipeline loaded back
     from it (as a user would: scheduler configs then carry exactly the saved keys)."""
     diffusers = need("diffusers")
-    cls = (diffusers.StableDiffusionInpaintPipeline if kind == "inpaint"
-           else diffusers.StableDiffusionPipeline)  # fmt: skip
+    cls = {
+        "inpaint": diffusers.StableDiffusionInpaintPipeline,
+        "pix2pix": diffusers.StableDiffusionInstructPix2PixPipeline,
+    }.get(kind, diffusers.StableDiffusionPipeline)
     cls(**components(kind, folder)).save_pretrained(str(folder), safe_serialization=True)
     pipe = cls.from_pretrained(str(folder), safety_checker=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

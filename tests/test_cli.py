@@ -227,11 +227,14 @@ def test_generate_with_a_controlnet_is_the_api_s_result(demo_model, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--controlnet", "{tmp}"], "one image per ControlNet (got 1 ControlNet(s) and 0"),
+        (["--controlnet", "{tmp}"], "one image per model (got 1 model(s) and 0"),
         (["--embedding", "{tmp}/no.safetensors"], "no.safetensors"),
         (["--embedding", "{tmp}/x.pt"], "never"),
         (["--freeu", "0.9,0.2,1.5"], "expected four numbers"),
         (["--freeu", "0.9,0.2,1.5,nan"], "b2=nan"),
+        (["--adapter", "{tmp}"], "--adapter and --adapter-image: one image per model"),
+        (["--ip-adapter", "{tmp}/ip.safetensors"], "give all three"),
+        (["--image-guidance", "1.5"], "only InstructPix2Pix UNets"),
     ],
 )
 def test_addon_errors_come_before_the_model_loads(demo_model, tmp_path, args, message, capsys):

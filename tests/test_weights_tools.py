@@ -350,6 +350,7 @@ def _sparse_file(path, shapes, tag="F16"):
         ("sd2-v", {"unet": 865_910_724, "vae": 83_653_863}),
         ("inpaint", {"unet": 859_535_364}),
         ("sd2-inpaint", {"unet": 865_925_124}),
+        ("instruct-pix2pix", {"unet": 859_532_484}),
     ],
 )
 def test_inspect_identifies_full_size_families(family, params, tmp_path):
@@ -371,6 +372,10 @@ def test_inspect_identifies_full_size_families(family, params, tmp_path):
     want = full_size_configs(family)
     for part, fields in C.STRUCTURE.items():
         assert {f: cfg[part][f] for f in fields} == {f: want[part][f] for f in fields}, part
+    pipeline = {"inpaint": "StableDiffusionInpaintPipeline",
+                "instruct-pix2pix": "StableDiffusionInstructPix2PixPipeline"}  # fmt: skip
+    pipeline["sd2-inpaint"] = pipeline["inpaint"]
+    assert cfg["model_index"]["_class_name"] == pipeline.get(family, "StableDiffusionPipeline")
 
 
 # ------------------------------------------------------------------------- make_tiny

@@ -309,9 +309,8 @@ def _infer(shapes, config, prediction_type, hints, source):
     if source == "inferred" and pred == "v_prediction":
         out["unet"].update(sample_size=96, upcast_attention=True)
         out["vae"]["sample_size"] = 768
-    inpaint = out["unet"]["in_channels"] == 9
     out["model_index"] = given.get("model_index") or model_index(
-        out["scheduler"]["_class_name"], inpaint
+        out["scheduler"]["_class_name"], out["unet"]["in_channels"]
     )
     out["tokenizer"] = given.get("tokenizer") or {"pad_token": "!" if sd2 else "<|endoftext|>"}
     out["family"] = family_of(out["unet"], out["text_encoder"], pred)

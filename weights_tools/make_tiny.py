@@ -67,7 +67,7 @@ def tiny_configs(family="sd1"):
         "vae": vae,
         "text_encoder": text,
         "scheduler": sched,
-        "model_index": C.model_index(sched["_class_name"], inpaint=family == "inpaint"),
+        "model_index": C.model_index(sched["_class_name"], 9 if family == "inpaint" else 4),
         "tokenizer": {"pad_token": "!" if sd2 else "<|endoftext|>"},
         "family": "sd2-v" if sd2 else family,
     }
@@ -75,11 +75,14 @@ def tiny_configs(family="sd1"):
 
 def full_size_configs(family="sd1"):
     """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"
-    (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px)."""
-    if family not in ("sd1", "sd2-v", "inpaint", "sd2-inpaint"):
-        raise InputError(f"family={family!r}: expected sd1, sd2-v, inpaint or sd2-inpaint")
+    (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px), "instruct-pix2pix"
+    (SD1.5 with an 8-channel input)."""
+    names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "instruct-pix2pix")
+    if family not in names:
+        raise InputError(f"family={family!r}: expected one of {', '.join(names)}")
     sd2, v = family.startswith("sd2"), family == "sd2-v"
-    unet = C.unet_config(in_channels=9 if family.endswith("inpaint") else 4)
+    in_channels = 9 if family.endswith("inpaint") else 8 if family == "instruct-pix2pix" else 4
+    unet = C.unet_config(in_channels=in_channels)
     text = C.text_encoder_config()
     vae = C.vae_config()
     if sd2:

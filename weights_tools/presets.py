@@ -133,10 +133,19 @@ def scheduler_config(prediction_type="epsilon", class_name=None):
     return cfg
 
 
-def model_index(scheduler_class="PNDMScheduler", inpaint=False):
-    """model_index.json of a StableDiffusion(Inpaint)Pipeline folder without safety checker."""
+#: diffusers' pipeline class by UNet input channels (4: text-to-image, 8: InstructPix2Pix,
+#: 9: inpainting).
+PIPELINE_CLASSES = {
+    8: "StableDiffusionInstructPix2PixPipeline",
+    9: "StableDiffusionInpaintPipeline",
+}
+
+
+def model_index(scheduler_class="PNDMScheduler", in_channels=4):
+    """model_index.json of a StableDiffusion pipeline folder without safety checker; the
+    pipeline class follows the UNet's input channels."""
     return {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+        "_class_name": PIPELINE_CLASSES.get(in_channels, "StableDiffusionPipeline"),
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

@@ -1,0 +1,157 @@
+"""What ``StableDiffusion.__call__`` does, in order: check every argument before any heavy work,
+prepare the add-ons' conditioning once (ControlNet, T2I-Adapter, IP-Adapter, InstructPix2Pix),
+run the denoising loop (denoise.py), decode.
+
+The add-ons reach the loop as one dict (``denoise.run(..., addons=)``):
+- ``control``: pipeline_control.prepare's state (ControlNet residuals, computed every step)
+- ``adapter``: pipeline_adapter.prepare's state (T2I-Adapter features, computed once)
+- ``image_embeds``: pipeline_ip.prepare's CLIP image embeddings (IP-Adapter, computed once)
+- ``image_guidance_scale``: InstructPix2Pix's s_I (pipeline_pix2pix.py), None otherwise
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from . import pipeline_control, pipeline_pix2pix
+from . import pipeline_steps as steps
+from .backend import to_numpy
+from .errors import InputError
+
+
+def generate(pipe, a: SimpleNamespace):
+    """``a``: StableDiffusion.__call__'s arguments by name."""
+    from .denoise import run
+
+    prompts, negative = _prompts(a.prompt, a.negative_prompt)
+    sized_by = a.image
+    if sized_by is None:
+        sized_by = pipeline_control.first_image(pipe, a.control_image)
+    height, width = pipe._resolve_size(a.height, a.width, sized_by)
+    steps.validate(
+        prompts=prompts, negative=negative, height=height, width=width,
+        steps=a.num_inference_steps, guidance_scale=a.guidance_scale, strength=a.strength,
+        image=a.image, mask_image=a.mask_image,
+        scheduler=pipe.scheduler_name if a.scheduler is None else a.scheduler,
+        output_type=a.output_type, num_images_per_prompt=a.num_images_per_prompt, eta=a.eta,
+        clip_skip=a.clip_skip, callback=a.callback, guidance_rescale=a.guidance_rescale,
+    )  # fmt: skip
+    cn_args = _controlnet_args(a)
+    pipeline_control.check(pipe, a.control_image, **cn_args)
+    edit = _check_edit(pipe, a)
+    _check_adapters(pipe, a)
+    rng = a.rng
+    if rng is None:
+        from .rng import make_rng
+
+        rng = make_rng(a.seed)
+    pipe._free_phases = (
+        pipe.free_memory_between_phases
+        if a.free_memory_between_phases is None
+        else a.free_memory_between_phases
+    )
+    batch = len(prompts) * a.num_images_per_prompt
+    rows = unet_rows(pipe, a.guidance_scale, edit)
+    pipe._set_attention_chunk(batch * rows, height, width)
+    addons = _prepare_addons(pipe, a, cn_args, batch=batch, size=(height, width), cfg=rows > 1)
+    addons["image_guidance_scale"] = edit
+    lat = run(
+        pipe, prompts=prompts, negative=negative, steps=a.num_inference_steps,
+        guidance_scale=a.guidance_scale, height=height, width=width, scheduler=a.scheduler,
+        nipp=a.num_images_per_prompt, latents=a.latents, image=a.image, strength=a.strength,
+        mask_image=a.mask_image, clip_skip=a.clip_skip, eta=a.eta, callback=a.callback,
+        rng=rng, progress=a.progress, addons=addons, guidance_rescale=a.guidance_rescale,
+    )  # fmt: skip
+    pipe.phase_done("denoising")
+    return _output(pipe, lat, a.output_type)
+
+
+def unet_rows(pipe, guidance_scale, image_guidance_scale=None) -> int:
+    """UNet rows per image: 1 without guidance, 2 with classifier-free guidance (except for
+    LCM-distilled UNets, which take the scale as an embedding, as diffusers), 3 for
+    InstructPix2Pix's two guidances (pipeline_pix2pix.py)."""
+    if image_guidance_scale is not None:
+        return pipeline_pix2pix.rows(guidance_scale, image_guidance_scale)
+    return 2 if guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None else 1
+
+
+def _prompts(prompt, negative_prompt):
+    prompts = steps.as_prompt_list(prompt)
+    negative = None
+    if negative_prompt is not None:
+        negative = steps.as_prompt_list(negative_prompt, "negative_prompt")
+        if isinstance(negative_prompt, str):
+            negative = negative * len(prompts)
+    return prompts, negative
+
+
+def _controlnet_args(a):
+    scale = pipeline_control.default_scale(a.controlnet_conditioning_scale, a.image, a.mask_image)
+    return dict(
+        scale=scale,
+        guess_mode=a.guess_mode,
+        start=a.control_guidance_start,
+        end=a.control_guidance_end,
+    )
+
+
+def _check_edit(pipe, a):
+    """InstructPix2Pix's image guidance scale (None for other UNets); it takes no adapters."""
+    edit = pipeline_pix2pix.check(
+        pipe, image=a.image, mask_image=a.mask_image, image_guidance_scale=a.image_guidance_scale,
+        control_image=a.control_image, guidance_rescale=a.guidance_rescale,
+    )  # fmt: skip
+    if edit is not None:
+        for name in ("adapter_image", "ip_adapter_image"):
+            if getattr(a, name) is not None:
+                raise InputError(f"{name}: not supported with an InstructPix2Pix UNet")
+    return edit
+
+
+def _check_adapters(pipe, a):
+    """A loaded T2I-Adapter without ``adapter_image`` sits the run out (as a ControlNet does);
+    a loaded IP-Adapter changes the UNet's cross-attention, so it needs its image."""
+    if a.adapter_image is not None:
+        from . import pipeline_adapter
+
+        pipeline_adapter.check(
+            pipe, a.adapter_image,
+            scale=a.adapter_conditioning_scale, factor=a.adapter_conditioning_factor,
+        )  # fmt: skip
+    if a.ip_adapter_image is not None or getattr(pipe, "image_encoder", None) is not None:
+        from . import pipeline_ip
+
+        pipeline_ip.check(pipe, a.ip_adapter_image)
+
+
+def _prepare_addons(pipe, a, cn_args, *, batch, size, cfg):
+    """Each add-on's conditioning, computed before the loop (None where it is not used)."""
+    nipp = a.num_images_per_prompt
+    addons = {"adapter": None, "image_embeds": None}
+    addons["control"] = pipeline_control.prepare(
+        pipe, a.control_image, **cn_args, batch=batch, nipp=nipp, size=size, cfg=cfg
+    )
+    if a.adapter_image is not None:
+        from . import pipeline_adapter
+
+        addons["adapter"] = pipeline_adapter.prepare(
+            pipe, a.adapter_image, scale=a.adapter_conditioning_scale,
+            factor=a.adapter_conditioning_factor, batch=batch, nipp=nipp, size=size, cfg=cfg,
+        )  # fmt: skip
+    if a.ip_adapter_image is not None:
+        from . import pipeline_ip
+
+        addons["image_embeds"] = pipeline_ip.prepare(
+            pipe, a.ip_adapter_image, batch=batch, nipp=nipp, cfg=cfg
+        )
+    return addons
+
+
+def _output(pipe, lat, output_type):
+    if output_type == "latent":
+        return to_numpy(lat)
+    decoded = pipe.decode_latents(lat)  # (N, 3, H, W)
+    out = pipe.image_processor.postprocess(to_numpy(decoded), output_type=output_type)
+    del decoded
+    pipe.phase_done("decoding")
+    return out
