@@ -144,13 +144,13 @@ def test_unet_parity_and_drift(tiny, cpu64, xp, family):
     assert first is None, f"first layer over {TOL['float32']:.0e}: {first}"
 
 
-@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint", "pix2pix"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_pipeline_parity(tiny, cpu_pipe, xp, mode, dtype):
     """Seeds draw on the CPU and are uploaded, so the device run sees the same noise. The
     reference is NumPy in the same dtype: a float32 seed draws other numbers than a float64 one
     (as in torch), and the stochastic samplers here draw every step."""
-    family = "inpaint" if mode == "inpaint" else "sd1"
+    family = {"inpaint": "inpaint", "pix2pix": "instruct-pix2pix"}.get(mode, "sd1")
     pipe = minisd.StableDiffusion.from_pretrained(tiny(family), dtype=dtype, device=device_of(xp))
     kw = _pipe_kwargs(mode, scheduler="euler_a" if mode == "txt2img" else "ddim")
     out = pipe("a cat", **kw)
@@ -165,6 +165,8 @@ def _pipe_kwargs(mode, scheduler="ddim", steps=3):
     if mode != "txt2img":
         kw["image"] = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
         kw["strength"] = 0.75
+    if mode == "pix2pix":  # InstructPix2Pix: three UNet rows per image
+        kw["image_guidance_scale"] = 1.5
     if mode == "inpaint":
         kw["mask_image"] = (np.random.default_rng(1).random((64, 64)) > 0.5).astype(np.float32)
     return kw
@@ -203,6 +205,7 @@ def test_fake_cupy_is_strict():
         ("sd1", "img2img", "unipc"),
         ("inpaint", "inpaint", "ddpm"),
         ("sd1", "inpaint", "lms"),
+        ("instruct-pix2pix", "pix2pix", "euler_a"),
     ],
 )
 def test_device_path_on_fake_cupy(tiny, cpu64, family, mode, scheduler):

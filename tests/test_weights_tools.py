@@ -381,12 +381,11 @@ def test_inspect_identifies_full_size_families(family, params, tmp_path):
 # ------------------------------------------------------------------------- make_tiny
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "inpaint"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "inpaint", "instruct-pix2pix"])
 def test_make_tiny_loads_and_runs_in_diffusers(family, tmp_path):
     torch, diffusers = need("torch", "diffusers")
     configs = wt.make_tiny(tmp_path / "m", family=family, seed=3)
-    cls = diffusers.StableDiffusionInpaintPipeline if family == "inpaint" else None
-    cls = cls or diffusers.StableDiffusionPipeline
+    cls = getattr(diffusers, configs["model_index"]["_class_name"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = cls.from_pretrained(str(tmp_path / "m"), local_files_only=True)
@@ -400,6 +399,8 @@ def test_make_tiny_loads_and_runs_in_diffusers(family, tmp_path):
     kw = {}
     if family == "inpaint":
         kw = {"image": torch.rand(1, 3, 64, 64), "mask_image": torch.rand(1, 1, 64, 64)}
+    if family == "instruct-pix2pix":
+        kw = {"image": torch.rand(1, 3, 64, 64)}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         images = pipe("a red cube", num_inference_steps=1, output_type="np", generator=g, **kw)

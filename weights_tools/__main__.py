@@ -9,6 +9,8 @@ import warnings
 
 from minisd.errors import MinisdError
 
+from .make_tiny import FAMILIES
+
 DESCRIPTION = """\
 Stable Diffusion checkpoint tools (numpy only; pickle files are never loaded).
 
@@ -59,7 +61,7 @@ def build_parser():
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c = sub.add_parser("make-tiny", help="write a small random pipeline folder")
     c.add_argument("out")
-    c.add_argument("--family", default="sd1", choices=["sd1", "sd2", "inpaint"])
+    c.add_argument("--family", default="sd1", choices=list(FAMILIES))
     c.add_argument("--seed", type=int, default=0)
     return p
 

@@ -2,7 +2,8 @@
 
 Families: "sd1" (conv projections, 8-style head count, quick_gelu CLIP, PNDM, pads with EOS),
 "sd2" (linear projections, per-block head counts, upcast attention, gelu text encoder, v-
-prediction with DDIM, pads with "!"), "inpaint" (sd1 with a 9-channel UNet input). The folder is
+prediction with DDIM, pads with "!"), "inpaint" (sd1 with a 9-channel UNet input),
+"instruct-pix2pix" (sd1 with an 8-channel UNet input: InstructPix2Pix). The folder is
 laid out as diffusers' save_pretrained writes it: model_index.json, unet/ vae/ text_encoder/
 (config.json + safetensors), tokenizer/ (the real CLIP vocabulary: 49408 tokens) and scheduler/.
 SD's real topology is kept (4 UNet / VAE levels, 3 cross-attention blocks) at small widths.
@@ -28,7 +29,8 @@ from .output import building_folder, check_out_folder
 from .schema import component_shapes
 from .stream import write_tensors
 
-FAMILIES = ("sd1", "sd2", "inpaint")
+FAMILIES = ("sd1", "sd2", "inpaint", "instruct-pix2pix")
+IN_CHANNELS = {"inpaint": 9, "instruct-pix2pix": 8}  # UNet input channels (else 4)
 PARTS = ("unet", "vae", "text_encoder")
 
 
@@ -44,7 +46,7 @@ def tiny_configs(family="sd1"):
         cross_attention_dim=32,
         norm_num_groups=8,
         sample_size=8,
-        in_channels=9 if family == "inpaint" else 4,
+        in_channels=IN_CHANNELS.get(family, 4),
         attention_head_dim=[c // 16 for c in blocks] if sd2 else 4,
         use_linear_projection=sd2,
         upcast_attention=sd2,
@@ -67,7 +69,7 @@ def tiny_configs(family="sd1"):
         "vae": vae,
         "text_encoder": text,
         "scheduler": sched,
-        "model_index": C.model_index(sched["_class_name"], 9 if family == "inpaint" else 4),
+        "model_index": C.model_index(sched["_class_name"], IN_CHANNELS.get(family, 4)),
         "tokenizer": {"pad_token": "!" if sd2 else "<|endoftext|>"},
         "family": "sd2-v" if sd2 else family,
     }
@@ -145,7 +147,7 @@ def random_tensor(name, shape, rng, dtype=np.float32):
 
 
 def make_tiny(out_folder, family="sd1", seed=0):
-    """Write a small random pipeline folder of ``family`` ("sd1", "sd2", "inpaint") into
+    """Write a small random pipeline folder of ``family`` (one of FAMILIES) into
     ``out_folder``; the same seed gives the same bytes. Returns the configs written."""
     configs = tiny_configs(family)
     seed = check_seed(seed)
