@@ -21,6 +21,9 @@ _LAZY = {
     "CLIPTextModel": "clip",
     "CLIPTokenizer": "tokenizer",
     "ControlNetModel": "controlnet",
+    "T2IAdapter": "t2i_adapter",
+    "MultiAdapter": "t2i_adapter",
+    "CLIPVisionModelWithProjection": "clip_vision",
 }
 
 __all__ = [

@@ -24,10 +24,7 @@ def generate(pipe, a: SimpleNamespace):
     from .denoise import run
 
     prompts, negative = _prompts(a.prompt, a.negative_prompt)
-    sized_by = a.image
-    if sized_by is None:
-        sized_by = pipeline_control.first_image(pipe, a.control_image)
-    height, width = pipe._resolve_size(a.height, a.width, sized_by)
+    height, width = pipe._resolve_size(a.height, a.width, _sized_by(pipe, a))
     steps.validate(
         prompts=prompts, negative=negative, height=height, width=width,
         steps=a.num_inference_steps, guidance_scale=a.guidance_scale, strength=a.strength,
@@ -73,6 +70,21 @@ def unet_rows(pipe, guidance_scale, image_guidance_scale=None) -> int:
     if image_guidance_scale is not None:
         return pipeline_pix2pix.rows(guidance_scale, image_guidance_scale)
     return 2 if guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None else 1
+
+
+def _sized_by(pipe, a):
+    """The image whose size is the default output size, as diffusers: ``image`` (img2img,
+    inpainting, InstructPix2Pix), else the (first) control image, else the (first) T2I-Adapter
+    image; None: txt2img's unet.sample_size."""
+    if a.image is not None:
+        return a.image
+    if a.control_image is not None:
+        return pipeline_control.first_image(pipe, a.control_image)
+    if a.adapter_image is not None:
+        from . import pipeline_adapter
+
+        return pipeline_adapter.first_image(pipe, a.adapter_image)
+    return None
 
 
 def _prompts(prompt, negative_prompt):

@@ -25,6 +25,7 @@ from .backend import device_of, to_device
 from .blocks import conv, gn_silu
 from .errors import InputError
 from .freeu import FreeU
+from .ip_adapter import Attached, ip_context
 from .unet_base import ConditionedModel
 from .unet_blocks import (
     traced,
@@ -65,6 +66,8 @@ class UNet2DConditionModel(ConditionedModel):
     param_shapes = staticmethod(param_shapes)
     #: FreeU's factors (minisd/freeu.py) while :meth:`enable_freeu` is on; None: off.
     freeu: FreeU | None = None
+    #: The attached IP-Adapter (minisd/ip_adapter.py: ``attach`` / ``detach``); None: none.
+    ip_adapter: Attached | None = None
 
     def enable_freeu(self, s1, s2, b1, b2):
         """FreeU (Si et al. 2023) on ``up_blocks.0`` (s1, b1) and ``up_blocks.1`` (s2, b2), as
@@ -96,26 +99,33 @@ class UNet2DConditionModel(ConditionedModel):
         down_block_additional_residuals=None,
         mid_block_additional_residual=None,
         timestep_cond=None,
+        down_intrablock_additional_residuals=None,
+        image_embeds=None,
     ):
         """sample (N, in_channels, H, W); timestep: a scalar or N values; encoder_hidden_states
         (N, L, cross_attention_dim). ControlNet residuals (both or neither): one per skip state
         (added to them) and one added to the mid block's output. timestep_cond (N,
         time_cond_proj_dim): LCM's guidance-scale embedding (pipeline_steps.
         guidance_scale_embedding); only UNets with a time_cond_proj_dim take one; when None they
-        run unconditioned, as diffusers. -> (N, out_channels, H, W)."""
+        run unconditioned, as diffusers. down_intrablock_additional_residuals: T2I-Adapter
+        features (minisd/t2i_adapter.py), one per down block from the first, added inside the
+        down path (ConditionedModel._down); the list is not modified. image_embeds (N, D) or
+        (N, n, D): CLIP image embeddings for an attached IP-Adapter (minisd/ip_adapter.py; needed
+        exactly when one is attached). -> (N, out_channels, H, W)."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise InputError(
                 "down_block_additional_residuals and mid_block_additional_residual are "
-                "ControlNet outputs: pass both or neither (T2I-Adapter residuals are not "
-                "supported)"
+                "ControlNet outputs: pass both or neither (T2I-Adapter features go in "
+                "down_intrablock_additional_residuals)"
             )
         cfg, p, opts = self.config, self.params, self._opts()
         x, ctx = self._inputs(sample, encoder_hidden_states)
+        ctx = ip_context(self, ctx, image_embeds)  # IP-Adapter: (text, image tokens)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         temb = self._temb(timestep, x, timestep_cond)  # (N, T)
         h = _rec("conv_in", conv(x, p["conv_in"], padding=cfg.conv_in_kernel // 2))  # (N, C0, H, W)
-        h, states = self._down(h, temb, ctx, opts)
+        h, states = self._down(h, temb, ctx, opts, down_intrablock_additional_residuals)
         if down_block_additional_residuals is not None:
             states = _add_residuals(states, down_block_additional_residuals)
         if cfg.mid_block_type:

@@ -104,13 +104,20 @@ class ConditionedModel:
             cond=self._timestep_cond(timestep_cond, x),
         )
 
-    def _down(self, h, temb, ctx, opts):
+    def _down(self, h, temb, ctx, opts, intrablock=None):
         """The down path from conv_in's output h: returns the last block's output and every
         skip state (conv_in's output first), the inputs of the up path / ControlNet's zero
-        convolutions."""
+        convolutions. ``intrablock``: T2I-Adapter features, one for each of the first blocks
+        (diffusers' down_intrablock_additional_residuals, never modified here): a
+        CrossAttnDownBlock2D adds its feature to its last layer's output (down_block's
+        ``residual``), a DownBlock2D to its output, which is also its last skip state."""
         cfg = self.config
+        extra = _intrablock(intrablock, len(cfg.down_block_types))
         states = [h]
         for i, kind in enumerate(cfg.down_block_types):
+            cross = kind == "CrossAttnDownBlock2D"
+            shape = (h.shape[0], cfg.block_out_channels[i], *h.shape[2:])  # last layer's output
+            r = _feature(extra, i, shape, h) if cross else None
             h, s = traced(
                 f"down_blocks.{i}",
                 down_block,
@@ -119,8 +126,12 @@ class ConditionedModel:
                 self.params["down_blocks"][i],
                 opts,
                 heads=cfg.heads[i],
-                context=ctx if kind == "CrossAttnDownBlock2D" else None,
+                context=ctx if cross else None,
+                residual=r,
             )
+            if not cross and i < len(extra):  # DownBlock2D: after the block (diffusers' +=)
+                h = h + _feature(extra, i, h.shape, h)
+                s = (*s[:-1], h)
             states.extend(s)
         return h, states
 
@@ -140,3 +151,30 @@ class ConditionedModel:
             heads=cfg.heads[-1],
             context=ctx if cross else None,
         )
+
+
+def _intrablock(features, n):
+    """down_intrablock_additional_residuals as a new list (the caller's stays as it is; diffusers
+    pops from the one it is given), at most one per down block. The T2I-Adapter-XL residual
+    that diffusers adds to the mid block's output is not supported (SDXL)."""
+    extra = [] if features is None else list(features)
+    if len(extra) > n:
+        raise InputError(
+            f"down_intrablock_additional_residuals: {len(extra)} arrays, the UNet has {n} down "
+            "blocks (one T2I-Adapter feature per block)"
+        )
+    return extra
+
+
+def _feature(extra, i, shape, like):
+    """T2I-Adapter feature i on ``like``'s device and dtype, checked to be ``shape``; None
+    when there are fewer features than blocks (diffusers then leaves the block alone)."""
+    if i >= len(extra):
+        return None
+    r = to_device(extra[i], device_of(like), like.dtype)
+    if tuple(r.shape) != tuple(shape):
+        raise InputError(
+            f"down_intrablock_additional_residuals[{i}]: shape {tuple(r.shape)}, expected "
+            f"{tuple(shape)} (down_blocks.{i})"
+        )
+    return r

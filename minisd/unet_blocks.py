@@ -19,6 +19,7 @@ from .backend import array_module
 from .blocks import gn, lin, ln
 from .errors import InputError
 from .freeu import apply_freeu
+from .ip_adapter import IPContext, ip_attention
 
 _rec = trace.record
 
@@ -72,6 +73,9 @@ def _mha(x, p, *, heads, context, chunk_size, upcast):
     # ops.attention already accumulates every float16 input in float32), so it must never
     # apply to float32/float64 activations, where it would lose precision.
     upcast = bool(upcast) and x.dtype == np.float16
+    if isinstance(context, IPContext):  # IP-Adapter's decoupled cross-attention (ip_adapter.py)
+        kw = {"chunk_size": chunk_size, "upcast": upcast}
+        return ip_attention(x, p, heads=heads, context=context, **kw)  # (B, L, C)
     return blocks.attention(
         x, p, heads=heads, context=context, chunk_size=chunk_size, upcast=upcast
     )  # (B, L, C)
@@ -188,16 +192,21 @@ def _layer(j, x, temb, p, opts, *, heads, context):
     return x
 
 
-def down_block(x, temb, p, opts, *, heads=None, context=None):
+def down_block(x, temb, p, opts, *, heads=None, context=None, residual=None):
     """DownBlock2D / CrossAttnDownBlock2D (``context``) / AttnDownBlock2D (``heads`` only).
 
     For each layer j: x = resnets.j(x, temb), then attentions.j(x) if the block has attention;
     every layer's output is a skip state; then downsamplers.0 (3x3 conv, stride 2), whose output
     is a skip state too. Returns (x, states): x (N, Cout, ceil(H/2), ceil(W/2)).
+    ``residual`` (N, Cout, H, W): a T2I-Adapter feature, added to the last layer's output (its
+    skip state and the downsampler's input), as CrossAttnDownBlock2D's additional_residuals.
     """
     states = []
-    for j in range(len(p["resnets"])):
+    last = len(p["resnets"]) - 1
+    for j in range(last + 1):
         x = _layer(j, x, temb, p, opts, heads=heads, context=context)  # (N, Cout, H, W)
+        if residual is not None and j == last:
+            x = x + residual  # (N, Cout, H, W)
         states.append(x)
     if "downsamplers" in p:
         pad = opts.downsample_padding
