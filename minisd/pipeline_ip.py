@@ -1,0 +1,135 @@
+"""IP-Adapter in the pipeline (Ye et al. 2023; minisd/ip_adapter.py has the model), as diffusers'
+``IPAdapterMixin`` (loaders/ip_adapter.py) and StableDiffusionPipeline's ``encode_image`` /
+``prepare_ip_adapter_image_embeds`` do it for one base IP-Adapter:
+
+    pipe.load_ip_adapter(weights, image_encoder, scale=1.0)   # .safetensors + CLIP vision folder
+    pipe(prompt, ip_adapter_image=image)                       # the image prompts with the text
+    pipe.set_ip_adapter_scale(0.6); pipe.unload_ip_adapter()   # UNet restored bit for bit
+
+Once per run the image is encoded (``pipe.image_encoder``, minisd/clip_vision.py, after
+CLIPImageProcessor's preprocessing at the encoder's image_size), repeated for every image of
+the batch; with classifier-free guidance the unconditional rows get zero embeddings,
+[zeros; embeds] in the order of the prompt embeddings. Every step the UNet projects them to 4
+tokens per image (``unet(..., image_embeds=)``).
+
+``ip_adapter_image``: one image (PIL / uint8 (H, W, 3) array) for every prompt; ``[image]``
+likewise; ``[[a, b, ...]]``: several images, all seen by every prompt (their tokens are
+concatenated, as diffusers does); beyond diffusers, a list of one image per prompt (diffusers
+takes only one list entry per adapter).
+"""
+
+from __future__ import annotations
+
+from .clip_vision import CLIPVisionModelWithProjection, preprocess
+from .errors import InputError, WeightsError
+from .ip_adapter import attach, detach, read_ip_adapter, set_scale
+
+
+def load_ip_adapter(pipe, weights, image_encoder, scale=1.0):
+    """Read an IP-Adapter (a .safetensors file or a folder holding one; minisd/
+    ip_adapter_files.py), load its image encoder (a transformers CLIPVisionModelWithProjection
+    folder, in the pipeline's dtype and device, or a loaded model) and attach the adapter to
+    ``pipe.unet`` (replacing one already attached). Returns the attached state."""
+    adapter = read_ip_adapter(weights)
+    if image_encoder is None:
+        raise InputError(
+            "image_encoder: the IP-Adapter needs its CLIP image encoder (a folder with "
+            "config.json and model.safetensors, e.g. h94/IP-Adapter's models/image_encoder)"
+        )
+    encoder = image_encoder
+    if not isinstance(encoder, CLIPVisionModelWithProjection):
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            image_encoder, dtype=pipe.dtype, device=pipe.device
+        )
+    dim = encoder.config.projection_dim
+    if dim != adapter.embed_dim:
+        raise WeightsError(
+            f"{adapter.source}: key 'image_proj.proj.weight' takes {adapter.embed_dim}-d image "
+            f"embeddings; the image encoder gives {dim}-d ones (projection_dim)"
+        )
+    state = attach(pipe.unet, adapter, scale)
+    pipe.image_encoder = encoder
+    return state
+
+
+def set_ip_adapter_scale(pipe, scale):
+    """The weight of the image prompt (one number; 0 turns it off, 1 is the adapter as
+    trained), as diffusers' ``set_ip_adapter_scale(float)``."""
+    set_scale(pipe.unet, scale)
+
+
+def unload_ip_adapter(pipe):
+    """Detach the IP-Adapter (the UNet's params are exactly the original ones again) and drop
+    the image encoder. Nothing happens when none is loaded."""
+    detach(pipe.unet)
+    pipe.image_encoder = None
+
+
+def check(pipe, ip_adapter_image):
+    """An image prompt needs a loaded IP-Adapter, and a loaded IP-Adapter needs an image (it
+    changes every cross-attention layer; diffusers fails in the UNet without one)."""
+    state = getattr(pipe.unet, "ip_adapter", None)
+    if ip_adapter_image is not None and state is None:
+        raise InputError(
+            "ip_adapter_image: no IP-Adapter is loaded (pipe.load_ip_adapter(weights, "
+            "image_encoder))"
+        )
+    if ip_adapter_image is None and state is not None:
+        raise InputError(
+            f"ip_adapter_image: an IP-Adapter is loaded ({state.source}); give an image "
+            "prompt, or pipe.unload_ip_adapter() first"
+        )
+    if ip_adapter_image is not None:
+        _groups(ip_adapter_image)
+
+
+def _groups(image):
+    """The images as (images, shared): ``shared`` True for one group seen by every prompt
+    (one image, [image], [[images]]), False for one image per prompt."""
+    if not isinstance(image, (list, tuple)):
+        return [image], True
+    if len(image) == 1 and isinstance(image[0], (list, tuple)):
+        if not image[0]:
+            raise InputError("ip_adapter_image: an empty list of images")
+        return list(image[0]), True
+    if not image:
+        raise InputError("ip_adapter_image: an empty list of images")
+    if any(isinstance(im, (list, tuple)) for im in image):
+        raise InputError(
+            "ip_adapter_image: nested lists are for one IP-Adapter's several images, "
+            "[[a, b, ...]]; several IP-Adapters at once are not supported"
+        )
+    return list(image), len(image) == 1
+
+
+def encode(pipe, images):
+    """diffusers' ``encode_image``: CLIPImageProcessor at the encoder's image size, then the
+    image encoder's image_embeds (M, D) on ``pipe.xp`` in ``pipe.dtype``."""
+    enc = pipe.image_encoder
+    pixels = preprocess(images, size=enc.config.image_size)  # (M, 3, S, S) float32
+    return enc(pixels).astype(pipe.dtype)  # (M, D)
+
+
+def prepare(pipe, ip_adapter_image, *, batch, nipp, cfg):
+    """The run's image embeddings for ``unet(..., image_embeds=)``: (B, n, D) for a batch of B
+    = prompts * nipp images, n images per row; with CFG (2B, n, D) as [zeros; embeds]. None
+    without an image."""
+    if ip_adapter_image is None:
+        return None
+    xp = pipe.xp
+    images, shared = _groups(ip_adapter_image)
+    prompts = batch // nipp
+    if not shared and len(images) != prompts:
+        raise InputError(
+            f"ip_adapter_image: {len(images)} images for {prompts} prompt(s); give one image, "
+            "one per prompt, or [[a, b, ...]] for several images seen by every prompt"
+        )
+    e = xp.asarray(encode(pipe, images))  # (M, D)
+    if shared:
+        e = xp.broadcast_to(e[None], (batch, *e.shape))  # (B, n, D)
+    else:
+        e = xp.repeat(e[:, None], nipp, axis=0)  # (B, 1, D): prompt 0, prompt 0, prompt 1, ...
+    e = xp.ascontiguousarray(e)
+    if cfg:
+        e = xp.concatenate([xp.zeros_like(e), e], axis=0)  # (2B, n, D): [uncond; text]
+    return e
