@@ -1,6 +1,7 @@
 """The UNet's down_intrablock_additional_residuals (T2I-Adapter features) against diffusers'
 UNet2DConditionModel, every layer, every parameter randomized; and T2IAdapter features driving
-the UNet (minisd/t2i_adapter.py; the adapter itself is tested in tests/test_t2i_adapter.py).
+the UNet (minisd/t2i_adapter.py; the adapter itself is tested in tests/test_t2i_adapter.py);
+and the full-size adapter architectures (TencentARC's SD1.x adapters) layer by layer.
 
 The comparisons reuse tests/test_unet.py's time_proj rule (compare_whole).
 """
@@ -135,3 +136,26 @@ def test_unet_intrablock_input_errors(unets):
         unet(x, 1, ctx, down_intrablock_additional_residuals=bad)
     with pytest.raises(InputError, match="down_intrablock_additional_residuals"):
         unet(x, 1, ctx, down_block_additional_residuals=feats)  # diffusers' deprecated use
+
+
+@pytest.fixture(scope="module")
+def full_size(ref_cache):
+    from test_t2i_adapter import FULL
+
+    return diffusers_models(ref_cache, "T2IAdapter", FULL, "t2i_full", seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["sketch_sd15", "color_sd14"])
+def test_full_size_adapters_match_diffusers(full_size, name, dtype):
+    """TencentARC's SD architectures (full: 320..1280 channels, 77M parameters; light: the
+    color adapter) at a 256 x 192 image: every layer and feature, float64 <= 1e-10, float32
+    <= 1e-4, as the tiny ones."""
+    from test_t2i_adapter import compare_adapter
+
+    ref, folder = full_size(name)
+    ours = T2IAdapter.from_pretrained(folder, dtype=dtype)
+    ref = copy.deepcopy(ref).to(torch_dtype(dtype))
+    errs, feats = compare_adapter(ours, ref, image_for(ours.config, 1, 32, 24, dtype), dtype)
+    print(f"\n{name} {dtype}: worst {max(errs.values()):.2e} over {len(errs)} outputs")
+    assert feats[0].shape == (1, 320, 32, 24) and len(errs) > 20
