@@ -38,6 +38,12 @@ TINY = {
         image_size=32, patch_size=8, projection_dim=48, hidden_act="quick_gelu",
     ),
 }  # fmt: skip
+# h94's ViT-H/14 image encoder at full width (1280, 16 heads of 80, 16x16 patches of 14 pixels at
+# 224, projection 1024) with 2 of its 32 layers
+VIT_H_WIDTH = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=2, num_attention_heads=16,
+    image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu",
+)  # fmt: skip
 
 
 def build_reference(cfg, seed):
@@ -149,7 +155,7 @@ def test_bad_config_and_inputs(tiny, tmp_path):
     _, _, folder = tiny
     cfg = json.loads((folder / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    for field, value in (("hidden_act", "relu"), ("patch_size", 7), ("num_attention_heads", 5)):
+    for field, value in (("hidden_act", "relu"), ("patch_size", 9), ("num_attention_heads", 5)):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(ConfigError, match=field):
             CLIPVisionModelWithProjection.from_pretrained(tmp_path)
@@ -241,3 +247,24 @@ def test_preprocess_input_errors():
     ):
         with pytest.raises(InputError, match=what):
             preprocess(bad)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_vit_h_width_matches_transformers(ref_cache, dtype):
+    """The real image encoder's widths and patching (2 layers): embeddings and last hidden
+    state within 1e-10 (float64) / 1e-4 (float32)."""
+    torch = need("torch")
+    folder = ref_cache / "clip_vision_vit_h_width"
+    model = build_reference(VIT_H_WIDTH, seed=4)
+    if not folder.exists():
+        copy.deepcopy(model).float().save_pretrained(str(folder), safe_serialization=True)
+    ref = model.float().to(getattr(torch, dtype))  # the saved (float32) weights
+    ours = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype)
+    x = pixels(ours.config, n=1)
+    with torch.no_grad():
+        out = ref(torch.from_numpy(x).to(getattr(torch, dtype)), output_hidden_states=True)
+    embeds, states = ours(x, output_hidden_states=True)
+    e = assert_rel(embeds, to_np(out.image_embeds), TOL[dtype], "image_embeds")
+    h = assert_rel(states[-1], to_np(out.hidden_states[-1]), TOL[dtype], "last hidden state")
+    print(f"\nViT-H width {dtype}: image_embeds {e:.2e}, last hidden state {h:.2e}")
+    assert embeds.shape == (1, 1024) and states[-1].shape == (1, 257, 1280)
