@@ -181,3 +181,22 @@ def test_default_size_is_the_adapter_image_s(trio, ours):
                progress=False)  # fmt: skip
     assert got.shape == expect.shape == (1, 72, 88, 3)
     assert_rel(got, expect, TOL, "T2I-Adapter, size from the adapter image")
+
+
+def test_device_path_on_fake_cupy(trio):
+    """The adapter pipeline with every array on the (fake) device: NumPy's float64 result."""
+    import fake_cupy
+
+    _, folder, _ = trio
+    kw = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
+              adapter_image=_image(seed=4), adapter_conditioning_scale=0.7,
+              adapter_conditioning_factor=0.5, scheduler="ddim", seed=0, output_type="np",
+              progress=False)  # fmt: skip
+    load = dict(adapter=folder / "full", dtype="float64")
+    expect = minisd.StableDiffusion.from_pretrained(folder, **load)(**kw)
+    with fake_cupy.installed() as fcp:
+        pipe = minisd.StableDiffusion.from_pretrained(folder, **load, device="cuda")
+        assert type(pipe.adapter.params["adapter"]["conv_in"]["weight"]) is fcp.ndarray
+        got = pipe(**kw)
+    assert type(got) is np.ndarray
+    assert_rel(got, expect, 1e-12, "T2I-Adapter pipeline on fake_cupy")

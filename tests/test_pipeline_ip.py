@@ -120,3 +120,25 @@ def test_scale_zero_unload_and_errors(trio, tmp_path):
         (tmp_path / "ip.bin").write_bytes(b"x")
         plain_pipe.load_ip_adapter(tmp_path / "ip.bin", folder / "image_encoder")
     assert plain_pipe.unet.ip_adapter is None and plain_pipe.image_encoder is None
+
+
+def test_device_path_on_fake_cupy(trio):
+    """The IP-Adapter pipeline with every array on the (fake) device: NumPy's float64 result."""
+    import fake_cupy
+
+    _, folder, _ = trio
+    kw = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
+              ip_adapter_image=_image(seed=4), scheduler="ddim", seed=0, output_type="np",
+              progress=False)  # fmt: skip
+
+    def run(device):
+        pipe = minisd.StableDiffusion.from_pretrained(folder, dtype="float64", device=device)
+        pipe.load_ip_adapter(folder / WEIGHTS, folder / "image_encoder", scale=0.7)
+        return pipe, pipe(**kw)
+
+    _, expect = run("cpu")
+    with fake_cupy.installed() as fcp:
+        pipe, got = run("cuda")
+        assert type(pipe.unet.ip_adapter.image_proj["proj"]["weight"]) is fcp.ndarray
+    assert type(got) is np.ndarray
+    assert_rel(got, expect, 1e-12, "IP-Adapter pipeline on fake_cupy")
