@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, MinisdError
 
 
 def add_arguments(g):
@@ -107,9 +107,13 @@ def read(args, open_image):
 
     cn, control_image = _paired(args, "controlnet", "control_image", open_image)
     adapter, adapter_image = _paired(args, "adapter", "adapter_image", open_image)
+    for folder in getattr(args, "adapter", None) or ():
+        _check_adapter(folder)
     ip = [getattr(args, k, None) for k in ("ip_adapter", "image_encoder", "ip_adapter_image")]
     if any(ip) and not all(ip):
         raise InputError("--ip-adapter, --image-encoder, --ip-adapter-image: give all three")
+    if all(ip):
+        ip[0] = _read_ip_adapter(*ip[:2])  # the IPAdapter, for load_ip_adapter
     loras = [parse_lora_arg(v) for v in getattr(args, "lora", None) or ()]
     embeddings = [parse_embedding_arg(v) for v in getattr(args, "embedding", None) or ()]
     return {
@@ -123,6 +127,49 @@ def read(args, open_image):
         "loras": [(read_lora(path), scale) for path, scale in loras],
         "embeddings": [(p, t) for p, t in embeddings if read_embeddings(p, t)],  # checked
     }
+
+
+def _check_adapter(folder):
+    """--adapter FOLDER: its config.json is a T2IAdapter's and its weights file is there (the
+    adapter itself loads with the model, in its dtype)."""
+    from .t2i_adapter import T2IAdapterConfig
+    from .weights import find_weights, read_config
+
+    try:
+        find_weights(folder)
+        cfg = Path(folder) / "config.json"
+        T2IAdapterConfig.from_dict(read_config(cfg), str(cfg))
+    except MinisdError as e:
+        raise InputError(f"--adapter: {e}") from None
+
+
+def _read_ip_adapter(weights, encoder):
+    """--ip-adapter read and checked, and --image-encoder's config against it."""
+    from .clip_vision import CLIPVisionConfig
+    from .ip_adapter_files import read_ip_adapter
+    from .weights import read_config
+
+    try:
+        adapter = read_ip_adapter(weights)
+    except MinisdError as e:
+        raise InputError(f"--ip-adapter: {e}") from None
+    cfg = Path(encoder) / "config.json"
+    if not cfg.is_file():
+        what = "no config.json in it" if Path(encoder).is_dir() else "no such folder"
+        raise InputError(
+            f"--image-encoder {encoder}: {what} (the IP-Adapter's CLIP vision model: "
+            "config.json and model.safetensors)"
+        )
+    try:
+        dim = CLIPVisionConfig.from_dict(read_config(cfg), str(cfg)).projection_dim
+    except MinisdError as e:
+        raise InputError(f"--image-encoder: {e}") from None
+    if dim != adapter.embed_dim:
+        raise InputError(
+            f"--image-encoder {encoder}: gives {dim}-d image embeddings (projection_dim); the "
+            f"IP-Adapter {weights} takes {adapter.embed_dim}-d ones"
+        )
+    return adapter
 
 
 def apply(pipe, addons):

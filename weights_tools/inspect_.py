@@ -6,10 +6,15 @@ Reads headers only (no tensor data), so it is instant even on multi-GB files.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import Counter
 
+import numpy as np
+
+from minisd import ip_adapter_files
 from minisd.errors import MinisdError, WeightsError
+from minisd.t2i_adapter import T2IAdapterConfig, param_shapes
 from minisd.weights import find_weights, read_config, read_header
 
 from .configs import HINTS_KEY, component_of, family_of, infer_configs
@@ -30,7 +35,7 @@ def inspect(path):
     report = {"path": str(path), "bytes": size, "metadata": meta, "notes": []}
     addon = _addon(shapes, tags, path.stem)
     if addon is not None:
-        report.update(addon)
+        report.update(addon, notes=addon.get("notes", []))
     elif any(component_of(k) in ("unet", "vae", "text_encoder") for k in shapes):
         report.update(_original(shapes, tags, meta, report["notes"]))
     else:
@@ -40,14 +45,21 @@ def inspect(path):
 
 # ------------------------------------------------------------------ add-on files
 
+ADDON_KINDS = ("lora", "textual-inversion", "controlnet", "ip-adapter", "t2i-adapter")
 LORA_MARKS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "_lora.", "hada_", "lokr_")
 TEXT_WIDTHS = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
 
 def _addon(shapes, tags, stem):
-    """LoRA, textual inversion and ControlNet files: what they are and what they fit."""
+    """LoRA, textual inversion, ControlNet, IP-Adapter and T2I-Adapter files: what they are
+    and what they fit."""
     keys = list(shapes)
     stats = _stats(keys, shapes, tags)
+    if any(_is_ip_adapter_key(k) for k in keys):  # before LoRA: FaceID files have "_lora." keys
+        return {"kind": "ip-adapter", "components": {"ip_adapter": stats}, **_ip_adapter(shapes)}
+    if any(k.startswith(("adapter.conv_in.", "adapter.body.")) for k in keys):
+        return {"kind": "t2i-adapter", "layout": "diffusers", "components": {"adapter": stats},
+                **_t2i_adapter(shapes)}  # fmt: skip
     if any(m in k for k in keys for m in LORA_MARKS):
         return {"kind": "lora", "family": "add-on", "components": {"lora": stats}, **_lora(shapes)}
     if any("input_hint_block." in k for k in keys):
@@ -78,6 +90,112 @@ def _lora(shapes):
     if other:
         lora["unsupported"] = "LoHa / LoKr (minisd merges plain LoRA factors only)"
     return {"layout": lora["format"], "lora": lora}
+
+
+T2I_BLOCK = re.compile(r"^adapter\.body\.(\d+)\.")
+IP_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # cross_attention_dim -> family
+
+
+def _is_ip_adapter_key(key):
+    """h94's ``image_proj.*`` / ``ip_adapter.N.*`` keys, or diffusers' converted ones."""
+    key = key.removeprefix("unet.")
+    return (
+        key.startswith(("image_proj.", "ip_adapter.", "encoder_hid_proj.image_projection_layers."))
+        or ".processor.to_k_ip." in key
+    )
+
+
+def _ip_adapter(shapes):
+    """Layout, variant and what the IP-Adapter fits: the CLIP image embedding width it takes,
+    the UNet's cross_attention_dim, the number of cross-attention layers it adds to. Base
+    adapters are checked as minisd reads them (minisd/ip_adapter_files.py, on the shapes)."""
+    flat = {k.removeprefix("unet."): v for k, v in shapes.items()}
+    diffusers = any(
+        k in ip_adapter_files.DIFFUSERS_KEYS or ip_adapter_files.DIFFUSERS_LAYER.match(k)
+        for k in flat
+    )
+    refused = next(
+        (kind for part, kind in ip_adapter_files.REFUSED if any(part in k for k in shapes)), None
+    )
+    layers = {}  # processor number / attn2 path -> to_k_ip shape
+    for key, shape in flat.items():
+        m = ip_adapter_files.H94_LAYER.match(key) or ip_adapter_files.DIFFUSERS_LAYER.match(key)
+        if m and m[2] == "to_k_ip":
+            layers[m[1]] = shape
+    widths = {s[1] for s in layers.values() if len(s) == 2}
+    embed = next(
+        (shapes[k][-1] for k in ("image_proj.proj.weight", "image_proj.proj.0.weight",
+                                 "image_proj.proj_in.weight") if len(shapes.get(k, ())) == 2),
+        None,
+    )  # fmt: skip
+    ip = {
+        "variant": refused or f"base (ImageProjection, {ip_adapter_files.NUM_TOKENS} image tokens)",
+        "cross_attention_dim": widths.pop() if len(widths) == 1 else None,
+        "image_embed_dim": embed,
+        "layers": len(layers),
+    }
+    notes = []
+    if refused:
+        ip["unsupported"] = f"{refused} (minisd loads the base IP-Adapter only)"
+    else:
+        fake = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
+        try:
+            adapter = ip_adapter_files.parse(fake, "file")  # minisd's own checks, on the shapes
+            ip.update(cross_attention_dim=adapter.cross_attention_dim,
+                      image_embed_dim=adapter.embed_dim)  # fmt: skip
+        except MinisdError as e:
+            notes.append(f"minisd would not load it: {str(e).removeprefix('file: ')}")
+    family = IP_WIDTHS.get(ip["cross_attention_dim"], "unknown")
+    layout = "diffusers" if diffusers else "h94"
+    return {"family": family, "layout": layout, "ip_adapter": ip, "notes": notes}
+
+
+def _t2i_adapter(shapes):
+    """Type (light adapters have no conv_in), channels, input channels and resnets per block of
+    a diffusers T2IAdapter weights file, checked against minisd's T2IAdapter parameter shapes.
+    The pixel-unshuffle factor is not in the weights: 8 (SD) is assumed; in_channels * 16^2
+    input features hint at SDXL's full_adapter_xl."""
+    light = "adapter.conv_in.weight" not in shapes
+    blocks = sorted({int(m[1]) for k in shapes if (m := T2I_BLOCK.match(k))})
+    res = {k.split(".")[4] for k in shapes if k.startswith("adapter.body.0.resnets.")}
+    outs = []
+    if light:
+        first = shapes.get("adapter.body.0.in_conv.weight", (0, 0))[1]
+        outs = [shapes.get(f"adapter.body.{i}.out_conv.weight", (0,))[0] for i in blocks]
+        channels = outs[:-1]
+    else:
+        c, first = shapes["adapter.conv_in.weight"][:2]
+        for i in blocks:
+            c = shapes.get(f"adapter.body.{i}.in_conv.weight", (c,))[0]
+            outs.append(c)
+        channels = outs
+    t2i = {
+        "adapter_type": "light_adapter" if light else "full_adapter",
+        "in_channels": first // 64 if first % 64 == 0 else None,
+        "channels": channels,
+        "num_res_blocks": len(res),
+        "feature_channels": outs,
+    }
+    notes, family = [], "unknown"
+    if not light and first in (256, 768):
+        t2i["unsupported"] = "full_adapter_xl (SDXL; minisd runs SD1.x / SD2.x adapters)"
+        t2i["in_channels"], family = first // 256, "sdxl"
+    else:
+        try:
+            cfg = T2IAdapterConfig(t2i["in_channels"] or 0, tuple(channels), len(res),
+                                   adapter_type=t2i["adapter_type"], source="file")  # fmt: skip
+            want = param_shapes(cfg)
+        except MinisdError as e:
+            want, notes = None, [f"not a T2I-Adapter minisd reads: {e}"]
+        if want is not None:
+            bad = sorted(k for k in set(want) | set(shapes) if want.get(k) != shapes.get(k))
+            if bad:
+                notes.append(f"not a T2I-Adapter minisd reads: key {bad[0]!r} is "
+                             f"{shapes.get(bad[0], 'missing')}, expected "
+                             f"{want.get(bad[0], 'none')}")  # fmt: skip
+        if outs == [320, 640, 1280, 1280]:
+            family = "sd1/sd2"
+    return {"family": family, "t2i_adapter": t2i, "notes": notes}
 
 
 def _controlnet(shapes, stats):
@@ -184,7 +302,9 @@ def _inspect_folder(folder):
         # A single component folder (config.json + weights).
         for _, name in COMPONENTS.values():
             if (folder / name).is_file():
-                return {**inspect(folder / name), "path": str(folder), "kind": "component-folder"}
+                report = inspect(folder / name)
+                kind = report["kind"] if report["kind"] in ADDON_KINDS else "component-folder"
+                return {**report, "path": str(folder), "kind": kind}
         raise WeightsError(f"{folder}: neither a diffusers pipeline folder nor a component folder")
     index = read_config(folder / "model_index.json")
     out["pipeline_class"] = index.get("_class_name")
@@ -227,6 +347,25 @@ def format_report(report):
         lines.append(f"  LoRA modules: {mods}; ranks {lo['ranks']}; alphas: {lo['alphas']}")
         if lo.get("unsupported"):
             lines.append(f"  note: {lo['unsupported']}")
+    if "ip_adapter" in report:
+        ip = report["ip_adapter"]
+        variant = ip["variant"].removeprefix("IP-Adapter ")
+        lines.append(
+            f"  IP-Adapter: {variant}; image embeddings {ip['image_embed_dim']}-d; "
+            f"cross_attention_dim {ip['cross_attention_dim']}; {ip['layers']} cross-attention "
+            "layers"
+        )
+        if ip.get("unsupported"):
+            lines.append(f"  note: unsupported: {ip['unsupported']}")
+    if "t2i_adapter" in report:
+        t = report["t2i_adapter"]
+        lines.append(
+            f"  T2I-Adapter: {t['adapter_type']}; in_channels {t['in_channels']}; channels "
+            f"{t['channels']}; {t['num_res_blocks']} resnets per block; features for UNet "
+            f"down blocks of {t['feature_channels']} channels"
+        )
+        if t.get("unsupported"):
+            lines.append(f"  note: unsupported: {t['unsupported']}")
     if "embeddings" in report:
         tokens = ", ".join(f"{t} ({n} vectors)" for t, n in report["embeddings"].items())
         lines.append(f"  embeddings: {tokens}")
