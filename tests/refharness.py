@@ -159,3 +159,17 @@ def copy_model_folder(folder, dst, change=None, config=None):
         cfg = json.loads((dst / "config.json").read_text())
         (dst / "config.json").write_text(json.dumps({**cfg, **config}))
     return dst, path
+
+
+def key_error(load, folder, dst, key, change):
+    """``load`` of a copy of ``folder`` whose weights ``change`` altered at ``key`` must raise a
+    WeightsError naming the key and the weights file; returns its message."""
+    import pytest
+
+    from minisd.errors import WeightsError
+
+    dst, path = copy_model_folder(folder, dst, change)
+    with pytest.raises(WeightsError, match=key) as e:
+        load(dst)
+    assert str(path) in str(e.value)
+    return str(e.value)
