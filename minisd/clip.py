@@ -57,6 +57,7 @@ class CLIPTextConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 1
+    projection_dim: int = 512  # CLIPTextModelWithProjection's text_projection width
 
     @classmethod
     def from_dict(cls, d, source="config"):
@@ -66,7 +67,7 @@ class CLIPTextConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-        ints += ("num_attention_heads", "max_position_embeddings")
+        ints += ("num_attention_heads", "max_position_embeddings", "projection_dim")
         check_numbers(source, cfg, ints=ints, floats=("layer_norm_eps",))
         if cfg.hidden_act not in ACTIVATIONS:
             raise ConfigError(
@@ -322,6 +323,16 @@ class CLIPTextModel:
             raise InputError(f"clip_skip={clip_skip!r}: expected 0..{n} (or None)")
         x, _ = self._forward(input_ids, n - k, False)  # (N, L, D)
         return self.final_layer_norm(x)
+
+    def hidden_state(self, input_ids, clip_skip=None):
+        """SDXL's prompt embeddings: transformers' ``hidden_states[-(k + 2)]`` for
+        ``clip_skip=k`` (None: 0), i.e. the output of layer n - 1 - k without the final layer
+        norm; the layers after it are not run."""
+        n = self.config.num_hidden_layers
+        k = 0 if clip_skip is None else int(clip_skip)
+        if not 0 <= k <= n - 1:
+            raise InputError(f"clip_skip={clip_skip!r}: expected 0..{n - 1} (or None)")
+        return self._forward(input_ids, n - 1 - k, False)[0]  # (N, L, D)
 
     def pooled_output(self, input_ids, last_hidden_state):
         """transformers' pooler_output: the state at each row's EOS token (N, D). Configs with

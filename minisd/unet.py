@@ -101,6 +101,7 @@ class UNet2DConditionModel(ConditionedModel):
         timestep_cond=None,
         down_intrablock_additional_residuals=None,
         image_embeds=None,
+        added_cond_kwargs=None,
     ):
         """sample (N, in_channels, H, W); timestep: a scalar or N values; encoder_hidden_states
         (N, L, cross_attention_dim). ControlNet residuals (both or neither): one per skip state
@@ -111,7 +112,9 @@ class UNet2DConditionModel(ConditionedModel):
         features (minisd/t2i_adapter.py), one per down block from the first, added inside the
         down path (ConditionedModel._down); the list is not modified. image_embeds (N, D) or
         (N, n, D): CLIP image embeddings for an attached IP-Adapter (minisd/ip_adapter.py; needed
-        exactly when one is attached). -> (N, out_channels, H, W)."""
+        exactly when one is attached). added_cond_kwargs {"text_embeds": (N, P), "time_ids":
+        (N, k)}: SDXL's micro-conditioning, needed exactly by UNets with addition_embed_type
+        "text_time" (minisd/micro_cond.py). -> (N, out_channels, H, W)."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise InputError(
                 "down_block_additional_residuals and mid_block_additional_residual are "
@@ -123,7 +126,7 @@ class UNet2DConditionModel(ConditionedModel):
         ctx = ip_context(self, ctx, image_embeds)  # IP-Adapter: (text, image tokens)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        temb = self._temb(timestep, x, timestep_cond)  # (N, T)
+        temb = self._temb(timestep, x, timestep_cond, added_cond_kwargs)  # (N, T)
         h = _rec("conv_in", conv(x, p["conv_in"], padding=cfg.conv_in_kernel // 2))  # (N, C0, H, W)
         h, states = self._down(h, temb, ctx, opts, down_intrablock_additional_residuals)
         if down_block_additional_residuals is not None:

@@ -8,6 +8,7 @@ import dataclasses
 
 from .backend import array_module, device_of, to_device
 from .errors import InputError
+from .micro_cond import text_time_embedding
 from .unet_blocks import (
     BlockOpts,
     broadcast_timesteps,
@@ -89,12 +90,13 @@ class ConditionedModel:
             )
         return cond
 
-    def _temb(self, timestep, x, timestep_cond):
+    def _temb(self, timestep, x, timestep_cond, added_cond_kwargs=None):
         """The timestep embedding (N, T) for x (N, C, H, W): sinusoidal features (time_proj),
-        plus LCM's guidance embedding where given, through time_embedding's MLP."""
+        plus LCM's guidance embedding where given, through time_embedding's MLP; plus SDXL's
+        micro-conditioning embedding for "text_time" UNets (minisd/micro_cond.py)."""
         cfg = self.config
         t = broadcast_timesteps(timestep, x.shape[0], array_module(x))  # (N,)
-        return time_embedding(
+        temb = time_embedding(
             t,
             self.params["time_embedding"],
             dim=cfg.block_out_channels[0],
@@ -103,6 +105,15 @@ class ConditionedModel:
             dtype=x.dtype,
             cond=self._timestep_cond(timestep_cond, x),
         )
+        if getattr(cfg, "addition_embed_type", None) == "text_time":
+            p = self.params["add_embedding"]
+            return temb + text_time_embedding(added_cond_kwargs, x, p, cfg)  # (N, T)
+        if added_cond_kwargs is not None:
+            raise InputError(
+                f"added_cond_kwargs: this {type(self).__name__} has no addition_embed_type "
+                "(not SDXL); leave it None"
+            )
+        return temb
 
     def _down(self, h, temb, ctx, opts, intrablock=None):
         """The down path from conv_in's output h: returns the last block's output and every

@@ -105,13 +105,11 @@ _MUST_BE_DEFAULT = {
     "class_embed_type": None,
     "num_class_embeds": None,
     "class_embeddings_concat": False,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "time_embedding_type": "positional",
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "cross_attention_norm": None,
     "num_attention_heads": None,
@@ -121,7 +119,6 @@ _MUST_BE_DEFAULT = {
 # only reach diffusers' ResnetDownsampleBlock2D / Simple* blocks).
 _IGNORED = {
     "dropout",
-    "addition_time_embed_dim",
     "addition_embed_type_num_heads",
     "resnet_skip_time_act",
     "resnet_out_scale_factor",
@@ -160,6 +157,11 @@ class UNetConfig:
     resnet_time_scale_shift: str = "default"
     time_embedding_dim: int | None = None
     time_cond_proj_dim: int | None = None  # LCM-distilled UNets: guidance-scale embedding width
+    # SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): "text_time" adds
+    # add_embedding([pooled text embeds, time_proj(each size / crop number)]) to the time embedding
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoid width per micro-conditioning number
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + 6 * that width
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     source: str = dataclasses.field(default="config", compare=False, repr=False)
@@ -195,14 +197,32 @@ class UNetConfig:
         ints = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups")
         ints += ("cross_attention_dim", "transformer_layers_per_block", "attention_head_dim")
         ints += ("conv_in_kernel", "conv_out_kernel", "time_embedding_dim", "sample_size")
-        ints += ("time_cond_proj_dim",)
+        ints += ("time_cond_proj_dim", "addition_time_embed_dim")
+        ints += ("projection_class_embeddings_input_dim",)
         floats = ("freq_shift", "mid_block_scale_factor", "norm_eps")
         optional = ("time_embedding_dim", "sample_size", "time_cond_proj_dim")
+        optional += ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
         check_numbers(self.source, self, ints=ints, floats=floats, optional=optional)
+        self._check_addition()
         c = self.block_out_channels
         check_divides(self.source, "norm_num_groups", self.norm_num_groups, "channels", c)
         # attention_head_dim is diffusers' misnomer for the number of heads (see the docstring)
         check_divides(self.source, "attention_head_dim", self.attention_head_dim, "channels", c)
+
+    def _check_addition(self):
+        """addition_embed_type: None, or SDXL's "text_time" with both of its widths."""
+        kind = self.addition_embed_type
+        if kind not in (None, "text_time"):
+            raise ConfigError(
+                f"{self.source}: addition_embed_type={kind!r} is not supported (minisd "
+                "implements None and SDXL's 'text_time')"
+            )
+        widths = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if kind == "text_time" and None in widths:
+            raise ConfigError(
+                f"{self.source}: addition_embed_type='text_time' needs addition_time_embed_dim "
+                "and projection_class_embeddings_input_dim"
+            )
 
     @property
     def time_embed_dim(self):
@@ -223,6 +243,10 @@ def param_shapes(cfg: UNetConfig) -> dict:
     s.update(prefixed("time_embedding.linear_2", linear_shapes(temb, temb)))
     if cfg.time_cond_proj_dim:  # Linear(time_cond_proj_dim -> C0), no bias
         s["time_embedding.cond_proj.weight"] = (c[0], cfg.time_cond_proj_dim)
+    if cfg.addition_embed_type == "text_time":  # TimestepEmbedding(pooled + time ids -> T)
+        pooled_and_ids = cfg.projection_class_embeddings_input_dim
+        s.update(prefixed("add_embedding.linear_1", linear_shapes(temb, pooled_and_ids)))
+        s.update(prefixed("add_embedding.linear_2", linear_shapes(temb, temb)))
 
     def xattn(i):  # shapes of one Transformer2D of block i (down-block numbering)
         return lambda ch: transformer_shapes(

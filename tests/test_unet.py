@@ -97,32 +97,39 @@ def skip_shapes(cfg, n, h, w):
     return shapes, (n, cfg.block_out_channels[-1], h, w)
 
 
-def compare_whole(ours, ref, our_args, ref_args, dtype, *, ref_kwargs=None):
+def compare_whole(ours, ref, our_args, ref_args, dtype, *, ref_kwargs=None, time_ids=None):
     """Run both models and compare the output and every traced module, with the time_proj
     island rule of the module docstring (in float64 the reference continues from minisd's
-    time_proj). Returns the per-layer errors."""
+    time_proj, and from its add_time_proj for SDXL UNets, whose ``time_ids`` bound that
+    island). Returns the per-layer errors."""
     torch = need("torch")
     with minisd.trace() as acts:
         out = ours(*our_args)
+    islands = {"time_proj": our_args[1]}
+    if time_ids is not None:
+        islands["add_time_proj"] = time_ids
     with torch.no_grad(), collect_outputs(ref) as racts:
-        hook = None
+        hooks = []
         if dtype == "float64":  # registered after collect_outputs' hook: that one sees torch's
-            ours_tp = torch.from_numpy(acts["time_proj"])
-            hook = ref.time_proj.register_forward_hook(lambda m, i, o: ours_tp)
+            for name in islands:
+                ours_tp = torch.from_numpy(acts[name])
+                hook = getattr(ref, name).register_forward_hook(lambda m, i, o, v=ours_tp: v)
+                hooks.append(hook)
         try:
             r = ref(*ref_args, **(ref_kwargs or {})).sample
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
     names = traced_names(ref, racts)
     assert not set(acts) - set(racts), f"names no diffusers module has: {set(acts) - set(racts)}"
     tol = TOL[dtype]
     # time_proj is float32 in every model dtype; its bound applies to float32 runs too, since
     # t * 2^-23 reaches 1.2e-4 at t = 999 (above the float32 layer tolerance).
-    assert acts["time_proj"].dtype == np.float32
-    err = np.abs(acts["time_proj"] - racts["time_proj"]).max()
-    assert err <= time_proj_bound(our_args[1]), f"time_proj: {err:.2e}"
-    names.remove("time_proj")
+    for name, t in islands.items():
+        assert acts[name].dtype == np.float32
+        err = np.abs(acts[name] - racts[name]).max()
+        assert err <= time_proj_bound(t), f"{name}: {err:.2e}"
+        names.remove(name)
     errs = compare_traces(acts, racts, tol, names)
     errs["<output>"] = assert_rel(out, to_np(r), tol, "output")
     assert out.dtype == np.dtype(dtype)
