@@ -34,8 +34,8 @@ def _add_sampling(p, steps, size):
     p.add_argument(
         "--guidance",
         type=float,
-        default=7.5,
-        help="classifier-free guidance scale; <= 1 disables guidance (default 7.5). "
+        default=None,
+        help="classifier-free guidance scale; <= 1 disables guidance (default 7.5, SDXL 5). "
         "LCM-distilled models take it as an input instead (one UNet batch; try 1-2, 4 steps)",
     )
     p.add_argument(
@@ -117,8 +117,8 @@ def build_parser():
     g.add_argument(
         "--strength",
         type=float,
-        default=0.8,
-        help="img2img/inpaint: how much of the schedule to run, in (0, 1] (default 0.8)",
+        default=None,
+        help="img2img/inpaint: how much of the schedule to run, in (0, 1] (default 0.8, SDXL 0.3)",
     )
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
     g.add_argument(
@@ -309,28 +309,48 @@ def _run(args, model, image, mask):
         args.prompt,
         negative_prompt=args.negative,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
         height=h,
         width=w,
         seed=args.seed,
         scheduler=args.scheduler,
         num_images_per_prompt=args.n,
         image=image,
-        strength=getattr(args, "strength", 0.8),
-        mask_image=mask,
         clip_skip=args.clip_skip,
         eta=args.eta,
         guidance_rescale=args.guidance_rescale,
+        **_family_kwargs(args, pipe, mask),
         **cli_addons.call_kwargs(args, addons),
     )
     t2 = time.perf_counter()
     args.scheduler = args.scheduler or pipe.scheduler_name  # (for the PNG's parameters)
+    if args.guidance is None:  # (for the PNG's parameters)
+        args.guidance = _default_guidance(pipe)
     for k, img in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
         _save_png(img, path, _parameters(args, model, img.size))
         print(f"wrote {path} ({img.size[0]}x{img.size[1]})")
     print(f"loaded in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s")
     return 0
+
+
+def _default_guidance(pipe):
+    """The pipeline's own guidance scale (7.5; SDXL's 5.0, as diffusers' SDXL pipelines)."""
+    import inspect
+
+    return inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+
+
+def _family_kwargs(args, pipe, mask):
+    """Guidance, strength and mask where given (else the pipeline's defaults); SDXL has no
+    inpainting here."""
+    kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    if getattr(args, "strength", None) is not None:
+        kw["strength"] = args.strength
+    if hasattr(pipe, "tokenizer_2"):  # StableDiffusionXL
+        if mask is not None:
+            raise InputError("--mask: inpainting is not supported with SDXL models in minisd")
+        return kw
+    return {**kw, "mask_image": mask}
 
 
 def _parameters(args, model, size):

@@ -174,12 +174,10 @@ def _read_ip_adapter(weights, encoder):
 
 def apply(pipe, addons):
     """Merge the LoRAs and add the embeddings to the loaded pipeline."""
-    from .textual_inversion import load_textual_inversion
-
     for lora, scale in addons["loras"]:
         pipe.load_lora(lora, scale)
     for path, token in addons["embeddings"]:
-        load_textual_inversion(pipe, path, token)
+        pipe.load_textual_inversion(path, token)
     if addons["freeu"] is not None:
         pipe.enable_freeu(*addons["freeu"])
     if addons["ip_adapter"] is not None:

@@ -20,8 +20,6 @@ from .pipeline_call import unet_rows
 from .pipeline_control import residuals as control_residuals
 from .pipeline_steps import (
     draw,
-    encode_image_latents,
-    encode_prompt,
     guidance_scale_embedding,
     guide,
     img2img_timesteps,
@@ -57,7 +55,8 @@ def run(
     edit = addons.get("image_guidance_scale")  # InstructPix2Pix's s_I, else None
     n_rows = unet_rows(pipe, guidance_scale, edit)
     cfg = n_rows > 1
-    ctx = encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip)  # (2B or B, 77, D)
+    # (2B or B, 77, D) and SDXL's pooled text embeddings and time ids (None for SD1.x / 2.x)
+    ctx, added = pipe.text_conditioning(prompts, negative, nipp, cfg, clip_skip, addons.get("text"))
     pipe.phase_done("text encoding")  # frees CuPy's cached blocks when asked (GPU policy)
     sched = pipe.make_scheduler(scheduler)
     sched.set_timesteps(steps)
@@ -77,6 +76,7 @@ def run(
             pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
         )
     state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
+    state["added"] = added
     state.update(
         control=addons.get("control"),
         adapter=addons.get("adapter"),
@@ -129,7 +129,7 @@ def _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng):
     ts = _start(sched, state, steps, strength)
     hw = (shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor)
     init = xp.asarray(pipe.image_processor.preprocess(image, height=hw[0], width=hw[1]))
-    z0 = encode_image_latents(pipe, init.astype(pipe.dtype), rng)  # (n, 4, h, w)  draw 1
+    z0 = pipe.encode_image(init.astype(pipe.dtype), rng)  # (n, 4, h, w)  draw 1
     z0 = tile_to(z0, shape[0], "image")  # (B, 4, h, w)
     noise = draw(pipe, rng, shape)  # draw 2
     t0 = np.asarray([ts[0]] * shape[0])  # host timesteps: add_noise indexes host tables
@@ -152,7 +152,7 @@ def _inpaint_latents(
     strength_max = strength == 1.0
     z_img = None
     if not nine or (latents is None and not strength_max):
-        z_img = tile_to(encode_image_latents(pipe, init, rng), shape[0], "image")  # draw 1
+        z_img = tile_to(pipe.encode_image(init, rng), shape[0], "image")  # draw 1
     if latents is None:
         noise = draw(pipe, rng, shape)  # draw 2
         lat = (
@@ -165,7 +165,7 @@ def _inpaint_latents(
         lat = noise * sched.init_noise_sigma
     masked = init * (mask_c < 0.5)  # (n, 3, H, W)
     mask = upsample_nearest(mask_c.astype(dt), shape[2:])  # (n, 1, h, w)
-    z_masked = encode_image_latents(pipe, masked, rng)  # draw 3
+    z_masked = pipe.encode_image(masked, rng)  # draw 3
     mask = tile_to(mask, shape[0], "mask_image")
     z_masked = tile_to(z_masked, shape[0], "image")
     state.update(
@@ -228,9 +228,12 @@ def _loop(pipe, sched, state, lat, ctx, eta, rng, callback, progress):
 
 
 def _unet_extras(state, i, n):
-    """The UNet's keyword inputs beyond ControlNet's: LCM's guidance embedding, T2I-Adapter
+    """The UNet's keyword inputs beyond ControlNet's: LCM's guidance embedding, SDXL's
+    pooled text embeddings and time ids, T2I-Adapter
     features (while the step is inside adapter_conditioning_factor), IP-Adapter embeddings."""
     kw = {"timestep_cond": state["timestep_cond"]}
+    if state.get("added") is not None:  # SDXL's micro-conditioning (minisd/micro_cond.py)
+        kw["added_cond_kwargs"] = state["added"]
     if state["adapter"] is not None:
         from .pipeline_adapter import residuals
 

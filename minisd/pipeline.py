@@ -112,6 +112,13 @@ class StableDiffusion(AddOns):
         kw = {"weights": check_weights_mode(weights)}
         path = path_arg(path, "path")
         refuse_pickle(path)
+        if cls is StableDiffusion and _is_xl_folder(path):  # SDXL: its own pipeline class
+            from .pipeline_xl import StableDiffusionXL
+
+            return StableDiffusionXL.from_pretrained(
+                path, dtype, device, config=config, prediction_type=prediction_type,
+                weights=weights, controlnet=controlnet, adapter=adapter,
+            )  # fmt: skip
         pipe = cls._load(path, dtype, device, config, prediction_type, kw)
         if controlnet is not None:
             pipe.controlnet = pipeline_control.load(controlnet, dtype, device, kw["weights"])
@@ -267,7 +274,30 @@ class StableDiffusion(AddOns):
         vae = self.vae.upcast() if up else self.vae
         if up:  # cast before scaling, as diffusers: float16 division would round the latents
             lat = lat.astype(vae.dtype)
-        return vae.decode(lat / self.vae.config.scaling_factor)  # (N, 3, H, W)
+        return vae.decode(self._unscale(lat))  # (N, 3, H, W)
+
+    def _unscale(self, lat):
+        """Denoised latents -> the VAE's latent space: z = lat / scaling_factor."""
+        return lat / self.vae.config.scaling_factor
+
+    def encode_image(self, image, rng):
+        """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents, sampling the VAE posterior with
+        ``rng`` (AutoencoderKL); a VAE whose encoder returns latents (AutoencoderTiny) draws
+        nothing, as diffusers' ``retrieve_latents``."""
+        out = self.vae.encode(image)
+        z = out.sample(rng) if hasattr(out, "sample") else out  # (N, 4, H/8, W/8)
+        return self.vae.config.scaling_factor * z
+
+    def text_conditioning(self, prompts, negative, nipp, cfg, clip_skip, extra=None):
+        """(encoder_hidden_states (rows, 77, D), added_cond_kwargs or None) for the UNet's rows:
+        [negative; positive] with classifier-free guidance (pipeline_steps.encode_prompt).
+        ``extra``: what ``_text_extra`` prepared (None here; SDXL's second prompts and time
+        ids in pipeline_xl.py)."""
+        return steps.encode_prompt(self, prompts, negative, nipp, cfg, clip_skip), None
+
+    def _text_extra(self, a, height, width):
+        """Per-call inputs of ``text_conditioning`` beyond the prompts (none for SD1.x/2.x)."""
+        return None
 
     def phase_done(self, phase):
         """End of a phase (text encoding, denoising, decoding): free the work arrays the phase's
@@ -322,6 +352,12 @@ class StableDiffusion(AddOns):
         else:
             dh, dw = height, width
         return (dh if height is None else height), (dw if width is None else width)
+
+
+def _is_xl_folder(path):
+    """A diffusers folder of an SDXL pipeline (model_index.json names one)."""
+    index = path / "model_index.json"
+    return index.is_file() and "XL" in str(read_config(index).get("_class_name", ""))
 
 
 def _vae_class(folder):

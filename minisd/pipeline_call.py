@@ -52,6 +52,7 @@ def generate(pipe, a: SimpleNamespace):
     pipe._set_attention_chunk(batch * rows, height, width)
     addons = _prepare_addons(pipe, a, cn_args, batch=batch, size=(height, width), cfg=rows > 1)
     addons["image_guidance_scale"] = edit
+    addons["text"] = pipe._text_extra(a, height, width)  # SDXL's second prompts and time ids
     lat = run(
         pipe, prompts=prompts, negative=negative, steps=a.num_inference_steps,
         guidance_scale=a.guidance_scale, height=height, width=width, scheduler=a.scheduler,

@@ -147,15 +147,6 @@ def img2img_timesteps(timesteps, order, steps, strength):
     return timesteps[start * order :], start * order, steps - start
 
 
-def encode_image_latents(pipe, image, rng):
-    """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents, sampling the VAE posterior with ``rng``
-    (AutoencoderKL); a VAE whose encoder returns latents (AutoencoderTiny) draws nothing, as
-    diffusers' ``retrieve_latents``."""
-    out = pipe.vae.encode(image)
-    z = out.sample(rng) if hasattr(out, "sample") else out  # (N, 4, H/8, W/8)
-    return pipe.vae.config.scaling_factor * z
-
-
 def tile_to(x, batch, what):
     """Repeat a batch of images/latents to ``batch`` items (diffusers concatenates copies)."""
     if x.shape[0] == batch:

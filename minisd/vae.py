@@ -227,16 +227,14 @@ class AutoencoderKL(Sliced):
         rule of diffusers' SDXL pipelines; its SD pipelines decode in the model dtype)."""
         return self.dtype == np.float16 and bool(self.config.force_upcast)
 
-    def upcast(self, dtype="float32") -> AutoencoderKL:
+    def upcast(self, dtype="float32", *, encoder=False) -> AutoencoderKL:
         """A decode-only copy in ``dtype`` (float32): the decoder and post_quant_conv weights are
-        cast (a transient copy, ~200 MB for SD's VAE in float32); options are shared."""
+        cast (a transient copy, ~200 MB for SD's VAE in float32); options are shared.
+        ``encoder``: an encode-only copy instead (encoder and quant_conv)."""
         up = copy.copy(self)
         up.dtype = resolve_dtype(dtype)
-        up.params = {
-            k: _cast_tree(v, up.dtype)
-            for k, v in self.params.items()
-            if k in ("decoder", "post_quant_conv")
-        }
+        parts = ("encoder", "quant_conv") if encoder else ("decoder", "post_quant_conv")
+        up.params = {k: _cast_tree(v, up.dtype) for k, v in self.params.items() if k in parts}
         return up
 
     @property

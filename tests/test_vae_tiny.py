@@ -296,7 +296,7 @@ def test_pipeline_with_taesd_txt2img(tiny_pipes):
 
 def test_pipeline_with_taesd_img2img_same_seed(tiny_pipes):
     """diffusers' retrieve_latents takes an AutoencoderTiny's latents as they are and draws no
-    noise for them; so does encode_image_latents (the seed's draws stay in step)."""
+    noise for them; so does StableDiffusion.encode_image (the seed's draws stay in step)."""
     diffusers = need("diffusers")
     from PIL import Image
 

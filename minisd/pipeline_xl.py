@@ -1,0 +1,204 @@
+"""StableDiffusionXL: SDXL's text-to-image and image-to-image (Podell et al. 2023), as diffusers'
+StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline.
+
+    pipe = minisd.StableDiffusionXL.from_pretrained("path/to/sdxl-folder")
+    images = pipe("a photo of a cat", num_inference_steps=30, seed=0)
+
+What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_call.py):
+- Two text encoders (OpenAI CLIP ViT-L and OpenCLIP ViT-bigG): each gives ``hidden_states[-2]``
+  (no final layer norm), concatenated to (N, 77, 768 + 1280); ``prompt_2`` (default: ``prompt``)
+  goes to the second. The second's projected pooled output (N, 1280) also conditions the UNet.
+- Micro-conditioning (minisd/micro_cond.py): six numbers per row, (original_size,
+  crops_coords_top_left, target_size), sizes default to the output's. The refiner
+  (``requires_aesthetics_score``) takes (original_size, crops_coords_top_left, aesthetic_score).
+- Without ``negative_prompt``, the unconditional row is all zeros (``force_zeros_for_empty_prompt``
+  in model_index.json, true for SDXL base) instead of the empty prompt's embedding.
+- The default size is unet.sample_size * 8 (1024); img2img's default strength is 0.3; a float16
+  VAE with ``force_upcast`` encodes and decodes in float32.
+- The refiner folder has no first text encoder (``tokenizer`` / ``text_encoder`` null).
+Not supported here: inpainting, ControlNet, T2I-/IP-Adapters, LoRA and textual inversion (their
+SDXL formats), ``denoising_start`` / ``denoising_end``; and the invisible watermark diffusers adds
+when the ``invisible-watermark`` package is installed (minisd never marks images).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from .errors import ConfigError, InputError
+from .pipeline import StableDiffusion
+from .weights import read_config
+
+#: StableDiffusion.__call__'s add-on arguments, all off for SDXL
+_OFF = dict(
+    mask_image=None, control_image=None, controlnet_conditioning_scale=None, guess_mode=False,
+    control_guidance_start=0.0, control_guidance_end=1.0, image_guidance_scale=None,
+    adapter_image=None, adapter_conditioning_scale=1.0, adapter_conditioning_factor=1.0,
+    ip_adapter_image=None,
+)  # fmt: skip
+
+
+class StableDiffusionXL(StableDiffusion):
+    """A loaded SDXL model: tokenizer(s), text encoder(s), unet, vae and scheduler."""
+
+    def __init__(
+        self, *, tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae,
+        scheduler_config, force_zeros_for_empty_prompt=True, requires_aesthetics_score=False,
+        dtype="float32", device="cpu",
+    ):  # fmt: skip
+        super().__init__(
+            tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+            scheduler_config=scheduler_config, dtype=dtype, device=device,
+        )  # fmt: skip
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.requires_aesthetics_score = bool(requires_aesthetics_score)
+        if unet.config.addition_embed_type != "text_time":
+            raise ConfigError(
+                "unet: an SDXL pipeline needs a UNet with addition_embed_type='text_time'; "
+                "use minisd.StableDiffusion for SD1.x / SD2.x"
+            )
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", *, weights="eager", **kw):
+        """Load a diffusers SDXL folder (base or refiner). ``dtype`` None: float32 on the CPU,
+        float16 on "cuda". ``weights``: "eager" | "lazy" | "stream" (minisd/weights.py)."""
+        for name in ("controlnet", "adapter"):
+            if kw.get(name) is not None:
+                raise InputError(f"{name}=: not supported with SDXL in minisd")
+        return super().from_pretrained(path, dtype, device, weights=weights, **kw)
+
+    @classmethod
+    def _from_folder(cls, folder, dtype, device, weights="eager"):
+        from .clip import CLIPTextModel
+        from .clip_projection import CLIPTextModelWithProjection
+        from .pipeline import _vae_class
+        from .tokenizer import CLIPTokenizer
+        from .unet import UNet2DConditionModel
+
+        index = read_config(folder / "model_index.json")
+        kw, w = {"dtype": dtype, "device": device}, {"weights": weights}
+        first = index.get("text_encoder", [None, None])[1] is not None
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer") if first else None,
+            text_encoder=(
+                CLIPTextModel.from_pretrained(folder / "text_encoder", **kw, **w) if first else None
+            ),
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2", **kw, **w
+            ),
+            unet=UNet2DConditionModel.from_pretrained(folder / "unet", **kw, **w),
+            vae=_vae_class(folder).from_pretrained(folder / "vae", **kw, **w),
+            scheduler_config=read_config(folder / "scheduler" / "scheduler_config.json"),
+            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+            requires_aesthetics_score=index.get("requires_aesthetics_score", False),
+            **kw,
+        )
+
+    @classmethod
+    def _from_single_file(cls, path, *args, **kw):
+        raise ConfigError(
+            f"{path}: single-file SDXL checkpoints are not supported yet; convert it to a "
+            "diffusers folder (diffusers' StableDiffusionXLPipeline.from_single_file(...)"
+            ".save_pretrained(...)) and load the folder"
+        )
+
+    # ------------------------------------------------------------------ add-ons
+
+    def _refuse(self, what):
+        raise InputError(f"{what}: not supported with SDXL in minisd (SD1.x / SD2.x only)")
+
+    def load_lora(self, lora, scale=1.0):
+        self._refuse("load_lora")
+
+    def load_textual_inversion(self, source, token=None):
+        self._refuse("load_textual_inversion")
+
+    def load_ip_adapter(self, weights, image_encoder, scale=1.0):
+        self._refuse("load_ip_adapter")
+
+    # ------------------------------------------------------------------ generation
+
+    def __call__(
+        self,
+        prompt,
+        prompt_2=None,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        height=None,
+        width=None,
+        seed=0,
+        scheduler=None,
+        num_images_per_prompt=1,
+        latents=None,
+        image=None,
+        strength=0.3,
+        clip_skip=None,
+        eta=0.0,
+        callback=None,
+        output_type="pil",
+        rng=None,
+        progress=True,
+        free_memory_between_phases=None,
+        guidance_rescale=0.0,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        negative_original_size=None,
+        negative_crops_coords_top_left=(0, 0),
+        negative_target_size=None,
+        aesthetic_score=6.0,
+        negative_aesthetic_score=2.5,
+    ):
+        """Generate images, with StableDiffusionXLPipeline's arguments (img2img: ``image``,
+        StableDiffusionXLImg2ImgPipeline's). ``scheduler`` None: the checkpoint's own
+        (EulerDiscreteScheduler for SDXL base); a name: see minisd.schedulers.NAMES.
+        ``seed`` / ``rng`` / ``callback`` / ``output_type``: as StableDiffusion.__call__.
+        Sizes are (height, width) pairs of ints; see the module docstring."""
+        from .pipeline_call import generate
+
+        args = dict(locals())
+        del args["self"], args["generate"]
+        return generate(self, SimpleNamespace(**args, **_OFF))
+
+    def _text_extra(self, a, height, width):
+        """SDXL's text-side arguments for text_conditioning: the second prompts and the time
+        ids of the positive and negative rows, checked against the UNet's input width."""
+        from . import pipeline_xl_steps as xl
+
+        return SimpleNamespace(
+            prompt_2=xl.prompt_list(a.prompt_2, a.prompt, "prompt_2"),
+            negative_prompt_2=a.negative_prompt_2,
+            time_ids=xl.time_ids(self, a, height, width),
+        )
+
+    def text_conditioning(self, prompts, negative, nipp, cfg, clip_skip, extra=None):
+        from . import pipeline_xl_steps as xl
+
+        return xl.encode(self, prompts, negative, extra, nipp, cfg, clip_skip)
+
+    def encode_image(self, image, rng):
+        from . import pipeline_xl_steps as xl
+
+        return xl.encode_image(self, image, rng)
+
+    def _unscale(self, lat):
+        """lat * latents_std / scaling_factor + latents_mean where the VAE config has the
+        statistics, else lat / scaling_factor (diffusers' SDXL pipelines)."""
+        from . import pipeline_xl_steps as xl
+
+        return xl.unscale(self, lat)
+
+    def phase_done(self, phase):
+        super().phase_done(phase)
+        if phase == "text encoding":
+            from .weights import CastOnRead
+
+            params = getattr(self.text_encoder_2, "params", None)
+            if isinstance(params, CastOnRead):
+                params.release()
