@@ -1,7 +1,8 @@
 """minisd: Stable Diffusion in plain NumPy / CuPy array code.
 
 Public names (see DESIGN.md): StableDiffusion, UNet2DConditionModel, UNet2DModel, AutoencoderKL,
-CLIPTextModel, CLIPTokenizer, trace, MinisdError. Components are imported on first use so that
+CLIPTextModel, CLIPTokenizer, trace, MinisdError; and StableDiffusionXL (SDXL), its
+CLIPTextModelWithProjection, the add-on models. Components are imported on first use so that
 ``import minisd`` stays fast.
 """
 
@@ -14,11 +15,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "StableDiffusion": "pipeline",
+    "StableDiffusionXL": "pipeline_xl",
     "UNet2DConditionModel": "unet",
     "UNet2DModel": "unet2d",
     "AutoencoderKL": "vae",
     "AutoencoderTiny": "vae_tiny",
     "CLIPTextModel": "clip",
+    "CLIPTextModelWithProjection": "clip_projection",
     "CLIPTokenizer": "tokenizer",
     "ControlNetModel": "controlnet",
     "T2IAdapter": "t2i_adapter",

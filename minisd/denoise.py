@@ -19,10 +19,13 @@ from .blocks import upsample_nearest
 from .pipeline_call import unet_rows
 from .pipeline_control import residuals as control_residuals
 from .pipeline_steps import (
+    cut_end,
+    cut_start,
     draw,
     guidance_scale_embedding,
     guide,
     img2img_timesteps,
+    is_latents,
     tile_to,
 )
 
@@ -70,11 +73,14 @@ def run(
         lat = _txt2img_latents(pipe, sched, shape, latents, rng)
         ctx, state["edit"] = pix2pix.conditioning(pipe, image, shape, ctx, n_rows)
     elif mask_image is None:
-        lat = _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng)
+        start = addons.get("denoising_start")
+        lat = _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng, start)
     else:
         lat = _inpaint_latents(
             pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
         )
+    if addons.get("denoising_end") is not None:  # SDXL's ensemble of experts: stop early
+        state["timesteps"] = cut_end(state["timesteps"], sched, addons["denoising_end"])
     state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
     state["added"] = added
     state.update(
@@ -124,13 +130,21 @@ def _start(sched, state, steps, strength):
     return ts
 
 
-def _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng):
+def _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng, start=None):
+    """z_t from the image's latents (the image itself when it is latents, SDXL); with SDXL's
+    ``denoising_start`` the schedule begins there and the latents are taken as they are (the
+    base model's partly denoised output: no noise is added)."""
     xp = pipe.xp
-    ts = _start(sched, state, steps, strength)
-    hw = (shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor)
-    init = xp.asarray(pipe.image_processor.preprocess(image, height=hw[0], width=hw[1]))
-    z0 = pipe.encode_image(init.astype(pipe.dtype), rng)  # (n, 4, h, w)  draw 1
+    ts = _start(sched, state, steps, strength) if start is None else cut_start(sched, state, start)
+    if is_latents(pipe, image):
+        z0 = xp.asarray(image).astype(pipe.dtype)  # (n, 4, h, w)
+    else:
+        hw = (shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor)
+        init = xp.asarray(pipe.image_processor.preprocess(image, height=hw[0], width=hw[1]))
+        z0 = pipe.encode_image(init.astype(pipe.dtype), rng)  # (n, 4, h, w)  draw 1
     z0 = tile_to(z0, shape[0], "image")  # (B, 4, h, w)
+    if start is not None:
+        return z0
     noise = draw(pipe, rng, shape)  # draw 2
     t0 = np.asarray([ts[0]] * shape[0])  # host timesteps: add_noise indexes host tables
     return sched.add_noise(z0, noise, t0)  # (B, 4, h, w)

@@ -53,6 +53,7 @@ def generate(pipe, a: SimpleNamespace):
     addons = _prepare_addons(pipe, a, cn_args, batch=batch, size=(height, width), cfg=rows > 1)
     addons["image_guidance_scale"] = edit
     addons["text"] = pipe._text_extra(a, height, width)  # SDXL's second prompts and time ids
+    addons.update(_experts(a))
     lat = run(
         pipe, prompts=prompts, negative=negative, steps=a.num_inference_steps,
         guidance_scale=a.guidance_scale, height=height, width=width, scheduler=a.scheduler,
@@ -158,6 +159,20 @@ def _prepare_addons(pipe, a, cn_args, *, batch, size, cfg):
             pipe, a.ip_adapter_image, batch=batch, nipp=nipp, cfg=cfg
         )
     return addons
+
+
+def _experts(a):
+    """SDXL's denoising_start / denoising_end (None elsewhere), checked: fractions in (0, 1),
+    the start only for img2img, start < end."""
+    start, end = getattr(a, "denoising_start", None), getattr(a, "denoising_end", None)
+    for name, v in (("denoising_start", start), ("denoising_end", end)):
+        if v is not None and not (steps.is_number(v) and 0 < v < 1):
+            raise InputError(f"{name}={v!r}: must be a fraction in (0, 1) or None")
+    if start is not None and a.image is None:
+        raise InputError("denoising_start: needs `image` (the latents or image to continue)")
+    if start is not None and end is not None and start >= end:
+        raise InputError(f"denoising_start={start} must be < denoising_end={end}")
+    return {"denoising_start": start, "denoising_end": end}
 
 
 def _output(pipe, lat, output_type):

@@ -147,6 +147,45 @@ def img2img_timesteps(timesteps, order, steps, strength):
     return timesteps[start * order :], start * order, steps - start
 
 
+def is_latents(pipe, image):
+    """SDXL's img2img takes latents for ``image`` (an array (N, latent_channels, h, w), e.g. a
+    base model's output_type="latent"), as diffusers' image processor passes them through."""
+    if not getattr(pipe, "takes_latent_images", False):
+        return False
+    shape = getattr(image, "shape", ())
+    return len(shape) == 4 and shape[1] == pipe.vae.config.latent_channels
+
+
+def _cutoff(sched, fraction):
+    """The timestep where a fraction ``fraction`` of the training schedule has been denoised."""
+    n = sched.config.num_train_timesteps
+    return int(round(n - fraction * n))
+
+
+def cut_end(timesteps, sched, fraction):
+    """SDXL's ``denoising_end``: keep the timesteps >= the cutoff (diffusers' rule)."""
+    keep = int((np.asarray(timesteps) >= _cutoff(sched, fraction)).sum())
+    return timesteps[:keep]
+
+
+def cut_start(sched, state, fraction):
+    """SDXL's ``denoising_start``: begin at the first timestep below the cutoff; a second-order
+    scheduler with an even count takes one more, so that it starts on a full step (diffusers'
+    ``get_timesteps``)."""
+    ts = sched.timesteps
+    n = int((np.asarray(ts) < _cutoff(sched, fraction)).sum())
+    if getattr(sched, "order", 1) == 2 and n % 2 == 0:
+        n += 1
+    begin = len(ts) - n
+    if n == 0:
+        raise InputError(f"denoising_start={fraction}: leaves no denoising step")
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(begin)
+    state["timesteps"] = ts[begin:]
+    state["solver_steps"] = n
+    return state["timesteps"]
+
+
 def tile_to(x, batch, what):
     """Repeat a batch of images/latents to ``batch`` items (diffusers concatenates copies)."""
     if x.shape[0] == batch:

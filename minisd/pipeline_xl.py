@@ -16,9 +16,11 @@ What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_
 - The default size is unet.sample_size * 8 (1024); img2img's default strength is 0.3; a float16
   VAE with ``force_upcast`` encodes and decodes in float32.
 - The refiner folder has no first text encoder (``tokenizer`` / ``text_encoder`` null).
+- ``denoising_end`` / ``denoising_start``: the base hands its partly denoised latents to the
+  refiner (the "ensemble of expert denoisers" of the paper's sec. 2.5).
 Not supported here: inpainting, ControlNet, T2I-/IP-Adapters, LoRA and textual inversion (their
-SDXL formats), ``denoising_start`` / ``denoising_end``; and the invisible watermark diffusers adds
-when the ``invisible-watermark`` package is installed (minisd never marks images).
+SDXL formats); and the invisible watermark diffusers adds when the ``invisible-watermark``
+package is installed (minisd never marks images).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ _OFF = dict(
 
 class StableDiffusionXL(StableDiffusion):
     """A loaded SDXL model: tokenizer(s), text encoder(s), unet, vae and scheduler."""
+
+    #: img2img's ``image`` may be latents (N, 4, h, w), e.g. the base's output_type="latent"
+    takes_latent_images = True
 
     def __init__(
         self, *, tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae,
@@ -154,12 +159,18 @@ class StableDiffusionXL(StableDiffusion):
         negative_target_size=None,
         aesthetic_score=6.0,
         negative_aesthetic_score=2.5,
+        denoising_start=None,
+        denoising_end=None,
     ):
         """Generate images, with StableDiffusionXLPipeline's arguments (img2img: ``image``,
         StableDiffusionXLImg2ImgPipeline's). ``scheduler`` None: the checkpoint's own
         (EulerDiscreteScheduler for SDXL base); a name: see minisd.schedulers.NAMES.
         ``seed`` / ``rng`` / ``callback`` / ``output_type``: as StableDiffusion.__call__.
-        Sizes are (height, width) pairs of ints; see the module docstring."""
+        Sizes are (height, width) pairs of ints; see the module docstring.
+        ``denoising_end`` / ``denoising_start`` (fractions in (0, 1)): SDXL's ensemble of
+        experts: the base stops where a fraction of the schedule is denoised (give it
+        output_type="latent"); the refiner takes those latents as ``image`` and starts there,
+        adding no noise (``strength`` is then unused)."""
         from .pipeline_call import generate
 
         args = dict(locals())
@@ -176,6 +187,16 @@ class StableDiffusionXL(StableDiffusion):
             negative_prompt_2=a.negative_prompt_2,
             time_ids=xl.time_ids(self, a, height, width),
         )
+
+    def _resolve_size(self, height, width, image):
+        """As StableDiffusion's; latents given as ``image`` size the output (h * 8, w * 8)."""
+        from .pipeline_steps import is_latents
+
+        if is_latents(self, image):
+            f = self.vae_scale_factor
+            h, w = image.shape[2] * f, image.shape[3] * f
+            return (h if height is None else height), (w if width is None else width)
+        return super()._resolve_size(height, width, image)
 
     def text_conditioning(self, prompts, negative, nipp, cfg, clip_skip, extra=None):
         from . import pipeline_xl_steps as xl

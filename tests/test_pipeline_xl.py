@@ -261,3 +261,49 @@ def test_cli_generates_the_api_image(base, tmp_path):
     _image().save(tmp_path / "init.png")
     bad = [*args, "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "init.png")]
     assert main([*bad, "--out", str(tmp_path / "m.png")]) == 2
+
+
+def test_array_backends_same_latents(base, xp):
+    """The SDXL pipeline on each array backend (CuPy where a GPU exists), float32, against
+    diffusers' latents."""
+    ref, _, _, folder = base
+    kw = dict(prompt=PROMPTS, negative_prompt="blurry", num_inference_steps=3, height=64,
+              width=64, latents=_latents(2), output_type="latent")  # fmt: skip
+    expect = run_ref(ref, "dpmpp_2m", **kw)
+    device = "cpu" if xp is np else "cuda"
+    ours = minisd.StableDiffusionXL.from_pretrained(folder, dtype="float32", device=device)
+    assert isinstance(ours.unet.params["conv_in"]["weight"], xp.ndarray)
+    got = ours(**kw, scheduler="dpmpp_2m", progress=False)
+    assert type(got) is np.ndarray
+    assert_rel(got, expect, TOL, f"{xp.__name__} latents")
+
+
+@pytest.mark.parametrize("scheduler", [None, "heun", "dpmpp_2m"])
+def test_ensemble_of_experts_as_diffusers(base, refiner, scheduler):
+    """Base with denoising_end -> latents -> refiner with denoising_start (no noise added; a
+    second-order sampler starts on a full step), both against diffusers, same seed."""
+    torch = need("torch")
+    ref, _, ours, _ = base
+    ref_i2i, ours_refiner, _ = refiner
+    kw = dict(prompt=PROMPTS[0], num_inference_steps=6, height=64, width=64, seed=11)
+    expect = run_ref(ref, scheduler, **kw, denoising_end=0.7, output_type="latent")
+    lat = ours(**kw, scheduler=scheduler, denoising_end=0.7, output_type="latent", progress=False)
+    assert_rel(lat, expect, TOL, "base latents at denoising_end")
+    kw.pop("height"), kw.pop("width")
+    expect = run_ref(ref_i2i, scheduler, **kw, image=torch.from_numpy(expect),
+                     denoising_start=0.7, output_type="np")  # fmt: skip
+    got = ours_refiner(**kw, image=lat, denoising_start=0.7, scheduler=scheduler,
+                       output_type="np", progress=False)  # fmt: skip
+    assert got.shape == expect.shape == (1, 64, 64, 3)
+    assert_rel(got, expect, TOL, "refined images")
+
+
+def test_expert_arguments_are_checked(base):
+    _, _, ours, _ = base
+    kw = dict(prompt="x", num_inference_steps=2, height=64, width=64, progress=False)
+    with pytest.raises(InputError, match="denoising_end=1.5"):
+        ours(**kw, denoising_end=1.5)
+    with pytest.raises(InputError, match="denoising_start: needs `image`"):
+        ours(**kw, denoising_start=0.5)
+    with pytest.raises(InputError, match="denoising_start=0.8 must be < denoising_end=0.5"):
+        ours(**kw, image=_image(), denoising_start=0.8, denoising_end=0.5)
