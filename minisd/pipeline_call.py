@@ -65,6 +65,19 @@ def generate(pipe, a: SimpleNamespace):
     return _output(pipe, lat, a.output_type)
 
 
+def unet_conditioning(pipe, prompt, height, width):
+    """One prompt's UNet conditioning without guidance, every other argument at the pipeline's
+    default (for the trace and parity tools): (context (1, 77, D), added_cond_kwargs or None;
+    SDXL's has the pooled embedding and the time ids of a height x width image)."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    a = SimpleNamespace(**{k: p.default for k, p in params.items() if k != "self"})
+    a.prompt = prompt
+    extra = pipe._text_extra(a, height, width)
+    return pipe.text_conditioning([prompt], None, 1, False, None, extra)
+
+
 def unet_rows(pipe, guidance_scale, image_guidance_scale=None) -> int:
     """UNet rows per image: 1 without guidance, 2 with classifier-free guidance (except for
     LCM-distilled UNets, which take the scale as an embedding, as diffusers), 3 for

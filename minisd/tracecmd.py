@@ -1,4 +1,5 @@
-"""``minisd trace``: run the text encoder and one UNet call, dump a named intermediate tensor."""
+"""``minisd trace``: run the text encoder(s) and one UNet call, dump a named intermediate
+tensor."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from .errors import InputError
 
 def run_trace(args):
     from .pipeline import StableDiffusion
+    from .pipeline_call import unet_conditioning
     from .rng import make_rng
 
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir():
         raise InputError(f"--out {out}: not a file in an existing folder")
     pipe = StableDiffusion.from_pretrained(args.model)
-    ids = pipe.tokenizer([args.prompt])  # (1, 77)
     w, h = args.size
     f = pipe.vae_scale_factor
     if h % f or w % f:
@@ -26,8 +27,9 @@ def run_trace(args):
     shape = (1, pipe.unet.config.in_channels, h // f, w // f)
     latents = make_rng(0).standard_normal(shape, dtype=np.float32)  # (1, C, h, w)
     with trace() as acts:
-        ctx = pipe.text_encoder.encode(pipe.xp.asarray(ids))  # (1, 77, D)
-        pipe.unet(pipe.xp.asarray(latents), args.timestep, ctx)
+        # (1, 77, D); SDXL: with the pooled embedding and time ids (added_cond_kwargs)
+        ctx, added = unet_conditioning(pipe, args.prompt, h, w)
+        pipe.unet(pipe.xp.asarray(latents), args.timestep, ctx, added_cond_kwargs=added)
     if args.list or args.module is None:
         for name, value in acts.items():
             print(f"{name:<70} {tuple(value.shape)}")

@@ -61,8 +61,10 @@ def collect_outputs(module, names=None):
 
 def text_model_names(acts):
     """transformers 5's CLIPTextModel hooks name modules without the ``text_model.`` level that
-    SD checkpoints and minisd's trace use; add it."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in acts.items()}
+    SD checkpoints and minisd's trace use; add it (not to CLIPTextModelWithProjection's
+    ``text_projection``, which sits beside the text model)."""
+    top = ("text_model.", "text_projection")
+    return {(k if k.startswith(top) else "text_model." + k): v for k, v in acts.items()}
 
 
 def time_proj_bound(t):

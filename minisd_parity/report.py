@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from minisd import trace
+
 from .compare import collect_outputs, layer_table, text_model_names, time_proj_bound
 
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2}
@@ -30,13 +32,17 @@ def _torch_inputs(torch, dtype, rng, shape):
 
 
 def _feed_time_proj(torch, unet, acts):
-    """diffusers builds time_proj in float32 in every dtype (a precision island): after its
-    output is recorded (collect_outputs' hook comes first), the reference continues from
-    minisd's, so later layers are compared from the same input. Returns the hook handle."""
-    if "time_proj" not in acts:
-        return None
-    emb = torch.from_numpy(np.asarray(acts["time_proj"], dtype=np.float32))
-    return unet.time_proj.register_forward_hook(lambda m, i, o: emb.to(o.dtype))
+    """diffusers builds time_proj (and SDXL's add_time_proj) in float32 in every dtype (a
+    precision island): after its output is recorded (collect_outputs' hook comes first), the
+    reference continues from minisd's, so later layers are compared from the same input.
+    Returns the hook handles."""
+    hooks = []
+    for name in ("time_proj", "add_time_proj"):
+        if name in acts:
+            emb = torch.from_numpy(np.asarray(acts[name], dtype=np.float32))
+            hook = getattr(unet, name).register_forward_hook(lambda m, i, o, e=emb: e.to(o.dtype))
+            hooks.append(hook)
+    return hooks
 
 
 def _guidance_cond(torch, dtype, dim):
@@ -49,13 +55,68 @@ def _guidance_cond(torch, dtype, dim):
     return torch.from_numpy(guidance_scale_embedding([7.0], dim)).to(dtype)
 
 
+def _text_encoders(pipe, folder, tdt, tol, counts, firsts):
+    """Compare each text encoder (SDXL: both) on one prompt, layer by layer."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    ids = pipe.tokenizer_2 if getattr(pipe, "tokenizer", None) is None else pipe.tokenizer
+    ids = ids(["a photo of an astronaut riding a horse"])  # (1, 77)
+    encoders = [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]
+    for name, cls in encoders:
+        ours = getattr(pipe, name, None)
+        if ours is None:
+            continue
+        ref = cls.from_pretrained(folder, subfolder=name, torch_dtype=tdt).eval()
+        with torch.no_grad(), collect_outputs(ref) as ref_acts:
+            ref(torch.from_numpy(ids))
+        with trace() as acts:
+            ours.text_embeds(ids) if hasattr(ours, "text_embeds") else ours(ids)
+        rows, firsts[name] = layer_table(acts, text_model_names(ref_acts), tol)
+        counts[name] = _print_table(name.replace("_", " "), rows, firsts[name], tol)
+
+
+def _unet(pipe, folder, ours_dtype, tdt, tol, counts, firsts):
+    """One UNet call on 8x8 latents at t=500 with the prompt's conditioning (SDXL: with its
+    pooled embedding and default time ids), the same inputs on both sides."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from minisd.backend import to_numpy
+    from minisd.pipeline_call import unet_conditioning
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=tdt).eval()
+    ctx, added = unet_conditioning(pipe, "a photo of an astronaut riding a horse", 64, 64)
+    ctx = to_numpy(ctx)
+    added = None if added is None else {k: to_numpy(v) for k, v in added.items()}
+    x = np.random.default_rng(0).standard_normal((1, unet.config.in_channels, 8, 8))
+    t, cond = 500, _guidance_cond(torch, tdt, unet.config.time_cond_proj_dim)
+    ours_cond = None if cond is None else cond.numpy().astype(ours_dtype)
+    with trace() as acts:
+        pipe.unet(x.astype(ours_dtype), t, ctx, timestep_cond=ours_cond, added_cond_kwargs=added)
+    ref_added = None
+    if added is not None:
+        ref_added = {k: torch.from_numpy(v).to(tdt) for k, v in added.items()}
+    args = (torch.from_numpy(x).to(tdt), t, torch.from_numpy(ctx).to(tdt))
+    with torch.no_grad(), collect_outputs(unet) as ref_acts:
+        islands = _feed_time_proj(torch, unet, acts)
+        try:
+            unet(*args, timestep_cond=cond, added_cond_kwargs=ref_added)
+        finally:
+            for hook in islands:
+                hook.remove()
+    bounds = {"time_proj": max(tol, time_proj_bound(t))}
+    if added is not None:
+        bounds["add_time_proj"] = max(tol, time_proj_bound(added["time_ids"]))
+    rows, firsts["unet"] = layer_table(acts, ref_acts, tol, bounds)
+    counts["unet"] = _print_table("UNet (8x8 latents, t=500)", rows, firsts["unet"], tol)
+
+
 def run_parity(args):
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL
 
     import minisd
-    from minisd import trace
 
     ours_dtype = args.dtype
     ref_name = "float64" if ours_dtype == "float16" else ours_dtype  # fp16: drift vs float64
@@ -63,36 +124,11 @@ def run_parity(args):
     tol = args.tol or DEFAULT_TOL[ours_dtype]
     folder = args.model
     pipe = minisd.StableDiffusion.from_pretrained(folder, dtype=ours_dtype)
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=tdt).eval()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=tdt).eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=tdt).eval()
-    firsts = {}
-    ids = pipe.tokenizer(["a photo of an astronaut riding a horse"])  # (1, 77)
-    with torch.no_grad(), collect_outputs(te) as ref_acts:
-        ctx = te(torch.from_numpy(ids))[0]
-    with trace() as acts:
-        pipe.text_encoder(ids)
-    rows, firsts["text_encoder"] = layer_table(acts, text_model_names(ref_acts), tol)
-    counts = {"text_encoder": _print_table("text encoder", rows, firsts["text_encoder"], tol)}
-
+    firsts, counts = {}, {}
+    _text_encoders(pipe, folder, tdt, tol, counts, firsts)
+    _unet(pipe, folder, ours_dtype, tdt, tol, counts, firsts)
     rng = np.random.default_rng(0)
-    x = _torch_inputs(torch, tdt, rng, (1, unet.config.in_channels, 8, 8))
-    t, cond = 500, _guidance_cond(torch, tdt, unet.config.time_cond_proj_dim)
-    ours_cond = None if cond is None else cond.numpy().astype(ours_dtype)
-    with trace() as acts:
-        ours_args = (x.numpy().astype(ours_dtype), t, ctx.numpy().astype(ours_dtype))
-        pipe.unet(*ours_args, timestep_cond=ours_cond)
-    with torch.no_grad(), collect_outputs(unet) as ref_acts:
-        island = _feed_time_proj(torch, unet, acts)
-        try:
-            unet(x, t, ctx, timestep_cond=cond)
-        finally:
-            if island is not None:
-                island.remove()
-    bounds = {"time_proj": max(tol, time_proj_bound(t))}
-    rows, firsts["unet"] = layer_table(acts, ref_acts, tol, bounds)
-    counts["unet"] = _print_table("UNet (8x8 latents, t=500)", rows, firsts["unet"], tol)
-
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     for what, shape in (("decode", (1, vae.config.latent_channels, 8, 8)), ("encode", None)):
         shape = shape or (1, vae.config.in_channels, 8 * f, 8 * f)

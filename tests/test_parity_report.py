@@ -97,3 +97,34 @@ def test_parity_command_compares_an_lcm_unet_s_cond_proj(tiny_folder, tmp_path, 
     out = capsys.readouterr().out
     row = next(s for s in out.splitlines() if s.strip().startswith("time_embedding.cond_proj"))
     assert "<-- over" not in row and "summary: all components within the bound" in out
+
+
+@pytest.fixture(scope="module")
+def xl_folder(tmp_path_factory):
+    from pipelines_xl import build
+
+    folder = tmp_path_factory.mktemp("parity") / "sdxl"
+    build("base", folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_parity_command_on_sdxl(xl_folder, capsys, dtype):
+    """SDXL: both text encoders (text_projection included), the UNet with its micro-
+    conditioning (add_time_proj island, add_embedding compared), the VAE."""
+    need("torch", "diffusers", "transformers")
+    assert main(["parity", "--model", str(xl_folder), "--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    titles = [s.split(":")[0] for s in out.splitlines() if s.startswith("== ")]
+    assert titles[:3] == ["== text encoder", "== text encoder 2", "== UNet (8x8 latents, t=500)"]
+    for name in ("text_projection", "add_time_proj", "add_embedding.linear_2"):
+        row = next(s for s in out.splitlines() if s.strip().startswith(name + " "))
+        assert "not traced" not in row and "<-- over" not in row, row
+    assert "summary: all components within the bound" in out
+
+
+def test_trace_command_on_sdxl(xl_folder, tmp_path):
+    npy = tmp_path / "add.npy"
+    args = ["trace", "--model", str(xl_folder), "--module", "add_embedding", "--out", str(npy)]
+    assert main([*args, "--size", "64x64"]) == 0
+    assert np.load(npy).shape == (1, 32)  # the time embedding width: 4 x 8 channels
