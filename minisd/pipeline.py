@@ -330,6 +330,8 @@ class StableDiffusion(AddOns):
         tokens = (height // f) * (width // f)
         worst, rows = 0, tokens
         for i, heads in enumerate(cfg.attention_head_dim):  # (L at level i) = tokens / 4^i
+            if cfg.down_block_types[i] != "CrossAttnDownBlock2D":
+                continue  # no attention at this level (SDXL's first, 128x128 latents at 1024^2)
             level_tokens = tokens // 4**i
             per_query = batch * heads * level_tokens * (4 + self.dtype.itemsize)
             if level_tokens * per_query > worst:

@@ -307,3 +307,17 @@ def test_expert_arguments_are_checked(base):
         ours(**kw, denoising_start=0.5)
     with pytest.raises(InputError, match="denoising_start=0.8 must be < denoising_end=0.5"):
         ours(**kw, image=_image(), denoising_start=0.8, denoising_end=0.5)
+
+
+def test_attention_chunk_policy_skips_levels_without_attention(base):
+    """SDXL's first level has no attention: at 256x256 px the largest score tile is level 1's
+    (256 tokens, 2 heads, CFG batch 2, float32: 8 KiB per query row, 2 MiB in all), so half of
+    2 MiB free holds 128 query rows (level 0 would have asked for 32 KiB rows)."""
+    import fake_cupy
+
+    _, _, _, folder = base
+    with fake_cupy.installed(free=2 << 20):
+        pipe = StableDiffusionXL.from_pretrained(folder, dtype="float32", device="cuda")
+        pipe("a cat", num_inference_steps=1, height=256, width=256, output_type="latent",
+             progress=False)  # fmt: skip
+        assert pipe.unet.attention_chunk_size == 128
