@@ -168,6 +168,12 @@ class StableDiffusion(AddOns):
 
         parts = load_single_file(path, config=config, prediction_type=prediction_type)
         parts["source"] = str(path)
+        if str(parts.get("family", "")).startswith("sdxl"):  # SDXL: its own pipeline class
+            from .pipeline_xl import StableDiffusionXL
+
+            if cls is StableDiffusion:
+                return StableDiffusionXL._from_parts(parts, dtype, device, weights)
+            raise ConfigError(f"{path}: an SDXL checkpoint; load it with StableDiffusionXL")
         return cls._from_parts(parts, dtype, device, weights)
 
     @classmethod

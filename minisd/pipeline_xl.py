@@ -16,6 +16,8 @@ What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_
 - The default size is unet.sample_size * 8 (1024); img2img's default strength is 0.3; a float16
   VAE with ``force_upcast`` encodes and decodes in float32.
 - The refiner folder has no first text encoder (``tokenizer`` / ``text_encoder`` null).
+- Diffusers folders and original single files (Stability's layout, converted in memory by
+  weights_tools) load.
 - ``denoising_end`` / ``denoising_start``: the base hands its partly denoised latents to the
   refiner (the "ensemble of expert denoisers" of the paper's sec. 2.5).
 Not supported here: inpainting, ControlNet, T2I-/IP-Adapters, LoRA and textual inversion (their
@@ -104,11 +106,38 @@ class StableDiffusionXL(StableDiffusion):
         )
 
     @classmethod
-    def _from_single_file(cls, path, *args, **kw):
-        raise ConfigError(
-            f"{path}: single-file SDXL checkpoints are not supported yet; convert it to a "
-            "diffusers folder (diffusers' StableDiffusionXLPipeline.from_single_file(...)"
-            ".save_pretrained(...)) and load the folder"
+    def _from_single_file(cls, path, dtype, device, config, prediction_type, weights="eager"):
+        from weights_tools.convert import load_single_file
+
+        parts = load_single_file(path, config=config, prediction_type=prediction_type)
+        parts["source"] = str(path)
+        return cls._from_parts(parts, dtype, device, weights)
+
+    @classmethod
+    def _from_parts(cls, parts, dtype, device, weights="eager"):
+        """From weights_tools.convert.load_single_file's SDXL parts (text_encoder None for a
+        refiner; text_encoder_2's flat weights include text_projection.weight)."""
+        from .clip import CLIPTextModel
+        from .clip_projection import CLIPTextModelWithProjection
+        from .unet import UNet2DConditionModel
+        from .vae import AutoencoderKL
+
+        src, kw = parts["source"], {"dtype": dtype, "device": device}
+        if not str(parts.get("family", "")).startswith("sdxl"):
+            raise ConfigError(f"{src}: not an SDXL checkpoint; use minisd.StableDiffusion")
+        w = {"source": src, "weights": weights, **kw}
+        te, te2 = parts["text_encoder"], parts["text_encoder_2"]
+        return cls(
+            tokenizer=None if te is None else _tokenizer(parts["tokenizer"], parts["pad_token"]),
+            text_encoder=None if te is None else CLIPTextModel.from_state_dict(te[1], te[0], **w),
+            tokenizer_2=_tokenizer(parts["tokenizer_2"], parts["pad_token_2"]),
+            text_encoder_2=CLIPTextModelWithProjection.from_state_dict(te2[1], te2[0], **w),
+            unet=UNet2DConditionModel(*parts["unet"], source=src, weights=weights, **kw),
+            vae=AutoencoderKL(*parts["vae"], source=src, weights=weights, **kw),
+            scheduler_config=parts["scheduler"],
+            force_zeros_for_empty_prompt=parts["force_zeros_for_empty_prompt"],
+            requires_aesthetics_score=parts["requires_aesthetics_score"],
+            **kw,
         )
 
     # ------------------------------------------------------------------ add-ons
@@ -223,3 +252,13 @@ class StableDiffusionXL(StableDiffusion):
             params = getattr(self.text_encoder_2, "params", None)
             if isinstance(params, CastOnRead):
                 params.release()
+
+
+def _tokenizer(folder, pad_token):
+    """A tokenizer folder's tokenizer, else the bundled CLIP vocabulary padding with
+    ``pad_token`` (SDXL: "<|endoftext|>" for the first encoder, "!" for the second)."""
+    from .tokenizer import CLIPTokenizer, bundled_vocab
+
+    if folder is not None:
+        return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer(*bundled_vocab(), pad_token=pad_token)

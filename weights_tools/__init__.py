@@ -1,4 +1,5 @@
-"""weights_tools: inspect, convert, cast, verify and make Stable Diffusion checkpoints.
+"""weights_tools: inspect, convert, cast, verify and make Stable Diffusion checkpoints
+(SD1.x, SD2.x; SDXL base and refiner for inspect / convert / verify / cast).
 
 Plain functions (also ``python -m weights_tools <command>``)::
 

@@ -15,9 +15,10 @@ DESCRIPTION = """\
 Stable Diffusion checkpoint tools (numpy only; pickle files are never loaded).
 
 commands:
-  inspect PATH                  family (sd1, sd2, sd2-v, inpaint, ...), layout, dtypes,
+  inspect PATH                  family (sd1, sd2, sd2-v, inpaint, sdxl, ...), layout, dtypes,
                                 parameter counts per component, EMA / unused / unknown keys
-  to-diffusers FILE OUT         original single file -> diffusers pipeline folder
+  to-diffusers FILE OUT         original single file -> diffusers pipeline folder (SD1.x,
+                                SD2.x, SDXL base / refiner)
   to-original FOLDER OUT        diffusers pipeline folder -> original single file
   cast PATH OUT --dtype D       fp32 / fp16 / bf16 (a file or a pipeline folder)
   verify A B                    same tensors? (any layouts: files or folders)

@@ -18,19 +18,23 @@ safetensors metadata (key ``minisd_configs``); they are used as hints when they 
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 
 from minisd.errors import ConfigError, WeightsError
 
+from .hints import HINTS_KEY, apply_given, given_prediction  # noqa: F401  (HINTS_KEY re-exported)
 from .keymaps import (
     CLIP_PREFIX,
     CLIP_PREFIX_OLD,
+    CLIP_XL_PREFIX,
     EMA_PREFIX,
     OPENCLIP_PREFIX,
+    OPENCLIP_XL_PREFIX,
+    OPENCLIP_XL_REFINER_PREFIX,
     UNET_PREFIX,
     UNUSED_ORIGINAL,
+    UNUSED_XL,
     VAE_PREFIX,
     UNetArch,
     VAEArch,
@@ -41,12 +45,12 @@ from .presets import (  # noqa: F401  (re-exported: the config builders live in 
     family_of,
     model_index,
     scheduler_config,
+    sdxl_scheduler_config,
     text_encoder_config,
     unet_config,
     vae_config,
 )
 
-HINTS_KEY = "minisd_configs"
 # Structural fields: seen in the tensors, so a config given by the user must agree with them.
 STRUCTURE = {
     "unet": (
@@ -72,14 +76,18 @@ def shapes_of(flat):
 
 
 def component_of(key):
-    """Which part of an original single-file checkpoint a key belongs to."""
-    if key in UNUSED_ORIGINAL:
+    """Which part of an original single-file checkpoint a key belongs to (SDXL's OpenCLIP
+    encoder: "text_encoder_2")."""
+    if key in UNUSED_ORIGINAL or key in UNUSED_XL:
         return "unused"
     for prefix, part in (
         (UNET_PREFIX, "unet"),
         (VAE_PREFIX, "vae"),
         (CLIP_PREFIX_OLD, "text_encoder"),
         (OPENCLIP_PREFIX, "text_encoder"),
+        (CLIP_XL_PREFIX, "text_encoder"),
+        (OPENCLIP_XL_PREFIX, "text_encoder_2"),
+        (OPENCLIP_XL_REFINER_PREFIX, "text_encoder_2"),
         (EMA_PREFIX, "ema"),
     ):
         if key.startswith(prefix):
@@ -120,7 +128,7 @@ def unet_arch_original(shapes, prefix=UNET_PREFIX):
     )
     up_attn = tuple(p + f"output_blocks.{b * (L + 1)}.1.norm.weight" in shapes for b in range(n))
     mid_attn = p + "middle_block.1.norm.weight" in shapes
-    return UNetArch(L, down_attn, up_attn, mid_attn)
+    return UNetArch(L, down_attn, up_attn, mid_attn, p + "label_emb.0.0.weight" in shapes)
 
 
 def unet_arch_diffusers(shapes):
@@ -131,7 +139,8 @@ def unet_arch_diffusers(shapes):
         raise WeightsError("UNet weights: no down_blocks.*.resnets.* keys")
     down_attn = tuple(bool(indices(shapes, f"down_blocks.{b}.attentions.")) for b in range(n))
     up_attn = tuple(bool(indices(shapes, f"up_blocks.{b}.attentions.")) for b in range(n))
-    return UNetArch(L, down_attn, up_attn, "mid_block.attentions.0.norm.weight" in shapes)
+    mid_attn = "mid_block.attentions.0.norm.weight" in shapes
+    return UNetArch(L, down_attn, up_attn, mid_attn, "add_embedding.linear_1.weight" in shapes)
 
 
 def vae_arch_original(shapes):
@@ -184,10 +193,24 @@ def openclip_used_layers(shapes):
 
 
 def _unet_from_shapes(shapes, sd2):
-    p, arch = UNET_PREFIX, unet_arch_original(shapes)
-    L, n = arch.layers_per_block, arch.blocks
-    if any(k.startswith(p + "label_emb.") for k in shapes):
+    arch = unet_arch_original(shapes)
+    if any(k.startswith(UNET_PREFIX + "label_emb.") for k in shapes):
         raise ConfigError("checkpoint: class/size-conditioned UNet (label_emb): not SD1.x/SD2.x")
+    fields = unet_fields(shapes, arch)
+    blocks, linear = fields["block_out_channels"], fields["use_linear_projection"]
+    depths = {d for d in transformer_depths(shapes, arch) if d is not None}
+    heads = [max(1, c // 64) for c in blocks] if linear or sd2 else 8
+    return unet_config(
+        **fields,
+        attention_head_dim=heads,
+        transformer_layers_per_block=depths.pop() if len(depths) == 1 else 1,
+    )
+
+
+def unet_fields(shapes, arch):
+    """The UNet config fields an original checkpoint shows in its tensors (block layout,
+    channels, context width, linear vs conv projections)."""
+    p, L, n = UNET_PREFIX, arch.layers_per_block, arch.blocks
     conv_in = _need(shapes, p + "input_blocks.0.0.weight")  # (C0, in, 3, 3)
     blocks = [
         _need(shapes, p + f"input_blocks.{1 + b * (L + 1)}.0.out_layers.3.weight")[0]
@@ -197,14 +220,7 @@ def _unet_from_shapes(shapes, sd2):
     proj = [s for k, s in shapes.items() if k.startswith(p) and k.endswith(".proj_in.weight")]
     if not cross or not proj:
         raise ConfigError("checkpoint: the UNet has no cross-attention (not a text-to-image model)")
-    linear = len(proj[0]) == 2
-    depths = {
-        len(indices(shapes, p + f"input_blocks.{1 + b * (L + 1)}.1.transformer_blocks."))
-        for b in range(n)
-        if arch.down_attn[b]
-    }
-    heads = [max(1, c // 64) for c in blocks] if linear or sd2 else 8
-    return unet_config(
+    return dict(
         in_channels=conv_in[1],
         out_channels=_need(shapes, p + "out.2.weight")[0],
         block_out_channels=blocks,
@@ -213,10 +229,19 @@ def _unet_from_shapes(shapes, sd2):
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in arch.up_attn],
         mid_block_type="UNetMidBlock2DCrossAttn" if arch.mid_attn else "UNetMidBlock2D",
         cross_attention_dim=cross[0][1],
-        use_linear_projection=linear,
-        attention_head_dim=heads,
-        transformer_layers_per_block=depths.pop() if len(depths) == 1 else 1,
+        use_linear_projection=len(proj[0]) == 2,
     )
+
+
+def transformer_depths(shapes, arch):
+    """Transformer blocks per down level (None where the level has no attention)."""
+    p, L = UNET_PREFIX, arch.layers_per_block
+    return [
+        len(indices(shapes, p + f"input_blocks.{1 + b * (L + 1)}.1.transformer_blocks."))
+        if arch.down_attn[b]
+        else None
+        for b in range(arch.blocks)
+    ]
 
 
 def _vae_from_shapes(shapes):
@@ -235,18 +260,27 @@ def _vae_from_shapes(shapes):
 
 def _text_from_shapes(shapes, layout):
     if layout == "clip":
-        p = clip_prefix(shapes)
-        tok, pos = (
-            p + "embeddings.token_embedding.weight",
-            p + "embeddings.position_embedding.weight",
-        )
-        layers = len(indices(shapes, p + "encoder.layers."))
-        fc1, act, proj = p + "encoder.layers.0.mlp.fc1.weight", "quick_gelu", 768
-    else:
-        p = OPENCLIP_PREFIX
-        tok, pos = p + "token_embedding.weight", p + "positional_embedding"
-        layers = openclip_used_layers(shapes)
-        fc1, act, proj = p + "transformer.resblocks.0.mlp.c_fc.weight", "gelu", 512
+        return clip_config(shapes, clip_prefix(shapes))
+    return openclip_config(shapes, OPENCLIP_PREFIX, openclip_used_layers(shapes), 512)
+
+
+def clip_config(shapes, p):
+    """CLIPTextModel config of an OpenAI CLIP text encoder whose keys start with ``p``."""
+    tok, pos = p + "embeddings.token_embedding.weight", p + "embeddings.position_embedding.weight"
+    layers = len(indices(shapes, p + "encoder.layers."))
+    return _text_config(
+        shapes, tok, pos, layers, p + "encoder.layers.0.mlp.fc1.weight", "quick_gelu", 768
+    )
+
+
+def openclip_config(shapes, p, layers, proj):
+    """CLIPTextModel config of ``layers`` blocks of an OpenCLIP text tower under ``p``."""
+    tok, pos = p + "token_embedding.weight", p + "positional_embedding"
+    fc1 = p + "transformer.resblocks.0.mlp.c_fc.weight"
+    return _text_config(shapes, tok, pos, layers, fc1, "gelu", proj)
+
+
+def _text_config(shapes, tok, pos, layers, fc1, act, proj):
     vocab, hidden = _need(shapes, tok)
     return text_encoder_config(
         vocab_size=vocab,
@@ -264,7 +298,9 @@ def infer_configs(flat, *, config=None, prediction_type=None, hints=None, source
     """Diffusers configs for an original-layout checkpoint (``flat``: {name: array or shape}).
 
     Returns {"family", "unet", "vae", "text_encoder", "scheduler", "tokenizer": {"pad_token"},
-    "model_index", "text_layout", "source"}. ``config``: a diffusers folder whose configs are used
+    "model_index", "text_layout", "source"}; SDXL files (``conditioner.embedders.*``) add
+    "text_encoder_2" and "tokenizer_2", with "text_encoder" / "tokenizer" None for the refiner
+    (see weights_tools/configs_xl.py). ``config``: a diffusers folder whose configs are used
     (they must agree with the tensors); ``hints``: configs stored by to_original in the file's
     metadata (a dict, or the metadata dict holding ``minisd_configs``); ``prediction_type``
     overrides the scheduler's. ``source`` (a file name) is named in error messages.
@@ -280,6 +316,10 @@ def infer_configs(flat, *, config=None, prediction_type=None, hints=None, source
 
 
 def _infer(shapes, config, prediction_type, hints, source):
+    from .configs_xl import infer_xl, is_sdxl  # (it builds on this module)
+
+    if is_sdxl(shapes):
+        return infer_xl(shapes, config, prediction_type, hints, source)
     layout = text_layout(shapes)
     if layout is None:
         raise WeightsError("checkpoint: no text encoder (cond_stage_model.*) keys")
@@ -289,18 +329,8 @@ def _infer(shapes, config, prediction_type, hints, source):
         "vae": _vae_from_shapes(shapes),
         "text_encoder": _text_from_shapes(shapes, layout),
     }
-    given, source = _given_configs(config, hints, source), "inferred"
-    if given:
-        source = "config" if config is not None else "hints"
-        for part in STRUCTURE:
-            if part in given:
-                out[part] = _checked(out[part], given[part], part, source, config)
-    pred = prediction_type or given.get("scheduler", {}).get("prediction_type")
-    if pred is not None and pred not in PREDICTION_TYPES:  # (hints are checked when read)
-        raise ConfigError(
-            f"{config}: scheduler/scheduler_config.json: prediction_type={pred!r}: expected one "
-            f"of {', '.join(PREDICTION_TYPES)}"
-        )
+    given, source = apply_given(out, config, hints, source, STRUCTURE)
+    pred = given_prediction(prediction_type, given, config)
     pred = pred or _default_prediction(sd2, out["unet"]["in_channels"])
     if "scheduler" in given:
         out["scheduler"] = {**given["scheduler"], "prediction_type": pred}
@@ -330,67 +360,3 @@ def _default_prediction(sd2, in_channels):
         stacklevel=5,
     )
     return "v_prediction"
-
-
-def _given_configs(config, hints, source):
-    if config is not None:
-        from .folders import read_folder_configs
-
-        return read_folder_configs(config)
-    if isinstance(hints, dict) and HINTS_KEY in hints:
-        return _parse_hints(hints[HINTS_KEY], source)
-    if not isinstance(hints, dict):
-        return {}
-    return {k: v for k, v in hints.items() if isinstance(v, dict)}  # not metadata's strings
-
-
-def _parse_hints(raw, source):
-    """The configs that to_original stored in a file's metadata, or {} with a warning when they
-    cannot be used (the architecture is then inferred from the tensors alone)."""
-    try:
-        hints = json.loads(raw)
-    except (TypeError, json.JSONDecodeError):
-        problem = "is not valid JSON"
-    else:
-        problem = _hints_problem(hints)
-    if problem is None:
-        return hints
-    warnings.warn(
-        f"{source or 'checkpoint'}: metadata {HINTS_KEY} {problem}; ignored", stacklevel=5
-    )
-    return {}
-
-
-def _hints_problem(hints):
-    """What is wrong with decoded hints (None: nothing)."""
-    if not isinstance(hints, dict):
-        return "is not a JSON object"
-    for part, cfg in hints.items():
-        if not isinstance(cfg, dict):
-            return f"has {part!r} of type {type(cfg).__name__}, not a JSON object"
-    pred = hints.get("scheduler", {}).get("prediction_type")
-    if pred is not None and pred not in PREDICTION_TYPES:
-        return f"has prediction_type={pred!r}, not one of {', '.join(PREDICTION_TYPES)}"
-    if "scheduler" in hints and not isinstance(hints["scheduler"].get("_class_name"), str):
-        return "has a scheduler config without _class_name"
-    if "tokenizer" in hints and not isinstance(hints["tokenizer"].get("pad_token"), str):
-        return "has a tokenizer entry without pad_token"
-    return None
-
-
-def _checked(inferred, given, part, source, config):
-    """The given config, after checking it agrees with the tensors on structural fields."""
-    for field in STRUCTURE[part]:
-        want, have = inferred.get(field), given.get(field)
-        if isinstance(want, list) and isinstance(have, (list, tuple)):
-            have = list(have)
-        if have != want:
-            msg = (
-                f"{part}: {field}={have!r} in the {source} config does not fit the "
-                f"checkpoint's tensors, which say {want!r}"
-            )
-            if source == "config":
-                raise ConfigError(f"{config}: {msg}")
-            warnings.warn(msg + "; hints ignored", stacklevel=3)
-            return inferred
-    return dict(given)

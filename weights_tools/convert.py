@@ -4,7 +4,7 @@ Streaming: the source is memory-mapped, the output header is planned from names 
 and tensors are written one at a time (their source pages released after use), so converting a
 4 GB checkpoint needs about one tensor of memory on top of the interpreter. Output files appear
 under their final names only when complete (folders too: see weights_tools.output). Nothing is
-ever unpickled.
+ever unpickled. SD1.x / SD2.x and SDXL (base and refiner: weights_tools/configs_xl.py) files.
 """
 
 from __future__ import annotations
@@ -18,26 +18,32 @@ from minisd.weights import load_file, read_header
 
 from . import plan as pl
 from .configs import HINTS_KEY, check_prediction_type, infer_configs
+from .configs_xl import PAD_TOKENS
 from .folders import COMPONENTS, read_folder_configs, text_prefix_of, weights_paths, write_configs
+from .keymaps import TEXT_MODEL_PREFIX
 from .output import building_folder, check_out_file, check_out_folder, path_arg
 from .schema import check_shapes, component_shapes
 from .stream import FLOAT_TAGS, Lazy, LazyFile, cast_array, target_tag, write_tensors
 
 PARTS = ("unet", "vae", "text_encoder")
+XL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # (no text_encoder: a refiner)
 
 
-def _text_prefix(config):
-    """Key layout of the text encoder: follow the config folder's file, else transformers' current
-    layout (no "text_model." prefix)."""
+def _text_prefixes(config):
+    """Key layout of the text encoder files: follow the config folder's files, else
+    transformers' current layouts (CLIPTextModel: no "text_model." prefix;
+    CLIPTextModelWithProjection, SDXL's second encoder: "text_model.")."""
+    out = {"text_encoder": "", "text_encoder_2": TEXT_MODEL_PREFIX}
     if config is None:
-        return ""
+        return out
     try:
-        return text_prefix_of(weights_paths(config)["text_encoder"])
+        paths = weights_paths(config)
     except WeightsError:
-        return ""
+        return out
+    return {part: text_prefix_of(paths[part]) if part in paths else p for part, p in out.items()}
 
 
-def _plan(shapes, configs, extract_ema, text_prefix, source):
+def _plan(shapes, configs, extract_ema, prefixes, source):
     """Plans per component, checked against the configs' expected shapes."""
     plans, skipped = pl.from_original(
         shapes,
@@ -45,7 +51,8 @@ def _plan(shapes, configs, extract_ema, text_prefix, source):
         if configs["text_layout"] == "openclip"
         else None,
         extract_ema=extract_ema,
-        text_prefix=text_prefix,
+        text_prefix=prefixes.get("text_encoder", ""),
+        text_prefix_2=prefixes.get("text_encoder_2", ""),
     )
     if skipped["unknown"]:
         unknown = skipped["unknown"]
@@ -55,15 +62,16 @@ def _plan(shapes, configs, extract_ema, text_prefix, source):
     src_shapes = {("file", k): s for k, s in shapes.items()}
     for part, moves in plans.items():
         got = {m.dst: pl.out_shape(m, src_shapes) for m in moves}
-        want = component_shapes(part, configs[part], text_prefix)
+        want = component_shapes(part, configs[part], prefixes.get(part, ""))
         check_shapes(got, want, f"{source} ({part})")
     return plans, skipped
 
 
 def original_to_diffusers(
-    flat, config=None, *, extract_ema=False, text_prefix="", source="checkpoint"
+    flat, config=None, *, extract_ema=False, text_prefix="", text_prefix_2="", source="checkpoint"
 ):
-    """In memory: {original name: array} -> {"unet": flat, "vae": flat, "text_encoder": flat}.
+    """In memory: {original name: array} -> {"unet": flat, "vae": flat, "text_encoder": flat}
+    (SDXL: "text_encoder_2" too, no "text_encoder" for the refiner).
 
     ``config``: the dict :func:`weights_tools.configs.infer_configs` returns, or a diffusers
     folder whose configs to use, or None (inferred from the shapes). Arrays are views of the
@@ -73,7 +81,8 @@ def original_to_diffusers(
     if not isinstance(config, dict):
         config = infer_configs(shapes, config=config, source=source)
     configs = config
-    plans, _ = _plan(shapes, configs, extract_ema, text_prefix, source)
+    prefixes = {"text_encoder": text_prefix, "text_encoder_2": text_prefix_2}
+    plans, _ = _plan(shapes, configs, extract_ema, prefixes, source)
     return {
         part: {m.dst: pl.apply(m, [flat[k] for _, k in m.src]) for m in moves}
         for part, moves in plans.items()
@@ -85,7 +94,11 @@ def load_single_file(path, config=None, prediction_type=None, extract_ema=False)
 
     Returns {"unet": (config, flat), "vae": (config, flat), "text_encoder": (config, flat),
     "scheduler": config, "tokenizer": tokenizer folder or None, "pad_token": str, "family": str}.
-    Arrays come from minisd.weights.load_file (memory-mapped; bf16 widened to float32).
+    SDXL files ("family" "sdxl" / "sdxl-refiner") add "text_encoder_2": (config, flat with
+    ``text_projection.weight``), "tokenizer_2", "pad_token_2", "force_zeros_for_empty_prompt"
+    and "requires_aesthetics_score" (model_index.json's); the refiner's "text_encoder" is None.
+    Text encoder keys carry no "text_model." prefix. Arrays come from minisd.weights.load_file
+    (memory-mapped; bf16 widened to float32).
     """
     path = path_arg(path, "path")
     _, meta, _, _ = read_header(path)
@@ -94,15 +107,28 @@ def load_single_file(path, config=None, prediction_type=None, extract_ema=False)
         flat, config=config, prediction_type=prediction_type, hints=meta, source=path
     )
     parts = original_to_diffusers(flat, configs, extract_ema=extract_ema, source=path)
-    out = {part: (configs[part], parts[part]) for part in PARTS}
-    tok = Path(config) / "tokenizer" if config is not None else None
+    xl = "text_encoder_2" in configs
+    out = {p: (configs[p], parts[p]) if p in parts else None for p in (XL_PARTS if xl else PARTS)}
     out.update(
         scheduler=configs["scheduler"],
         family=configs["family"],
-        tokenizer=tok if tok is not None and tok.is_dir() else None,
-        pad_token=configs["tokenizer"]["pad_token"],
+        tokenizer=_tokenizer_folder(config, "tokenizer"),
+        pad_token=(configs["tokenizer"] or {"pad_token": PAD_TOKENS[0]})["pad_token"],
     )
+    if xl:
+        index = configs["model_index"]
+        out.update(
+            tokenizer_2=_tokenizer_folder(config, "tokenizer_2"),
+            pad_token_2=configs["tokenizer_2"]["pad_token"],
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+        )
     return out
+
+
+def _tokenizer_folder(config, name):
+    tok = Path(config) / name if config is not None else None
+    return tok if tok is not None and tok.is_dir() else None
 
 
 def to_diffusers(
@@ -126,14 +152,14 @@ def to_diffusers(
     configs = infer_configs(
         shapes, config=config, prediction_type=prediction_type, hints=src.metadata, source=src.path
     )
-    text_prefix = _text_prefix(config)
-    plans, _ = _plan(shapes, configs, extract_ema, text_prefix, src.path)
+    plans, _ = _plan(shapes, configs, extract_ema, _text_prefixes(config), src.path)
     with building_folder(out) as tmp:
         for part, moves in plans.items():
             sub, name = COMPONENTS[part]
             items = [_item(src, m, tag) for m in moves]
             write_tensors(tmp / sub / name, items, metadata={"format": "pt"})
-        write_configs(tmp, configs, config / "tokenizer" if config is not None else None)
+        toks = [_tokenizer_folder(config, t) for t in ("tokenizer", "tokenizer_2")]
+        write_configs(tmp, configs, *toks)
     return configs
 
 
@@ -159,7 +185,8 @@ def to_original(folder, out_file, dtype=None):
     """Convert a diffusers pipeline folder into one original-layout .safetensors file.
 
     SD1 text encoders (quick_gelu) are written in OpenAI CLIP layout, SD2 ones (gelu) in
-    OpenCLIP layout with fused q/k/v. The folder's configs are stored in the file's metadata
+    OpenCLIP layout with fused q/k/v; SDXL folders (text_encoder_2) in Stability's SDXL layout
+    (conditioner.embedders.*). The folder's configs are stored in the file's metadata
     (``minisd_configs``) so that to_diffusers can restore them exactly; other tools ignore it.
     """
     folder = path_arg(folder, "folder")
@@ -175,15 +202,27 @@ def to_original(folder, out_file, dtype=None):
         )
     srcs = {part: LazyFile(p) for part, p in paths.items()}
     shapes = {part: {k: f.shape(k) for k in f.tensors} for part, f in srcs.items()}
-    layout = "openclip" if configs["text_encoder"].get("hidden_act") == "gelu" else "clip"
+    layout = _text_layout(configs)
     moves, unknown = pl.to_original(shapes, layout)
     if unknown:
         raise WeightsError(f"{folder}: {len(unknown)} keys fit no known layout, e.g. {unknown[0]}")
     items = [_item(srcs[m.src[0][0]], m, tag) for m in moves]
-    hints = {k: configs[k] for k in ("unet", "vae", "text_encoder", "scheduler", "model_index")}
-    hints["tokenizer"] = configs.get("tokenizer") or {
-        "pad_token": "!" if layout == "openclip" else "<|endoftext|>"
-    }
+    hints = {k: configs[k] for k in (*srcs, "scheduler", "model_index")}
+    pads = {"tokenizer": "!" if layout == "openclip" else PAD_TOKENS[0]}
+    if layout == "sdxl":
+        pads = {"tokenizer": PAD_TOKENS[0], "tokenizer_2": PAD_TOKENS[1]}
+        if "text_encoder" not in srcs:  # a refiner: one tokenizer
+            del pads["tokenizer"]
+    for tok, pad in pads.items():
+        hints[tok] = configs.get(tok) or {"pad_token": pad}
     meta = {"format": "pt", HINTS_KEY: json.dumps(hints, sort_keys=True)}
     write_tensors(out_file, items, metadata=meta)
     return out_file
+
+
+def _text_layout(configs):
+    """The original layout of a folder's text encoder(s): "clip" (SD1), "openclip" (SD2),
+    "sdxl"."""
+    if "text_encoder_2" in configs:
+        return "sdxl"
+    return "openclip" if configs["text_encoder"].get("hidden_act") == "gelu" else "clip"

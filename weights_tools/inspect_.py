@@ -232,7 +232,7 @@ def _original(shapes, tags, meta, notes):
     out = {"layout": "original", "kind": "single-file"}
     out["components"] = {
         p: _stats(groups[p], shapes, tags)
-        for p in ("unet", "vae", "text_encoder", "ema")
+        for p in ("unet", "vae", "text_encoder", "text_encoder_2", "ema")
         if p in groups
     }
     ema = [k for k in groups.get("ema", []) if k not in UNUSED_ORIGINAL]
@@ -250,7 +250,7 @@ def _original(shapes, tags, meta, notes):
             cfg = infer_configs(shapes, hints=meta)
     except MinisdError as e:
         out.update(family=_partial_family(shapes), prediction_type=None)
-        notes.append(f"not a complete SD1.x/SD2.x checkpoint: {e}")
+        notes.append(f"not a complete SD1.x/SD2.x/SDXL checkpoint: {e}")
         return out
     notes.extend(str(w.message) for w in caught)
     pred = cfg["scheduler"]["prediction_type"]
@@ -259,7 +259,10 @@ def _original(shapes, tags, meta, notes):
         cfg["source"] == "inferred" and cfg["text_layout"] == "openclip"
     )
     out["config_source"] = "file metadata" if HINTS_KEY in meta else "tensor shapes"
-    out["text_encoder_layers"] = cfg["text_encoder"]["num_hidden_layers"]
+    texts = [cfg[p] for p in ("text_encoder", "text_encoder_2") if cfg.get(p) is not None]
+    out["text_encoder_layers"] = texts[0]["num_hidden_layers"]
+    if cfg.get("text_encoder_2") is not None:  # SDXL
+        out["text_encoder_2_layers"] = cfg["text_encoder_2"]["num_hidden_layers"]
     return out
 
 
@@ -314,7 +317,9 @@ def _inspect_folder(folder):
         paths = {"unet": find_weights(folder / "unet", names=(COMPONENTS["unet"][1],))}
     else:
         paths = weights_paths(folder)
-        text = read_config(folder / "text_encoder" / "config.json")
+        text = (
+            read_config(folder / "text_encoder" / "config.json") if "text_encoder" in paths else {}
+        )
         sched = folder / "scheduler" / "scheduler_config.json"
         pred = read_config(sched).get("prediction_type", "epsilon") if sched.is_file() else None
         out.update(family=family_of(unet_cfg, text, pred), prediction_type=pred)

@@ -6,6 +6,8 @@ once, at load time:
 - the original CompVis / Stability AI single-file layout ("ldm"): ``model.diffusion_model.*``
   (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*`` (SD1,
   OpenAI CLIP) or ``cond_stage_model.model.*`` (SD2, OpenCLIP with fused q/k/v);
+- Stability's SDXL ("sgm") files: the same UNet and VAE names (plus ``label_emb``), the text
+  encoders under ``conditioner.embedders.N.`` (see the SDXL prefixes below);
 - lllyasviel's ControlNet files (``control_model.*``, ldm's cldm.ControlNet);
 - the legacy diffusers VAE attention names (``query/key/value/proj_attn``).
 
@@ -52,6 +54,15 @@ EMA_PREFIX = "model_ema."  # full checkpoints: EMA copy of the UNet, dots remove
 # Second layout of diffusers' CLIP text encoder files (transformers < 5.6 saved this prefix).
 TEXT_MODEL_PREFIX = "text_model."
 
+# SDXL (sgm's GeneralConditioner): base = [OpenAI CLIP ViT-L/14 (HF layout), OpenCLIP ViT-bigG/14
+# (fused q/k/v, all 32 blocks used)]; the refiner has the OpenCLIP encoder alone, as embedder 0.
+CLIP_XL_PREFIX = "conditioner.embedders.0.transformer."  # then "text_model.*"
+OPENCLIP_XL_PREFIX = "conditioner.embedders.1.model."
+OPENCLIP_XL_REFINER_PREFIX = "conditioner.embedders.0.model."
+# OpenCLIP's projection is a (width, embed) matrix applied as x @ P; transformers'
+# text_projection is a Linear: its weight is P transposed (op "T" of weights_tools/plan.py).
+OPENCLIP_PROJECTION = {"text_projection.weight": "text_projection"}
+
 # Keys of original checkpoints that no diffusers model uses: DDPM schedule buffers of the
 # LatentDiffusion module, EMA bookkeeping, CLIP's position_ids buffer, OpenCLIP's contrastive head.
 UNUSED_ORIGINAL = (
@@ -74,6 +85,13 @@ UNUSED_ORIGINAL = (
     OPENCLIP_PREFIX + "text_projection",
     OPENCLIP_PREFIX + "logit_scale",
 )
+# The same in SDXL files (``denoiser.sigmas``: the sgm denoiser's noise levels, SDXL-Turbo).
+UNUSED_XL = (
+    CLIP_XL_PREFIX + "text_model.embeddings.position_ids",
+    OPENCLIP_XL_PREFIX + "logit_scale",
+    OPENCLIP_XL_REFINER_PREFIX + "logit_scale",
+    "denoiser.sigmas",
+)
 
 # ------------------------------------------------------------------------- UNet
 
@@ -84,6 +102,11 @@ UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+}
+# SDXL's micro-conditioning MLP (addition_embed_type "text_time"): ldm's label_emb Sequential.
+UNET_TEXT_TIME = {
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 # Inside a ResnetBlock2D (diffusers) / ResBlock (ldm).
 UNET_RESNET = {
@@ -99,12 +122,14 @@ UNET_RESNET = {
 
 @dataclass(frozen=True)
 class UNetArch:
-    """What the UNet tables depend on. down_attn[b] / up_attn[b]: block b has attention."""
+    """What the UNet tables depend on. down_attn[b] / up_attn[b]: block b has attention;
+    text_time: SDXL's add_embedding (ldm label_emb)."""
 
     layers_per_block: int
     down_attn: tuple
     up_attn: tuple
     mid_attn: bool = True
+    text_time: bool = False
 
     @property
     def blocks(self):
@@ -121,6 +146,8 @@ def unet_modules(arch: UNetArch):
     """
     L, n = arch.layers_per_block, arch.blocks
     table = {d: (o, None) for d, o in UNET_TOP.items()}
+    if arch.text_time:
+        table.update({d: (o, None) for d, o in UNET_TEXT_TIME.items()})
     for b in range(n):
         for l in range(L):
             i = 1 + b * (L + 1) + l

@@ -24,7 +24,7 @@ from minisd.errors import InputError
 from . import configs as C
 from . import plan as pl
 from .folders import COMPONENTS, write_configs
-from .keymaps import OPENCLIP_PREFIX
+from .keymaps import OPENCLIP_PREFIX, OPENCLIP_XL_PREFIX, OPENCLIP_XL_REFINER_PREFIX
 from .output import building_folder, check_out_folder
 from .schema import component_shapes
 from .stream import write_tensors
@@ -78,10 +78,12 @@ def tiny_configs(family="sd1"):
 def full_size_configs(family="sd1"):
     """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"
     (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px), "instruct-pix2pix"
-    (SD1.5 with an 8-channel input)."""
-    names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "instruct-pix2pix")
+    (SD1.5 with an 8-channel input), "sdxl" / "sdxl-refiner" (SDXL 1.0 base / refiner)."""
+    names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner")
     if family not in names:
         raise InputError(f"family={family!r}: expected one of {', '.join(names)}")
+    if family.startswith("sdxl"):
+        return _sdxl_configs(family == "sdxl-refiner")
     sd2, v = family.startswith("sd2"), family == "sd2-v"
     in_channels = 9 if family.endswith("inpaint") else 8 if family == "instruct-pix2pix" else 4
     unet = C.unet_config(in_channels=in_channels)
@@ -106,14 +108,51 @@ def full_size_configs(family="sd1"):
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
 
 
+def _sdxl_configs(refiner):
+    """SDXL 1.0 base / refiner, as Stability's diffusers folders configure them."""
+    blocks = [384, 768, 1536, 1536] if refiner else [320, 640, 1280]
+    attn = [False, True, True, False] if refiner else [False, True, True]
+    unet = C.unet_config(
+        block_out_channels=blocks,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]],
+        attention_head_dim=[c // 64 for c in blocks],
+        transformer_layers_per_block=4 if refiner else [1, 2, 10],
+        cross_attention_dim=1280 if refiner else 2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560 if refiner else 2816,
+        sample_size=128,
+    )
+    vae = C.vae_config(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    bigg = C.text_encoder_config(
+        architectures=["CLIPTextModelWithProjection"], hidden_act="gelu", hidden_size=1280,
+        intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
+    )  # fmt: skip
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": None if refiner else C.text_encoder_config(),
+        "text_encoder_2": bigg,
+        "scheduler": C.sdxl_scheduler_config(),
+    }
+
+
 def original_shapes(configs):
     """{original-layout key: shape} of the model ``configs`` describe. SD2 files get OpenCLIP's
-    unused last block and contrastive head, as real SD2 checkpoints have them."""
-    shapes = {part: component_shapes(part, configs[part]) for part in PARTS}
-    openclip = configs["text_encoder"].get("hidden_act") == "gelu"
-    moves, _ = pl.to_original(shapes, "openclip" if openclip else "clip")
+    unused last block and contrastive head, SDXL files OpenCLIP's logit_scale, as real
+    checkpoints have them."""
+    parts = [p for p in (*PARTS, "text_encoder_2") if configs.get(p) is not None]
+    shapes = {part: component_shapes(part, configs[part]) for part in parts}
+    xl = "text_encoder_2" in shapes
+    openclip = not xl and configs["text_encoder"].get("hidden_act") == "gelu"
+    moves, _ = pl.to_original(shapes, "sdxl" if xl else "openclip" if openclip else "clip")
     src = {(part, k): s for part, d in shapes.items() for k, s in d.items()}
     out = {m.dst: pl.out_shape(m, src) for m in moves}
+    if xl:
+        prefix = OPENCLIP_XL_PREFIX if "text_encoder" in shapes else OPENCLIP_XL_REFINER_PREFIX
+        out[prefix + "logit_scale"] = ()
     if openclip:
         D, n = configs["text_encoder"]["hidden_size"], configs["text_encoder"]["num_hidden_layers"]
         last = {k: s for k, s in out.items() if ".transformer.resblocks.0." in k}

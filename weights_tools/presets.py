@@ -160,7 +160,11 @@ def model_index(scheduler_class="PNDMScheduler", in_channels=4):
 
 
 def family_of(unet_cfg, text_cfg, prediction_type):
-    """sd1, sd2, sd2-v, inpaint, sd2-inpaint, instruct-pix2pix, from configs."""
+    """sd1, sd2, sd2-v, inpaint, sd2-inpaint, instruct-pix2pix, from configs; SDXL UNets
+    ("text_time"): sdxl, or sdxl-refiner when there is no first text encoder (``text_cfg``
+    None or {})."""
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        return "sdxl" if text_cfg else "sdxl-refiner"
     sd2 = text_cfg.get("hidden_act") == "gelu" or bool(unet_cfg.get("use_linear_projection"))
     in_ch = unet_cfg.get("in_channels", 4)
     if in_ch == 9:
@@ -170,3 +174,43 @@ def family_of(unet_cfg, text_cfg, prediction_type):
     if sd2:
         return "sd2-v" if prediction_type == "v_prediction" else "sd2"
     return "sd1"
+
+
+# ------------------------------------------------------------------------- SDXL
+
+#: scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0 (and the refiner's)
+SDXL_SCHEDULER = {
+    "interpolation_type": "linear",
+    "sample_max_value": 1.0,
+    "use_karras_sigmas": False,
+}
+
+
+def sdxl_scheduler_config(prediction_type="epsilon"):
+    """SDXL's EulerDiscreteScheduler config (scaled_linear 0.00085..0.012, "leading")."""
+    cfg = scheduler_config(prediction_type, "EulerDiscreteScheduler")
+    return {**cfg, **SDXL_SCHEDULER}
+
+
+def sdxl_model_index(refiner=False, scheduler_class="EulerDiscreteScheduler"):
+    """model_index.json of an SDXL base (StableDiffusionXLPipeline) or refiner
+    (StableDiffusionXLImg2ImgPipeline: no first text encoder, aesthetic-score conditioning,
+    no zeroed negative prompt) folder."""
+    first = [None, None] if refiner else ["transformers", "CLIPTextModel"]
+    out = {
+        "_class_name": "StableDiffusionXL" + ("Img2ImgPipeline" if refiner else "Pipeline"),
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": not refiner,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": first,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if refiner:
+        out["requires_aesthetics_score"] = True
+    return out

@@ -2,7 +2,8 @@
 
 Used to check converted checkpoints (every key present, no stray key, right shapes) and by
 make_tiny to create random models. Covers what Stable Diffusion 1.x/2.x use: UNet2DCondition
-with (CrossAttn)Down/UpBlock2D, AutoencoderKL, CLIPTextModel. Channel bookkeeping follows
+with (CrossAttn)Down/UpBlock2D, AutoencoderKL, CLIPTextModel; for SDXL the UNet's "text_time"
+add_embedding and CLIPTextModelWithProjection. Channel bookkeeping follows
 diffusers' UNet2DConditionModel / get_up_block and AutoencoderKL's Encoder / Decoder.
 """
 
@@ -75,6 +76,9 @@ def unet_shapes(cfg):
     s.conv("conv_in", C[0], cfg["in_channels"], 3)
     s.linear("time_embedding.linear_1", temb, C[0])
     s.linear("time_embedding.linear_2", temb, temb)
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + time ids -> temb
+        s.linear("add_embedding.linear_1", temb, cfg["projection_class_embeddings_input_dim"])
+        s.linear("add_embedding.linear_2", temb, temb)
     ch = C[0]
     for b, kind in enumerate(cfg["down_block_types"]):
         for l in range(L):
@@ -165,7 +169,10 @@ def component_shapes(part, cfg, text_prefix=""):
         return unet_shapes(cfg)
     if part == "vae":
         return vae_shapes(cfg)
-    return text_encoder_shapes(cfg, text_prefix)
+    s = text_encoder_shapes(cfg, text_prefix)
+    if part == "text_encoder_2":  # CLIPTextModelWithProjection: a Linear without bias
+        s["text_projection.weight"] = (cfg["projection_dim"], cfg["hidden_size"])
+    return s
 
 
 class _Shaped(dict):

@@ -63,7 +63,7 @@ def _folder_view(paths, opened=None):
             name = key
             if part == "vae":
                 name = next(iter(rename_legacy_vae_attention({key: None})))
-            if part == "text_encoder":
+            if part in ("text_encoder", "text_encoder_2"):
                 name = name.removeprefix(TEXT_MODEL_PREFIX)
             op = (
                 "to2d"
