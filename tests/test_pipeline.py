@@ -27,6 +27,9 @@ def pair(request, tmp_path_factory):
 
 
 def _ref_scheduler(ref, name):
+    """diffusers' scheduler for minisd's ``name`` (None: the pipeline's own)."""
+    if name is None:
+        return ref.scheduler
     diffusers = need("diffusers")
     cls_name, overrides = NAMES[name]
     return getattr(diffusers, cls_name).from_config(ref.scheduler.config, **overrides)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from pipelines_xl import build
 from refharness import assert_rel, need
+from test_pipeline import _run_ref
 
 import minisd
 from minisd.errors import ConfigError, InputError
 from minisd.pipeline_xl import StableDiffusionXL
-from minisd.schedulers import NAMES
 
 TOL = 1e-4
 PROMPTS = ["a watercolor painting of a lighthouse", "a cat, (masterpiece:1.2)"]
@@ -32,21 +32,9 @@ def refiner(tmp_path_factory):
 
 
 def run_ref(ref, scheduler=None, **kw):
-    torch, diffusers = need("torch", "diffusers")
-    saved = ref.scheduler
-    if scheduler is not None:
-        cls_name, overrides = NAMES[scheduler]
-        ref.scheduler = getattr(diffusers, cls_name).from_config(saved.config, **overrides)
-    if "seed" in kw:
-        kw["generator"] = torch.Generator().manual_seed(kw.pop("seed"))
-    if "latents" in kw:
-        kw["latents"] = torch.from_numpy(kw["latents"])
-    try:
-        with torch.no_grad():
-            out = ref(**kw).images
-    finally:
-        ref.scheduler = saved
-    return out if isinstance(out, np.ndarray) or isinstance(out, list) else out.numpy()
+    """diffusers' result as NumPy (tests/test_pipeline.py's runner; None: its own scheduler)."""
+    out = _run_ref(ref, scheduler, **kw)
+    return out if isinstance(out, (np.ndarray, list)) else out.numpy()
 
 
 def _latents(seed=0, n=2):
