@@ -94,7 +94,11 @@ def build_parser():
         help="prompt (default: a watercolor painting of a lighthouse)",
     )
     _add_sampling(d, steps=10, size=None)  # demo: 128x128 unless --size
-    d.add_argument("--family", default="sd1", help="demo model family: sd1, sd2 or inpaint")
+    d.add_argument(
+        "--family",
+        default="sd1",
+        help="demo model family: sd1, sd2, inpaint, sdxl or sdxl-refiner",
+    )
     d.add_argument(
         "--cache",
         default=None,

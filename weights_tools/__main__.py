@@ -22,7 +22,7 @@ commands:
   to-original FOLDER OUT        diffusers pipeline folder -> original single file
   cast PATH OUT --dtype D       fp32 / fp16 / bf16 (a file or a pipeline folder)
   verify A B                    same tensors? (any layouts: files or folders)
-  make-tiny OUT                 small random pipeline folder (sd1, sd2, inpaint)
+  make-tiny OUT                 small random pipeline folder (sd1, sd2, inpaint, sdxl, ...)
 """
 
 

@@ -3,10 +3,14 @@
 Families: "sd1" (conv projections, 8-style head count, quick_gelu CLIP, PNDM, pads with EOS),
 "sd2" (linear projections, per-block head counts, upcast attention, gelu text encoder, v-
 prediction with DDIM, pads with "!"), "inpaint" (sd1 with a 9-channel UNet input),
-"instruct-pix2pix" (sd1 with an 8-channel UNet input: InstructPix2Pix). The folder is
+"instruct-pix2pix" (sd1 with an 8-channel UNet input: InstructPix2Pix), "sdxl" (SDXL base:
+3 UNet levels, the first without attention, depths (1, 1, 2), "text_time" micro-conditioning
+with 6 time ids, a quick_gelu CLIP plus a gelu CLIPTextModelWithProjection, Euler) and
+"sdxl-refiner" (no first text encoder, 5 time ids, aesthetic-score conditioning). The folder is
 laid out as diffusers' save_pretrained writes it: model_index.json, unet/ vae/ text_encoder/
-(config.json + safetensors), tokenizer/ (the real CLIP vocabulary: 49408 tokens) and scheduler/.
-SD's real topology is kept (4 UNet / VAE levels, 3 cross-attention blocks) at small widths.
+(config.json + safetensors; SDXL: text_encoder_2/ too), tokenizer/ (the real CLIP vocabulary:
+49408 tokens; SDXL: tokenizer_2/, padding with "!") and scheduler/. SD's real topology is kept
+(4 UNet / VAE levels, 3 cross-attention blocks) at small widths.
 
 Also: full-size configs and original-layout shape tables, for tests and benchmarks that need
 the real architecture without real weights.
@@ -24,12 +28,18 @@ from minisd.errors import InputError
 from . import configs as C
 from . import plan as pl
 from .folders import COMPONENTS, write_configs
-from .keymaps import OPENCLIP_PREFIX, OPENCLIP_XL_PREFIX, OPENCLIP_XL_REFINER_PREFIX
+from .keymaps import (
+    OPENCLIP_PREFIX,
+    OPENCLIP_XL_PREFIX,
+    OPENCLIP_XL_REFINER_PREFIX,
+    TEXT_MODEL_PREFIX,
+)
 from .output import building_folder, check_out_folder
+from .presets import sdxl_model_index
 from .schema import component_shapes
 from .stream import write_tensors
 
-FAMILIES = ("sd1", "sd2", "inpaint", "instruct-pix2pix")
+FAMILIES = ("sd1", "sd2", "inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner")
 IN_CHANNELS = {"inpaint": 9, "instruct-pix2pix": 8}  # UNet input channels (else 4)
 PARTS = ("unet", "vae", "text_encoder")
 
@@ -38,6 +48,8 @@ def tiny_configs(family="sd1"):
     """Configs (as infer_configs returns them) of the tiny model of ``family``."""
     if family not in FAMILIES:
         raise InputError(f"family={family!r}: expected one of {FAMILIES}")
+    if family.startswith("sdxl"):
+        return _tiny_xl_configs(family == "sdxl-refiner")
     sd2 = family == "sd2"
     blocks = [32, 32, 64, 64]
     unet = C.unet_config(
@@ -72,6 +84,48 @@ def tiny_configs(family="sd1"):
         "model_index": C.model_index(sched["_class_name"], IN_CHANNELS.get(family, 4)),
         "tokenizer": {"pad_token": "!" if sd2 else "<|endoftext|>"},
         "family": "sd2-v" if sd2 else family,
+    }
+
+
+def _tiny_xl_configs(refiner):
+    """SDXL base / refiner at tiny widths (see the module docstring)."""
+    blocks, time_dim, n_ids = [32, 64, 64], 8, 5 if refiner else 6
+    text = {"intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    te1 = None if refiner else C.text_encoder_config(hidden_size=32, projection_dim=32, **text)
+    te2 = C.text_encoder_config(
+        architectures=["CLIPTextModelWithProjection"], hidden_act="gelu", hidden_size=32,
+        projection_dim=32, **{**text, "num_hidden_layers": 3},
+    )  # fmt: skip
+    unet = C.unet_config(
+        block_out_channels=blocks,
+        layers_per_block=1,
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+        up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"],
+        attention_head_dim=[c // 16 for c in blocks],
+        transformer_layers_per_block=[1, 1, 2],
+        cross_attention_dim=te2["hidden_size"] + (0 if refiner else te1["hidden_size"]),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=te2["projection_dim"] + n_ids * time_dim,
+        norm_num_groups=8,
+        sample_size=8,
+    )
+    vae = C.vae_config(
+        block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8,
+        sample_size=64, scaling_factor=0.13025, force_upcast=True,
+    )  # fmt: skip
+    sched = C.sdxl_scheduler_config()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": te1,
+        "text_encoder_2": te2,
+        "scheduler": sched,
+        "model_index": sdxl_model_index(refiner, sched["_class_name"]),
+        "tokenizer": None if refiner else {"pad_token": "<|endoftext|>"},
+        "tokenizer_2": {"pad_token": "!"},
+        "family": "sdxl-refiner" if refiner else "sdxl",
     }
 
 
@@ -191,9 +245,12 @@ def make_tiny(out_folder, family="sd1", seed=0):
     configs = tiny_configs(family)
     seed = check_seed(seed)
     with building_folder(check_out_folder(out_folder, "out_folder")) as tmp:
-        for index, part in enumerate(PARTS):
+        for index, part in enumerate((*PARTS, "text_encoder_2")):
+            if configs.get(part) is None:
+                continue
             rng = np.random.default_rng([seed, index])
-            shapes = component_shapes(part, configs[part])
+            prefix = TEXT_MODEL_PREFIX if part == "text_encoder_2" else ""
+            shapes = component_shapes(part, configs[part], prefix)
             items = [(k, "F32", s, random_tensor(k, s, rng)) for k, s in sorted(shapes.items())]
             sub, name = COMPONENTS[part]
             write_tensors(tmp / sub / name, items, metadata={"format": "pt"})
