@@ -242,9 +242,9 @@ def _loop(pipe, sched, state, lat, ctx, eta, rng, callback, progress):
 
 
 def _unet_extras(state, i, n):
-    """The UNet's keyword inputs beyond ControlNet's: LCM's guidance embedding, SDXL's
-    pooled text embeddings and time ids, T2I-Adapter
-    features (while the step is inside adapter_conditioning_factor), IP-Adapter embeddings."""
+    """The UNet's keyword inputs beyond ControlNet's: LCM's guidance embedding, SDXL's pooled
+    text embeddings and time ids, T2I-Adapter features (while the step is inside
+    adapter_conditioning_factor), IP-Adapter embeddings."""
     kw = {"timestep_cond": state["timestep_cond"]}
     if state.get("added") is not None:  # SDXL's micro-conditioning (minisd/micro_cond.py)
         kw["added_cond_kwargs"] = state["added"]
