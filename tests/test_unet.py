@@ -384,16 +384,26 @@ def test_full_size_every_layer(name):
     x = rand(2, 4, 8, 8)
     ctx = rand(2, 77, FULL[name]["cross_attention_dim"], seed=1)
     t = np.array([999, 20])
+
+    def check(dtype, ours, ref):
+        xs, cs = x.astype(dtype), ctx.astype(dtype)
+        ref_args = [torch.from_numpy(xs), torch.from_numpy(t), torch.from_numpy(cs)]
+        assert len(compare_whole(ours, ref, [xs, t, cs], ref_args, dtype)) > 500
+
+    in_each_dtype(ref, check)
+
+
+def in_each_dtype(ref, check):
+    """``check(dtype, ours, ref)`` for each of DTYPES, the full-size reference cast in place
+    and minisd's UNet sharing its memory (state dict -> numpy views, no files); each pair is
+    freed before the next cast, so only one precision's weights are alive at a time."""
     try:
         for dtype in DTYPES:
             ref = ref.to(torch_dtype(dtype))
             flat = {k: to_np(v) for k, v in ref.state_dict().items()}
             ours = UNet2DConditionModel(dict(ref.config), flat)
-            xs, cs = x.astype(dtype), ctx.astype(dtype)
-            ref_args = [torch.from_numpy(xs), torch.from_numpy(t), torch.from_numpy(cs)]
-            errs = compare_whole(ours, ref, [xs, t, cs], ref_args, dtype)
-            assert len(errs) > 500
-            del ours, flat, errs
+            check(dtype, ours, ref)
+            del ours, flat
             gc.collect()
     finally:
         del ref

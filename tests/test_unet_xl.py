@@ -5,12 +5,10 @@ time_proj (tests/test_unet.py's docstring); in float64 the reference continues f
 
 from __future__ import annotations
 
-import gc
-
 import numpy as np
 import pytest
-from refharness import diffusers_models, need, rand, to_np, torch_dtype
-from test_unet import DTYPES, build_full_size, compare_whole
+from refharness import diffusers_models, need, rand, torch_dtype
+from test_unet import DTYPES, build_full_size, compare_whole, in_each_dtype
 
 from minisd.errors import ConfigError, InputError
 from minisd.unet import UNet2DConditionModel, UNetConfig
@@ -154,16 +152,9 @@ FULL_XL = dict(
 def test_sdxl_widths_every_layer():
     torch, diffusers = need("torch", "diffusers")
     ref = build_full_size(diffusers.UNet2DConditionModel, FULL_XL, seed=4)
-    try:
-        for dtype in DTYPES:
-            ref = ref.to(torch_dtype(dtype))
-            flat = {k: to_np(v) for k, v in ref.state_dict().items()}
-            ours = UNet2DConditionModel(dict(ref.config), flat)
-            x, ctx, added = _inputs(ours.config, TIME_IDS["base"], 8, 8, dtype)
-            errs = _compare(ours, ref, x, np.array([999, 20]), ctx, added, dtype)
-            assert len(errs) > 300
-            del ours, flat, errs
-            gc.collect()
-    finally:
-        del ref
-        gc.collect()
+
+    def check(dtype, ours, ref):
+        x, ctx, added = _inputs(ours.config, TIME_IDS["base"], 8, 8, dtype)
+        assert len(_compare(ours, ref, x, np.array([999, 20]), ctx, added, dtype)) > 300
+
+    in_each_dtype(ref, check)
