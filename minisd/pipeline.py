@@ -313,7 +313,7 @@ class StableDiffusion(AddOns):
         if getattr(self, "_free_phases", False):
             free_memory(self.device)
         done = {
-            "text encoding": [self.text_encoder],
+            "text encoding": [self.text_encoder, getattr(self, "text_encoder_2", None)],
             "denoising": [self.unet, *pipeline_control.nets(self)],
             "decoding": [self.vae],
         }

@@ -244,15 +244,6 @@ class StableDiffusionXL(StableDiffusion):
 
         return xl.unscale(self, lat)
 
-    def phase_done(self, phase):
-        super().phase_done(phase)
-        if phase == "text encoding":
-            from .weights import CastOnRead
-
-            params = getattr(self.text_encoder_2, "params", None)
-            if isinstance(params, CastOnRead):
-                params.release()
-
 
 def _tokenizer(folder, pad_token):
     """A tokenizer folder's tokenizer, else the bundled CLIP vocabulary padding with
