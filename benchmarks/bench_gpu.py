@@ -1,15 +1,16 @@
-"""SD1.5 txt2img on one GPU: minisd on CuPy (float16) vs diffusers on torch (float16, SDPA).
+"""SD txt2img on one GPU: minisd on CuPy (float16) vs diffusers on torch (float16, SDPA).
 
-    python benchmarks/bench_gpu.py                  # 512x512, 50 steps, CFG 7.5, PNDM
+    python benchmarks/bench_gpu.py                  # SD1.5, 512x512, 50 steps, CFG 7.5, PNDM
     python benchmarks/bench_gpu.py --record         # also append the table to RESULTS.md
     python benchmarks/bench_gpu.py --steps 20 --size 768 --batch 2
+    python benchmarks/bench_gpu.py --family sdxl    # SDXL base, 1024x1024, CFG 5, Euler
     python benchmarks/bench_gpu.py --dry-run        # CPU only: parse, build, run a tiny model
 
-The SD1.5 architecture (weights_tools.make_tiny.full_size_configs("sd1")) with random float16
-weights is written once as a diffusers folder; each side then runs in its own subprocess (the
-minisd worker never imports torch, so neither side's allocator holds memory during the other's
-run): one warm-up generation (CuPy compiles its kernels on first use), then ``--reps`` timed
-generations. Reported per side:
+The architecture (weights_tools.make_tiny.full_size_configs(family): SD1.5, or SDXL 1.0 base)
+with random float16 weights is written once as a diffusers folder; each side then runs in its
+own subprocess (the minisd worker never imports torch, so neither side's allocator holds memory
+during the other's run): one warm-up generation (CuPy compiles its kernels on first use), then
+``--reps`` timed generations. Reported per side:
 - loop it/s: UNet calls per second inside the denoising loop (device synchronized at the first
   and last step callbacks; text encoding and VAE decode excluded), and the minisd/diffusers ratio;
 - total s: a whole generation (tokenize, encode, loop, decode, copy to host);
@@ -40,6 +41,11 @@ from common import append_results, markdown_table, write_full_size_model  # noqa
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIDES = ("minisd", "diffusers")
+#: per family: the defaults of size, guidance and (minisd's name for) the folder's scheduler
+FAMILIES = {
+    "sd1": {"size": 512, "guidance": 7.5, "scheduler": "pndm", "title": "SD1.5"},
+    "sdxl": {"size": 1024, "guidance": 5.0, "scheduler": "euler", "title": "SDXL base"},
+}
 NEEDS_GPU = (
     "bench_gpu: needs a GPU (CuPy with a visible CUDA device, and torch with CUDA for the "
     "diffusers side); --dry-run checks the script on the CPU at a tiny size"
@@ -48,11 +54,12 @@ NEEDS_GPU = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", choices=sorted(FAMILIES), default="sd1", help="default sd1")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
-    p.add_argument("--size", type=int, default=512, help="image height = width (default 512)")
+    p.add_argument("--size", type=int, help="image height = width (default 512; SDXL 1024)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
-    p.add_argument("--scheduler", default="pndm", help="minisd name; diffusers uses the folder's")
+    p.add_argument("--guidance", type=float, help="CFG scale (default 7.5; SDXL 5)")
+    p.add_argument("--scheduler", help="minisd name, default the folder's (pndm; SDXL euler)")
     p.add_argument("--reps", type=int, default=2, help="timed generations per side (default 2)")
     p.add_argument("--sides", default="minisd,diffusers", help="comma-separated subset")
     p.add_argument("--folder", default=None, help="reuse a model folder (default: write one)")
@@ -61,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    defaults = FAMILIES[args.family]
+    for name in ("size", "guidance", "scheduler"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
     if args.size % 8 or args.size <= 0 or args.steps < 2 or args.reps < 1 or args.batch < 1:
         p.error("--size must be a positive multiple of 8, --steps >= 2, --reps/--batch >= 1")
     args.sides = [s for s in args.sides.split(",") if s]
@@ -144,14 +155,11 @@ def run_minisd(args, folder):
 
 def run_diffusers(args, folder):
     import torch
-    from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     gpu = args.device != "cpu"
     dtype = torch.float16 if gpu else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    ).to(args.device)
+    pipe = _diffusers_pipeline(args.family, folder, dtype).to(args.device)
     pipe.unet.set_attn_processor(AttnProcessor2_0())  # F.scaled_dot_product_attention
     pipe.set_progress_bar_config(disable=True)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -188,6 +196,21 @@ def run_diffusers(args, folder):
     return _result("diffusers", loops, totals, image, used, held, name)
 
 
+def _diffusers_pipeline(family, folder, dtype):
+    """diffusers' pipeline of ``family``: no safety checker, no watermark (minisd has neither)."""
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline.from_pretrained(
+            folder, torch_dtype=dtype, add_watermarker=False
+        )
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+
+
 def _result(side, loops, totals, image, used, held, device):
     np.save(_image_path(side), np.asarray(image, dtype=np.float32))
     return {
@@ -210,6 +233,7 @@ def _image_path(side):
 def run_worker(side, args, folder):
     """Run one side in a fresh subprocess; returns its result dict."""
     cmd = [sys.executable, __file__, "--worker", side, "--folder", str(folder)]
+    cmd += ["--family", args.family]
     cmd += ["--steps", str(args.steps), "--size", str(args.size), "--batch", str(args.batch)]
     cmd += ["--guidance", str(args.guidance), "--scheduler", args.scheduler]
     cmd += ["--reps", str(args.reps), "--device", args.device]
@@ -239,8 +263,8 @@ def report(results, args):
     device = results[0]["device"]
     dtype = "float32 (CPU dry run)" if args.device == "cpu" else "float16"
     title = (
-        f"bench_gpu: SD1.5 txt2img {args.size}x{args.size}, {args.steps} steps, CFG "
-        f"{args.guidance}, batch {args.batch}, {dtype}, on {device}"
+        f"bench_gpu: {FAMILIES[args.family]['title']} txt2img {args.size}x{args.size}, "
+        f"{args.steps} steps, CFG {args.guidance}, batch {args.batch}, {dtype}, on {device}"
     )
     print(f"\n{title}\n" + "\n".join(lines))
     return title, lines
@@ -259,12 +283,13 @@ def main(argv=None):
     if not cuda_available():
         raise SystemExit(NEEDS_GPU)
     with tempfile.TemporaryDirectory(prefix="minisd-bench-gpu-") as tmp:
-        folder = Path(args.folder) if args.folder else write_model(Path(tmp) / "sd15")
+        folder = args.folder or write_model(Path(tmp) / args.family, family=args.family)
         results = [run_worker(side, args, folder) for side in args.sides]
     title, lines = report(results, args)
     if args.record:
         notes = (
-            "Random SD1.5-architecture weights (float16). loop it/s: UNet calls per second in "
+            f"Random {FAMILIES[args.family]['title']}-architecture weights (float16), "
+            f"{args.scheduler} scheduler. loop it/s: UNet calls per second in "
             "the denoising loop (synchronized at the first and last step). Peak alloc: CuPy "
             "pool used-bytes high-water (an allocator hook, in one more untimed generation) / "
             "torch.cuda.max_memory_allocated; held: CuPy pool total_bytes / "
@@ -278,7 +303,7 @@ def dry_run(args):
     """Everything but the GPU: parse, write a tiny folder, run each side's worker on the CPU."""
     args.device, args.size, args.steps, args.reps = "cpu", 64, 3, 1
     with tempfile.TemporaryDirectory(prefix="minisd-bench-gpu-dry-") as tmp:
-        folder = write_model(Path(tmp) / "tiny", tiny=True)
+        folder = write_model(Path(tmp) / "tiny", family=args.family, tiny=True)
         sides = [s for s in args.sides if s == "minisd" or _has_diffusers()]
         results = [run_worker(side, args, folder) for side in sides]
     report(results, args)

@@ -97,23 +97,25 @@ def peak_rss_of(code, env=None):
 
 
 def write_full_size_model(folder, family="sd1", seed=0):
-    """A full-size diffusers pipeline folder of ``family`` with random float16 weights, written
-    tensor by tensor (one component in memory at a time). Returns the folder as a Path."""
+    """A full-size diffusers pipeline folder of ``family`` (weights_tools.make_tiny's
+    full_size_configs names: "sd1", "sdxl", ...) with random float16 weights, written tensor by
+    tensor (one component in memory at a time). Returns the folder as a Path."""
     import numpy as np
 
-    from weights_tools import configs as C
     from weights_tools.folders import COMPONENTS, write_configs
-    from weights_tools.make_tiny import PARTS, full_size_configs, random_tensor
+    from weights_tools.keymaps import TEXT_MODEL_PREFIX
+    from weights_tools.make_tiny import PARTS, random_tensor
     from weights_tools.schema import component_shapes
     from weights_tools.stream import write_tensors
 
     folder = Path(folder)
-    configs = full_size_configs(family)
-    configs["model_index"] = C.model_index(configs["scheduler"]["_class_name"])
-    configs["tokenizer"] = {"pad_token": "<|endoftext|>"}  # SD1.x pads with EOS
-    for index, part in enumerate(PARTS):
+    configs = _full_size_folder_configs(family)
+    for index, part in enumerate((*PARTS, "text_encoder_2")):
+        if configs.get(part) is None:
+            continue
         rng = np.random.default_rng([seed, index])
-        shapes = component_shapes(part, configs[part])
+        prefix = TEXT_MODEL_PREFIX if part == "text_encoder_2" else ""  # as make_tiny writes it
+        shapes = component_shapes(part, configs[part], prefix)
         items = [
             (k, "F16", s, random_tensor(k, s, rng, dtype=np.float16))
             for k, s in sorted(shapes.items())
@@ -123,6 +125,26 @@ def write_full_size_model(folder, family="sd1", seed=0):
         del items
     write_configs(folder, configs)
     return folder
+
+
+def _full_size_folder_configs(family):
+    """full_size_configs(family) plus what a pipeline folder needs: model_index and the
+    tokenizers' pad tokens (SD1.x pads with EOS; SDXL's second tokenizer with "!")."""
+    from weights_tools import configs as C
+    from weights_tools.make_tiny import full_size_configs
+    from weights_tools.presets import sdxl_model_index
+
+    configs = full_size_configs(family)
+    sched = configs["scheduler"]["_class_name"]
+    if "text_encoder_2" in configs:
+        refiner = configs["text_encoder"] is None
+        configs["model_index"] = sdxl_model_index(refiner, sched)
+        configs["tokenizer"] = None if refiner else {"pad_token": "<|endoftext|>"}
+        configs["tokenizer_2"] = {"pad_token": "!"}
+    else:
+        configs["model_index"] = C.model_index(sched)
+        configs["tokenizer"] = {"pad_token": "<|endoftext|>"}
+    return configs
 
 
 def machine():

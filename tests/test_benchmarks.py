@@ -1,5 +1,6 @@
-"""The GPU benchmark script stays runnable where no GPU is: its --dry-run writes a tiny model and
-runs both workers (minisd, diffusers) on the CPU, through the same code as on a GPU."""
+"""The GPU benchmark script stays runnable where no GPU is: its --dry-run writes a tiny model (SD1
+or SDXL) and runs both workers (minisd, diffusers) on the CPU, through the same code as on a
+GPU."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ from refharness import need
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_gpu_dry_run():
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_bench_gpu_dry_run(family):
     need("torch", "diffusers")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry-run"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_gpu.py"),
+            "--dry-run",
+            "--family",
+            family,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -24,6 +32,7 @@ def test_bench_gpu_dry_run():
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "| minisd |" in out and "| diffusers |" in out and "dry run OK" in out
+    assert ("SDXL base" in out) == (family == "sdxl")
     err = float(out.split("max rel. difference ")[1].split()[0])
     assert err < 1e-4  # the same seed gives the same float32 image on both sides
 

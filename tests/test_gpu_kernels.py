@@ -255,6 +255,25 @@ def test_fp16_pipeline_with_kernels_vs_float64(tiny, cpu64, family):  # noqa: F8
 
 
 @needs_cxx
+def test_fp16_sdxl_with_kernels_vs_float64(tiny, cpu64):  # noqa: F811
+    """SDXL base in float16 on the (fake) device, the GPU default: two text encoders, the
+    micro-conditioning embedding, float32 VAE decode (force_upcast), every kernel; within the
+    float16 pipeline bound of float64 for the same initial latents."""
+    kw = dict(num_inference_steps=5, height=64, width=64, scheduler="euler", progress=False)
+    kw.update(output_type="np", negative_prompt="blurry")
+    latents = rand(1, 4, 8, 8, seed=6)
+    ref = cpu64("sdxl")("a cat", latents=latents, **kw)
+    with fake_cupy.installed() as fcp:
+        pipe = minisd.StableDiffusion.from_pretrained(tiny("sdxl"), device="cuda")
+        assert type(pipe).__name__ == "StableDiffusionXL"
+        assert pipe.text_encoder_2.text_projection["weight"].dtype == np.float16
+        out = pipe("a cat", latents=fcp.asarray(latents.astype(np.float16)), **kw)
+        assert fake_cupy.OPS["minisd_norm_affine"] > 0 and fake_cupy.OPS["minisd_gelu"] > 0
+    err = assert_rel(out, ref, FP16_TOL["pipeline"], "sdxl float16 pipeline, kernels")
+    print(f"sdxl float16 pipeline with kernels: {err:.2e}")
+
+
+@needs_cxx
 @pytest.mark.parametrize("family,mode", [("sd1", "img2img"), ("inpaint", "inpaint")])
 def test_float32_img2img_inpaint_with_kernels(tiny, cpu_pipe, family, mode):  # noqa: F811
     """img2img and inpainting (the VAE encoder, masks, a 9-channel UNet) in float32 on the
