@@ -51,8 +51,9 @@ def add_arguments(g):
         action="append",
         default=None,
         metavar="PATH[:TOKEN]",
-        help="a textual inversion .safetensors (diffusers or A1111); its token (default: the "
-        "file's own, or its name for A1111 files) can then be used in prompts; repeatable",
+        help="a textual inversion .safetensors (diffusers or A1111; SDXL: clip_l + clip_g); its "
+        "token (default: the file's own, or its name for A1111 and SDXL files) can then be used "
+        "in prompts; repeatable",
     )
 
 
@@ -103,7 +104,7 @@ def _paired(args, model_arg, image_arg, open_image):
 def read(args, open_image):
     """Everything the add-on arguments name, read and checked: a dict for :func:`apply`."""
     from .lora import parse_lora_arg, read_lora
-    from .textual_inversion import read_embeddings
+    from .textual_inversion_xl import embedding_tokens
 
     cn, control_image = _paired(args, "controlnet", "control_image", open_image)
     adapter, adapter_image = _paired(args, "adapter", "adapter_image", open_image)
@@ -125,7 +126,7 @@ def read(args, open_image):
         "ip_adapter": (*ip[:2], getattr(args, "ip_adapter_scale", 1.0)) if all(ip) else None,
         "ip_adapter_image": open_image(ip[2]) if all(ip) else None,
         "loras": [(read_lora(path), scale) for path, scale in loras],
-        "embeddings": [(p, t) for p, t in embeddings if read_embeddings(p, t)],  # checked
+        "embeddings": [(p, t) for p, t in embeddings if embedding_tokens(p, t)],  # checked
     }
 
 

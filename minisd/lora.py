@@ -1,5 +1,6 @@
 """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685),
-merged into the weights of a StableDiffusion pipeline's UNet and text encoder.
+merged into the weights of a StableDiffusion pipeline's UNet and text encoder, and of a
+StableDiffusionXL pipeline's UNet and two text encoders (``text_encoder``, ``text_encoder_2``).
 
 A LoRA stores, for some Linear / Conv2d weights W (out, in[, kh, kw]) of the model, two factors
 of rank r: ``down`` A (r, in[, kh, kw]) and ``up`` B (out, r[, 1, 1]), and optionally an
@@ -11,7 +12,7 @@ B @ A of conv factors (LoCon: A a kh x kw conv into r channels, B a 1x1 conv out
 delta[o, i, y, x] = sum_r B[o, r] A[r, i, y, x]: the product of the two convolutions. ``scale``
 is diffusers' ``lora_scale``: ``pipe.fuse_lora(lora_scale=s)`` and, unfused,
 ``pipe(..., cross_attention_kwargs={"scale": s})``, which scale both the UNet's and the text
-encoder's LoRA layers; 0 leaves the weights as they are (bit for bit), 1 is the LoRA as trained.
+encoders' LoRA layers; 0 leaves the weights as they are (bit for bit), 1 is the LoRA as trained.
 
     lora = read_lora("style.safetensors")            # formats: minisd/lora_formats.py
     handle = apply_lora(pipe, lora, scale=0.8)        # or apply_lora(pipe, "style.safetensors")
@@ -31,6 +32,21 @@ A 1x1 conv weight and a Linear weight of the same (out, in) take each other's fa
 ``proj_in`` / ``proj_out`` are 1x1 convs, SD2's are Linear); diffusers refuses the mismatch,
 A1111 and ComfyUI reshape as minisd does.
 
+Components, as diffusers' StableDiffusion{,XL}LoraLoaderMixin: keys of a component the pipeline
+does not have at all (``text_encoder_2`` / ``lora_te2_`` for SD1.x / SD2.x) are ignored with a
+warning, as diffusers ignores them; keys of a component the pipeline has as None (SDXL refiner:
+no ``text_encoder``, so no ``lora_te1_`` / ``text_encoder.`` keys) are refused naming the key,
+before anything is merged (diffusers fails there with an AttributeError on None).
+
+kohya names of UNet modules (``lora_unet_…``) resolve two ways, for any UNet: the diffusers
+module path (sd-scripts' SD1.x / SD2.x files) and the original LDM / SGM one (its SDXL files:
+``input_blocks_4_1_proj_in``, ``middle_block_0_in_layers_2``, ``output_blocks_2_2_conv``,
+``time_embed_0``, ``label_emb_0_0``, ``out_2``), from weights_tools' single-file key map of the
+UNet's block layout (:func:`original_unet_modules`). diffusers maps SGM names only for SDXL (its
+``_maybe_map_sgm_blocks_to_diffusers``, with the UNet's layers_per_block); they land on the
+same modules, except past ``input_blocks_9`` (the refiner's four blocks), where diffusers, which
+matches block numbers as substrings (``input_blocks_1`` in ``input_blocks_10``), fails.
+
 The delta is computed in float32 (float64 for a float64 model) on the device of the weight,
 added, and the sum cast to the model's dtype (diffusers/peft: B @ A * scale, added in the
 weight's dtype). With weights="lazy" / "stream" the stored (file-dtype, memory-mapped) array of
@@ -40,13 +56,14 @@ each changed weight is replaced by the merged array in the compute dtype, so res
 Not supported (refused with an error naming the key kind): LoHa (``hada_w1_a``), LoKr
 (``lokr_w1``), DoRA (``dora_scale``, ``lora_magnitude_vector``), LoCon's Tucker core
 (``lora_mid``), OFT, IA3, GLoRA, LyCORIS full ``diff`` weights, LoRA biases, embedding LoRAs,
-SDXL's second text encoder (``lora_te2_`` keys are ignored with a warning, as diffusers ignores
-them for SD1.x / SD2.x), and pickle files (.ckpt / .pt / .bin: convert them to safetensors).
+LoRAs of SDXL's ``text_projection`` (no LoRA trainer targets it), and pickle files (.ckpt / .pt /
+.bin: convert them to safetensors).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -61,6 +78,8 @@ from .weights import PICKLE_SUFFIXES, CastOnRead, flatten, load_file, read_heade
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
+log = logging.getLogger("minisd")
+
 
 @dataclasses.dataclass
 class LoRA:
@@ -70,7 +89,6 @@ class LoRA:
 
     source: str
     modules: dict  # (component, module, kohya: bool) -> Factors
-    ignored: tuple = ()  # keys of components SD1.x / SD2.x do not have
 
     def __len__(self):
         return len(self.modules)
@@ -92,12 +110,10 @@ def read_lora(source) -> LoRA:
     if isinstance(source, LoRA):
         return source
     if isinstance(source, dict):
-        modules, ignored = parse(source, None, "LoRA state dict")
-        return LoRA("LoRA state dict", modules, tuple(ignored))
+        return LoRA("LoRA state dict", parse(source, None, "LoRA state dict"))
     path = _lora_file(path_arg(source, "lora"))
     _, metadata, _, _ = read_header(path)
-    modules, ignored = parse(load_file(path), metadata, str(path))
-    return LoRA(str(path), modules, tuple(ignored))
+    return LoRA(str(path), parse(load_file(path), metadata, str(path)))
 
 
 def _lora_file(path: Path) -> Path:
@@ -127,46 +143,90 @@ def _lora_file(path: Path) -> Path:
 # --------------------------------------------------------------------------- model names
 
 
-def _targets(model, component):
-    """{module path: (param key, stored shape)} of the Linear / Conv2d weights of a component
-    (the text encoder's token / position embeddings are not LoRA targets)."""
+def _targets(flat, component):
+    """{module path: (param key, stored shape)} of the Linear / Conv2d weights among a
+    component's flat parameters (a text encoder's token / position embeddings are not LoRA
+    targets)."""
     out = {}
-    for key, value in flatten(model.params).items():  # raw leaves: CastOnRead casts nothing
-        skip = component == "text_encoder" and key.startswith("embeddings.")
+    for key, value in flat.items():
+        skip = component != "unet" and key.startswith("embeddings.")
         if key.endswith(".weight") and value.ndim >= 2 and not skip:
             out[key[: -len(".weight")]] = (key, tuple(value.shape))
     return out
 
 
-def _kohya_names(targets, component):
-    """kohya spelling ('.' -> '_') -> module paths having it; the text encoder's also with
-    kohya's ``text_model_`` prefix."""
+def original_unet_modules(keys, modules) -> dict:
+    """{diffusers module path: original (LDM / SGM) module path} of a UNet's ``modules``, by
+    weights_tools' single-file key map of the block layout its parameter ``keys`` show: down
+    block b, layer l is ``input_blocks.{1 + b (L + 1) + l}`` (``.0`` resnet, ``.1`` attention),
+    its downsampler ``input_blocks.{1 + b (L + 1) + L}.0.op``; up block b, layer l is
+    ``output_blocks.{b (L + 1) + l}``; inside resnets conv1 = ``in_layers.2``, time_emb_proj =
+    ``emb_layers.1``, conv2 = ``out_layers.3``, conv_shortcut = ``skip_connection``. SDXL (L = 2):
+    down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in, conv_in -> input_blocks.0.0,
+    add_embedding.linear_1 -> label_emb.0.0. Modules the map lacks (LCM's cond_proj) have none."""
+    from weights_tools.configs import unet_arch_diffusers
+    from weights_tools.keymaps import rename, unet_modules
+
+    table = unet_modules(unet_arch_diffusers(keys))
+    out = {}
+    for module in modules:
+        original = rename(module + ".weight", table)
+        if original is not None:
+            out[module] = original.removesuffix(".weight")
+    return out
+
+
+def _kohya_names(flat, targets, component):
+    """kohya spelling ('.' -> '_') -> module paths having it: a text encoder's with and without
+    kohya's ``text_model_`` prefix, a UNet's diffusers and original (SGM) paths."""
+    if component == "unet":
+        aliases = original_unet_modules(flat, targets)
+    else:
+        aliases = {module: "text_model." + module for module in targets}
     names = {}
     for module in targets:
-        spelled = module.replace(".", "_")
-        variants = [spelled, "text_model_" + spelled] if component == "text_encoder" else [spelled]
-        for v in variants:
-            names.setdefault(v, []).append(module)
+        for spelling in sorted({module, aliases.get(module, module)}):
+            names.setdefault(spelling.replace(".", "_"), []).append(module)
     return names
 
 
 def resolve_lora(lora, pipe) -> dict:
     """{(component, param key): (up, down, alpha_over_rank)} for ``pipe``'s parameters, e.g.
     ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"), after checking
-    that every module names a weight of the model and that the factors fit its shape."""
+    that every module names a weight of the model and that the factors fit its shape. Modules
+    of components the pipeline does not have (module doc) are left out, with a warning."""
     lora = read_lora(lora)
-    found, kohya, out = {}, {}, {}
+    found, kohya, out, ignored = {}, {}, {}, []
     for (component, module, is_kohya), f in sorted(lora.modules.items()):
+        if not hasattr(pipe, component):
+            ignored.append(f.key)
+            continue
         if component not in found:
-            found[component] = _targets(_model(pipe, component, lora, f), component)
-            kohya[component] = _kohya_names(found[component], component)
+            flat = flatten(_model(pipe, component, lora, f).params)  # raw leaves, no casts
+            found[component] = _targets(flat, component)
+            kohya[component] = _kohya_names(flat, found[component], component)
         path = _module_path(module, is_kohya, found[component], kohya[component], f, lora)
         key, shape = found[component][path]
         _fit_shape(f, shape, lora.source)
         if (component, key) in out:
             raise WeightsError(f"{lora.source}: key {f.key!r}: {component} {key} is given twice")
         out[(component, key)] = (f.up, f.down, f.alpha_over_rank)
+    _ignored(lora.source, ignored, out)
     return out
+
+
+def _ignored(source, ignored, resolved):
+    if ignored:
+        log.warning(
+            "%s: %d modules of a second text encoder (lora_te2_ / text_encoder_2., SDXL) "
+            "ignored: this model has none, and diffusers ignores them too (first key: %s)",
+            source, len(ignored), ignored[0],
+        )  # fmt: skip
+    if not resolved:
+        raise WeightsError(
+            f"{source}: no LoRA weights for a UNet or a text encoder this model has (all "
+            f"{len(ignored)} modules are for a second text encoder, SDXL's)"
+        )
 
 
 def _model(pipe, component, lora, f):
@@ -188,8 +248,8 @@ def _module_path(module, is_kohya, targets, kohya, f, lora):
         )
     raise WeightsError(
         f"{lora.source}: key {f.key!r} names no Linear / Conv2d weight of the model "
-        f"({module!r} not found; LoRAs for another architecture, e.g. SDXL or LDM block names "
-        "such as input_blocks, do not fit)"
+        f"({module!r} not found; a LoRA for another architecture, e.g. an SDXL LoRA on SD1.x "
+        "or a base LoRA on the SDXL refiner, does not fit)"
     )
 
 
@@ -231,8 +291,9 @@ def merged_weight(w, dtype, up, down, factor):
 
 def apply_lora(pipe, lora, scale=1.0) -> LoraHandle:
     """Merge ``lora`` (a LoRA, a path or a state dict) into ``pipe.unet`` / ``pipe.text_encoder``
-    in place, W' = W + scale * alpha / r * up @ down. Returns a handle for :func:`remove_lora`;
-    the handles of applied LoRAs are also listed in ``pipe.loras``, in order."""
+    / ``pipe.text_encoder_2`` in place, W' = W + scale * alpha / r * up @ down. Returns a handle
+    for :func:`remove_lora`; the handles of applied LoRAs are also listed in ``pipe.loras``, in
+    order."""
     if not is_number(scale):
         raise InputError(f"scale={scale!r}: expected a finite number")
     lora = read_lora(lora)

@@ -1,31 +1,41 @@
 """LoRA file formats: key names -> (component, module, factors, alpha / rank).
 
 Three spellings of the same thing are read (the ones diffusers' ``load_lora_weights`` reads for
-SD1.x / SD2.x; minisd/lora.py documents the math and where minisd differs from diffusers):
+SD1.x / SD2.x and SDXL; minisd/lora.py documents the math and where minisd differs from
+diffusers):
 
 kohya / A1111 (sd-scripts, LyCORIS LoCon)   one module name, ``.`` of the module path as ``_``:
     lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight   (r, in[, kh, kw])
     lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight     (out, r[, 1, 1])
     lora_unet_down_blocks_0_attentions_0_proj_in.alpha              ()    scale alpha / r
     lora_te_text_model_encoder_layers_0_self_attn_q_proj...         (lora_te1_ too)
+    lora_te2_text_model_encoder_layers_0_mlp_fc1...                 SDXL's text_encoder_2
+  SDXL files (sd-scripts trains SDXL on the original SGM UNet) name UNet modules by their
+  original paths, ``.`` as ``_`` as well:
+    lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q...   (down_blocks.1.attentions.0...)
+    lora_unet_middle_block_0_in_layers_2...                         (mid_block.resnets.0.conv1)
+    lora_unet_output_blocks_2_2_conv..., lora_unet_label_emb_0_0... (up_blocks.0.upsamplers.0...)
 diffusers / peft                             the module path itself:
     unet.down_blocks.0.attentions.0.proj_in.lora_A.weight           down
     unet.down_blocks.0.attentions.0.proj_in.lora_B.weight           up
     text_encoder.[text_model.]encoder.layers.0.mlp.fc1.lora_A.weight
+    text_encoder_2.[text_model.]encoder.layers.0.self_attn.q_proj.lora_A.weight   (SDXL)
     (also ``.lora.down/up.weight`` and ``.lora_linear_layer.down/up.weight``)
 older diffusers attention processors:
     unet.<attention>.processor.to_q_lora.down.weight                (to_k, to_v, to_out too)
     text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight
 
-A kohya name is resolved later, against the model's own parameter names (minisd/lora.py), so
-``_`` inside names (``proj_in``, ``transformer_blocks``) needs no guessing here.
+A kohya name is resolved later, against the model's own parameter names and, for a UNet, the
+original names of its modules (minisd/lora.py), so ``_`` inside names (``proj_in``,
+``transformer_blocks``) needs no guessing here. Keys are read whatever the pipeline; which
+components it has is decided there too (a second text encoder's keys are ignored for SD1.x /
+SD2.x, as diffusers ignores them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import re
 
@@ -33,12 +43,12 @@ import numpy as np
 
 from .errors import WeightsError
 
-COMPONENTS = ("unet", "text_encoder")
-# kohya prefixes -> component (None: a second text encoder, which SD1.x / SD2.x do not have)
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the pipeline's attribute names
+# kohya prefixes -> component (text_encoder_2: SDXL's OpenCLIP bigG encoder)
 KOHYA_PREFIXES = (
     ("lora_unet_", "unet"),
     ("lora_te1_", "text_encoder"),
-    ("lora_te2_", None),
+    ("lora_te2_", "text_encoder_2"),
     ("lora_te_", "text_encoder"),
 )
 KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -53,9 +63,11 @@ DOTTED_ROLES = (
 )
 # <attention>[.processor].to_q_lora.down.weight: the attention-processor layout of diffusers < 0.21
 PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_CLIP_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 PROCESSOR_MODULE = {
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+    "text_encoder": _CLIP_PROJ,
+    "text_encoder_2": _CLIP_PROJ,
 }
 # Adapter kinds that are not a low-rank product, found by a part of their key names.
 REFUSED = (
@@ -77,8 +89,6 @@ REFUSED_SUFFIXES = (
     (".on_input", "IA3"),
 )
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig per component, as JSON
-
-log = logging.getLogger("minisd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +120,20 @@ def refuse_other_kinds(key, source) -> None:
 
 
 def classify(key, source):
-    """``key`` -> (component, module, kohya, role), or None for a key to ignore (the second
-    text encoder of SDXL). role: "down" | "up" | "alpha"."""
+    """``key`` -> (component, module, kohya, role); role: "down" | "up" | "alpha"."""
     refuse_other_kinds(key, source)
     if key.startswith("lora_"):
         return _classify_kohya(key, source)
     component, _, rest = key.partition(".")
-    if component == "text_encoder_2":
-        return None
     if component not in COMPONENTS or not rest:
         raise WeightsError(
             f"{source}: key {key!r} is not a LoRA key of a known layout: expected "
-            "'lora_unet_…' / 'lora_te_…' (kohya) or 'unet.…' / 'text_encoder.…' (diffusers, "
-            "peft). (diffusers' load_lora_weights ignores keys without such a prefix.)"
+            "'lora_unet_…' / 'lora_te_…' / 'lora_te2_…' (kohya) or 'unet.…' / "
+            "'text_encoder.…' / 'text_encoder_2.…' (diffusers, peft). (diffusers' "
+            "load_lora_weights ignores keys without such a prefix.)"
         )
     module, role = _dotted_role(rest, component, key, source)
-    if component == "text_encoder":
+    if component != "unet":
         module = module.removeprefix("text_model.")  # transformers 5 names; minisd's params
     return component, module, False, role
 
@@ -144,8 +152,6 @@ def _classify_kohya(key, source):
             "lora_up.weight or alpha)"
         )
     prefix, component = match[0]
-    if component is None:
-        return None
     return component, name[len(prefix) :], True, KOHYA_ROLES[suffix]
 
 
@@ -169,31 +175,21 @@ def _dotted_role(rest, component, key, source):
 
 
 def parse(flat, metadata, source):
-    """``{key: array}`` of a LoRA file -> ({(component, module, kohya): Factors}, ignored keys).
+    """``{key: array}`` of a LoRA file -> {(component, module, kohya): Factors}.
 
     Checks: every module has a float ``down`` and ``up`` whose ranks agree, conv factors have
     the LoCon layout, alphas are scalars, and no module is given twice."""
     if not flat:
         raise WeightsError(f"{source}: no LoRA weights in it")
-    groups, ignored = {}, []
+    groups = {}
     for key in sorted(flat):
         c = classify(key, source)
-        if c is None:
-            ignored.append(key)
-            continue
         roles = groups.setdefault(c[:3], {})
         if c[3] in roles:
             raise WeightsError(f"{source}: key {key!r}: module given twice ({roles[c[3]][0]!r})")
         roles[c[3]] = (key, flat[key])
-    if ignored:
-        log.warning(
-            "%s: %d keys of a second text encoder (lora_te2_ / text_encoder_2., SDXL) ignored, as "
-            "diffusers ignores them for SD1.x / SD2.x (first: %s)", source, len(ignored), ignored[0]
-        )  # fmt: skip
-    if not groups:
-        raise WeightsError(f"{source}: no LoRA weights for a UNet or a (first) text encoder")
     meta = component_metadata(metadata, source)
-    return {m: _factors(m, roles, meta, source) for m, roles in groups.items()}, ignored
+    return {m: _factors(m, roles, meta, source) for m, roles in groups.items()}
 
 
 def _factors(module, roles, meta, source):
@@ -214,7 +210,7 @@ def _factors(module, roles, meta, source):
             )
         aor = _alpha(*roles["alpha"], source) / rank
     else:
-        aor = metadata_scale(meta.get(module[0]), module[1], rank, kd, source)
+        aor = metadata_scale(meta.get(module[0]), _peft_names(*module[:2]), rank, kd, source)
     return Factors(up=up, down=down, alpha_over_rank=aor, key=kd)
 
 
@@ -278,24 +274,32 @@ def component_metadata(metadata, source):
     return out
 
 
-def metadata_scale(cfg, module, rank, key, source) -> float:
-    """alpha / r of ``module`` under a peft LoraConfig dict (1.0 without one: peft's and
-    diffusers' ``W + B @ A`` when a file carries no alphas). Patterns match as in peft's
-    ``get_pattern_key``: the first whose regex matches the end of the module path."""
+def _peft_names(component, module):
+    """The module's names as peft may have seen them: a text encoder's with and without
+    transformers' ``text_model.`` (CLIPTextModel has none in transformers 5,
+    CLIPTextModelWithProjection still has it)."""
+    return (module,) if component == "unet" else (module, "text_model." + module)
+
+
+def metadata_scale(cfg, names, rank, key, source) -> float:
+    """alpha / r of a module under a peft LoraConfig dict (1.0 without one: peft's and
+    diffusers' ``W + B @ A`` when a file carries no alphas). ``names``: the module's paths
+    (:func:`_peft_names`). Patterns match as in peft's ``get_pattern_key``: the first whose regex
+    matches the end of a module path."""
     if not cfg:
         return 1.0
-    r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
-    alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+    r = _pattern(cfg.get("rank_pattern") or {}, names, cfg.get("r", 8))
+    alpha = _pattern(cfg.get("alpha_pattern") or {}, names, cfg.get("lora_alpha", 8))
     if r != rank:
         raise WeightsError(
             f"{source}: key {key!r} has rank {rank}, but the '{METADATA_KEY}' metadata gives "
-            f"r={r} for {module}"
+            f"r={r} for {names[0]}"
         )
     return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
-def _pattern(patterns, module, default):
+def _pattern(patterns, names, default):
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
             return value
     return default

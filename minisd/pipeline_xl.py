@@ -20,9 +20,12 @@ What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_
   weights_tools) load.
 - ``denoising_end`` / ``denoising_start``: the base hands its partly denoised latents to the
   refiner (the "ensemble of expert denoisers" of the paper's sec. 2.5).
-Not supported here: inpainting, ControlNet, T2I-/IP-Adapters, LoRA and textual inversion (their
-SDXL formats); and the invisible watermark diffusers adds when the ``invisible-watermark``
-package is installed (minisd never marks images).
+- LoRA (minisd/lora.py: diffusers/peft files with ``text_encoder_2.`` keys, sd-scripts files
+  with the original UNet block names) and textual inversion (minisd/textual_inversion_xl.py:
+  ``clip_l`` + ``clip_g`` files) reach both text encoders.
+Not supported here: inpainting, ControlNet, T2I-/IP-Adapters; and the invisible watermark
+diffusers adds when the ``invisible-watermark`` package is installed (minisd never marks
+images).
 """
 
 from __future__ import annotations
@@ -145,11 +148,19 @@ class StableDiffusionXL(StableDiffusion):
     def _refuse(self, what):
         raise InputError(f"{what}: not supported with SDXL in minisd (SD1.x / SD2.x only)")
 
-    def load_lora(self, lora, scale=1.0):
-        self._refuse("load_lora")
+    def load_textual_inversion(self, source, token=None, *, text_encoder=None, tokenizer=None):
+        """Add a textual inversion embedding to both text encoders, as diffusers' two
+        ``load_textual_inversion`` calls (one per encoder) do: an SDXL file (kohya / civitai:
+        {"clip_l": (n, 768), "clip_g": (n, 1280)}) or state dict; the token is ``token`` or
+        the file's stem, usable in ``prompt`` and ``prompt_2``. The refiner takes clip_g only.
+        ``text_encoder=pipe.text_encoder`` or ``pipe.text_encoder_2`` (``tokenizer=`` optional)
+        loads into that encoder only, also an SD1.x-style one-encoder file of its width, which
+        is refused without it. Returns the added tokens ("<tok>", "<tok>_1", ...);
+        :meth:`unload_textual_inversion` removes them from both. minisd/textual_inversion_xl.py
+        """
+        from .textual_inversion_xl import load_textual_inversion_xl
 
-    def load_textual_inversion(self, source, token=None):
-        self._refuse("load_textual_inversion")
+        return load_textual_inversion_xl(self, source, token, text_encoder, tokenizer)
 
     def load_ip_adapter(self, weights, image_encoder, scale=1.0):
         self._refuse("load_ip_adapter")

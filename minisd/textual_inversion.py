@@ -24,13 +24,18 @@ Formats (safetensors only; pickle files .pt / .bin / .ckpt are refused with a co
 - a state dict {token: array} or A1111's {"string_to_param": {"*": array}, "name": ...}
   (what ``torch.load`` of a .pt gives), or an array (n, D) with ``token=``.
 - a folder holding ``learned_embeds.safetensors`` or a single .safetensors file.
-``token=`` renames the embedding of a one-embedding file. SDXL embeddings (clip_l + clip_g) are
-refused. Unlike diffusers, a token whose normalized form is taken ("<A>" after "<a>") is refused,
-and unloading "<tok>" removes all of its vectors (diffusers leaves "<tok>_1", ...).
+``token=`` renames the embedding of a one-embedding file. SDXL embeddings (clip_l + clip_g) load
+into SDXL pipelines only (minisd/textual_inversion_xl.py). Unlike diffusers, a token whose
+normalized form is taken ("<A>" after "<a>") is refused, and unloading "<tok>" removes all of
+its vectors (diffusers leaves "<tok>_1", ...).
 
 With weights="lazy" / "stream" the stored table (file dtype, memory-mapped) is replaced by one in
 the compute dtype while embeddings are loaded, so results equal "eager" bit for bit; unloading
 the last one puts the stored table back.
+
+The pipeline's tokenizer / text encoder pairs are its ``slots``: SD's one, SDXL's two (the
+refiner: the second only); each has its own loaded embeddings (``_State``), and unloading a token
+removes it from every pair that has it.
 """
 
 from __future__ import annotations
@@ -69,6 +74,27 @@ class Embedding:
         return [self.token] + [f"{self.token}_{i}" for i in range(1, len(self.vectors))]
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A tokenizer / text encoder pair of a pipeline, by attribute name, and the pipeline
+    attribute that holds its _State."""
+
+    tokenizer: str
+    text_encoder: str
+    state: str
+
+
+SLOTS = (
+    Slot("tokenizer", "text_encoder", "_textual_inversion"),
+    Slot("tokenizer_2", "text_encoder_2", "_textual_inversion_2"),  # SDXL's OpenCLIP bigG
+)
+
+
+def slots(pipe) -> list[Slot]:
+    """The pairs ``pipe`` has: SD's one, SDXL base's two, the SDXL refiner's second."""
+    return [s for s in SLOTS if getattr(pipe, s.text_encoder, None) is not None]
+
+
 @dataclasses.dataclass
 class _State:
     """A pipeline's loaded embeddings; ``base`` is the stored table before the first one,
@@ -84,6 +110,11 @@ class _State:
 
 def read_embeddings(source, token=None) -> list[Embedding]:
     """The embeddings of a file, folder, state dict or array (module doc), checked."""
+    return embeddings_of(*read_source(source, token), token)
+
+
+def read_source(source, token=None):
+    """(where, file stem or None, state dict) of a file, folder, state dict or array."""
     if token is not None and (not isinstance(token, str) or not token.strip()):
         raise InputError(f"token={token!r}: expected a non-empty string or None")
     if isinstance(source, dict):
@@ -95,7 +126,13 @@ def read_embeddings(source, token=None) -> list[Embedding]:
     else:
         path = embedding_file(path_arg(source, "textual inversion"))
         where, stem, sd = str(path), path.stem, load_file(path)
-    return [Embedding(n, _vectors(a, n, where), where) for n, a in _named(sd, token, where, stem)]
+    return where, stem, sd
+
+
+def embeddings_of(where, stem, sd, token=None) -> list[Embedding]:
+    """The embeddings of a one-encoder state dict (module doc), checked."""
+    pairs = _named(sd, token, where, stem)
+    return [Embedding(n, check_vectors(a, n, where), where) for n, a in pairs]
 
 
 def embedding_file(path: Path) -> Path:
@@ -130,9 +167,10 @@ def _named(sd, token, where, stem):
     keys = list(sd)
     if not keys:
         raise WeightsError(f"{where}: holds no embedding (expected {{token: (n, D)}})")
-    if {"clip_l", "clip_g"} <= set(keys):
+    if {"clip_l", "clip_g"} & set(keys):
         raise WeightsError(
-            f"{where}: an SDXL embedding (clip_l + clip_g); SD1.x / SD2.x take one vector set"
+            f"{where}: an SDXL embedding (clip_l / clip_g); SD1.x / SD2.x take one vector set "
+            "(load it into a minisd.StableDiffusionXL pipeline)"
         )
     if isinstance(sd.get("string_to_param"), dict):  # A1111 .pt contents (torch.load)
         params = sd["string_to_param"]
@@ -154,7 +192,7 @@ def _named(sd, token, where, stem):
     return [(name, sd[keys[0]])]
 
 
-def _vectors(array, token, where):
+def check_vectors(array, token, where):
     """(n, D) host array of one embedding; (D,) is one vector."""
     a = np.asarray(to_numpy(array))
     if a.dtype.kind != "f":
@@ -173,22 +211,23 @@ def _vectors(array, token, where):
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _state(pipe):
-    """The pipeline's _State (None before the first embedding), after checking that nothing
+def _state(pipe, slot):
+    """The slot's _State (None before the first embedding), after checking that nothing
     changed the tokenizer or the table behind its back."""
-    state, tok, te = getattr(pipe, "_textual_inversion", None), pipe.tokenizer, pipe.text_encoder
+    state = getattr(pipe, slot.state, None)
+    tok, te = getattr(pipe, slot.tokenizer), getattr(pipe, slot.text_encoder)
     if state is None:
         if len(tok) != te.config.vocab_size:
             raise InputError(
-                f"textual inversion: the tokenizer has {len(tok)} tokens, the text encoder's "
-                f"token embedding {te.config.vocab_size} rows; they must agree"
+                f"textual inversion: {slot.tokenizer} has {len(tok)} tokens, {slot.text_encoder}"
+                f"'s token embedding {te.config.vocab_size} rows; they must agree"
             )
         return None
     names = [n for e in state.embeddings for n in e.names]
     if te.token_embedding is not state.current or tok.added_tokens != names:
         raise InputError(
-            "textual inversion: the text encoder's token embedding or the tokenizer's added "
-            "tokens were changed after embeddings were loaded"
+            f"textual inversion: {slot.text_encoder}'s token embedding or {slot.tokenizer}'s "
+            "added tokens were changed after embeddings were loaded"
         )
     return state
 
@@ -206,14 +245,14 @@ def _set_table(te, state):
     state.current = table
 
 
-def _check_fit(embeddings, te, source):
+def check_fit(embeddings, te, source, name="the text encoder", hint="768: SD1.x, 1024: SD2.x"):
+    """WeightsError unless every embedding's width is the text encoder's hidden size."""
     d = te.config.hidden_size
     for e in embeddings:
         if e.vectors.shape[1] != d:
             raise WeightsError(
-                f"{source}: embedding {e.token!r} has vectors of size {e.vectors.shape[1]}, the "
-                f"text encoder's hidden size is {d} (768: SD1.x, 1024: SD2.x); it was trained "
-                "for another model"
+                f"{source}: embedding {e.token!r} has vectors of size {e.vectors.shape[1]}, "
+                f"{name}'s hidden size is {d} ({hint}); it was trained for another model"
             )
 
 
@@ -221,28 +260,61 @@ def load_textual_inversion(pipe, source, token=None) -> list[str]:
     """Add the embeddings of ``source`` (module doc) to ``pipe.tokenizer`` and
     ``pipe.text_encoder``; returns the added tokens ("<tok>", "<tok>_1", ...)."""
     embeddings = read_embeddings(source, token)
-    where = embeddings[0].source
-    tok, te = pipe.tokenizer, pipe.text_encoder
-    _check_fit(embeddings, te, where)
-    state = _state(pipe) or _State(te.token_embedding, te.token_embedding, [])
-    names = [n for e in embeddings for n in e.names]
+    check_fit(embeddings, pipe.text_encoder, embeddings[0].source)
+    return add_embeddings(pipe, [(SLOTS[0], embeddings)], embeddings[0].source)
+
+
+def add_embeddings(pipe, plan, where) -> list[str]:
+    """Add each (slot, embeddings) of ``plan`` (widths checked) to the slot's tokenizer and
+    table, all or nothing; returns the added tokens, each once, in order."""
+    staged = []
+    for slot, embeddings in plan:
+        te = getattr(pipe, slot.text_encoder)
+        state = _state(pipe, slot) or _State(te.token_embedding, te.token_embedding, [])
+        names = [n for e in embeddings for n in e.names]
+        try:
+            getattr(pipe, slot.tokenizer).check_new_tokens(names)
+        except InputError as e:
+            which = f" ({slot.tokenizer})" if len(slots(pipe)) > 1 else ""
+            raise InputError(f"{where}{which}: {e}") from None
+        staged.append((slot, state, embeddings, names))
+    for slot, _, embeddings, _ in staged:
+        for e in embeddings:
+            _warn_unexpandable(getattr(pipe, slot.tokenizer), e)
+    done = []
     try:
-        tok.check_new_tokens(names)
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
-    for e in embeddings:
-        _warn_unexpandable(tok, e)
+        for slot, state, embeddings, names in staged:
+            _add(pipe, slot, state, embeddings, names)
+            done.append((slot, state, embeddings))
+    except BaseException:  # e.g. out of GPU memory in the second slot: undo the first
+        for slot, state, embeddings in reversed(done):
+            _drop(pipe, slot, state, embeddings)
+        raise
+    return list(dict.fromkeys(n for *_, names in staged for n in names))
+
+
+def _add(pipe, slot, state, embeddings, names):
+    """Append one slot's embeddings: tokens (ids len(tok), len(tok) + 1, ...) and rows."""
+    tok = getattr(pipe, slot.tokenizer)
     before = state.embeddings
-    tok.add_tokens(names)  # ids len(tok), len(tok) + 1, ...: the rows appended below
+    tok.add_tokens(names)
     try:
         state.embeddings = before + embeddings
-        _set_table(te, state)
-    except BaseException:  # e.g. out of GPU memory: leave both as they were
+        _set_table(getattr(pipe, slot.text_encoder), state)
+    except BaseException:  # leave both as they were
         state.embeddings = before
         tok.remove_tokens(names)
         raise
-    pipe._textual_inversion = state
-    return names
+    setattr(pipe, slot.state, state)
+
+
+def _drop(pipe, slot, state, drop):
+    """Remove some of one slot's embeddings, tokens and rows; the originals with none left."""
+    getattr(pipe, slot.tokenizer).remove_tokens([n for e in drop for n in e.names])
+    state.embeddings = [e for e in state.embeddings if e not in drop]
+    _set_table(getattr(pipe, slot.text_encoder), state)
+    if not state.embeddings:
+        setattr(pipe, slot.state, None)
 
 
 def _warn_unexpandable(tok, e):
@@ -252,41 +324,50 @@ def _warn_unexpandable(tok, e):
             f"{e.source}: token {e.token!r} has {len(e.vectors)} vectors but is not in "
             f"normalized form ({norm!r}); as in diffusers, prompts get its first vector only. "
             f"Load it with token={norm!r} to use all of them.",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
+def _loaded(pipe):
+    """{slot: _State} of the slots holding embeddings."""
+    out = {}
+    for slot in slots(pipe):
+        if getattr(pipe, slot.state, None) is not None:
+            out[slot] = _state(pipe, slot)
+    return out
+
+
 def unload_textual_inversion(pipe, tokens=None) -> None:
-    """Remove loaded embeddings, each with all of its vectors; ``tokens``: a token or a list of
-    them as loaded ("<tok>"), None for all. The tokens left take consecutive ids again, as in
-    diffusers; with none left, tokenizer and table are the originals, bit for bit."""
-    state = _state(pipe) if getattr(pipe, "_textual_inversion", None) else None
-    loaded = [] if state is None else state.embeddings
+    """Remove loaded embeddings, each with all of its vectors and from every tokenizer / text
+    encoder pair that has it; ``tokens``: a token or a list of them as loaded ("<tok>"), None
+    for all. The tokens left take consecutive ids again, as in diffusers; with none left,
+    tokenizers and tables are the originals, bit for bit."""
+    loaded = _loaded(pipe)
     if tokens is None:
-        drop = list(loaded)
+        wanted = None
     else:
         wanted = [tokens] if isinstance(tokens, str) else list(tokens)
-        by_token = {e.token: e for e in loaded}
+        known = {e.token for state in loaded.values() for e in state.embeddings}
         for t in wanted:
-            if t not in by_token:
+            if t not in known:
                 raise InputError(
                     f"unload_textual_inversion: {t!r} is not a loaded embedding (loaded: "
-                    f"{sorted(by_token) or 'none'}; unload a multi-vector one by its first token)"
+                    f"{sorted(known) or 'none'}; unload a multi-vector one by its first token)"
                 )
-        drop = [by_token[t] for t in dict.fromkeys(wanted)]
-    if not drop:
-        return
-    pipe.tokenizer.remove_tokens([n for e in drop for n in e.names])
-    state.embeddings = [e for e in loaded if e not in drop]
-    _set_table(pipe.text_encoder, state)
-    if not state.embeddings:
-        pipe._textual_inversion = None
+    for slot, state in loaded.items():
+        drop = [e for e in state.embeddings if wanted is None or e.token in wanted]
+        if drop:
+            _drop(pipe, slot, state, drop)
 
 
 def loaded_embeddings(pipe) -> dict:
-    """{token: number of vectors} of the embeddings loaded into ``pipe``, in load order."""
-    state = getattr(pipe, "_textual_inversion", None)
-    return {} if state is None else {e.token: len(e.vectors) for e in state.embeddings}
+    """{token: number of vectors} of the embeddings loaded into ``pipe``, in load order (SDXL:
+    of every encoder; a token in both counts the first encoder's vectors)."""
+    out = {}
+    for slot in slots(pipe):
+        for e in getattr(getattr(pipe, slot.state, None), "embeddings", ()):
+            out.setdefault(e.token, len(e.vectors))
+    return out
 
 
 def expand_prompt(tokenizer, prompt: str) -> str:

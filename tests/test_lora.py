@@ -27,6 +27,7 @@ from minisd.lora import apply_lora, remove_lora
 from minisd.weights import CastOnRead, flatten, save_file
 
 ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TE_PROJ = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
 
 
@@ -62,10 +63,16 @@ def reference(folder, dtype):
 # --------------------------------------------------------------------------- random LoRAs
 
 
+def components(pipe):
+    """The LoRA targets a pipeline (minisd's or diffusers') has: SDXL's refiner lacks
+    text_encoder, SD1.x / SD2.x lack text_encoder_2."""
+    return [c for c in COMPONENTS if getattr(pipe, c, None) is not None]
+
+
 def targets(pipe):
     """[(component, module, shape)] of every Linear / Conv2d weight of a minisd pipeline."""
     out = []
-    for comp in ("unet", "text_encoder"):
+    for comp in components(pipe):
         for key, v in flatten(getattr(pipe, comp).params).items():
             if key.endswith(".weight") and v.ndim >= 2 and not key.startswith("embeddings."):
                 out.append((comp, key[: -len(".weight")], v.shape))
@@ -134,8 +141,11 @@ def metadata_for(lora):
     ranks, with alphas from lora_alpha and alpha_pattern."""
     meta = {}
     for comp, alpha, pattern in (("unet", 6.0, {"proj_out": 1.5, "to_k": 9.0}),
-                                 ("text_encoder", 2.0, {"fc1": 4.0})):  # fmt: skip
+                                 ("text_encoder", 2.0, {"fc1": 4.0}),
+                                 ("text_encoder_2", 3.0, {"v_proj": 5.0})):  # fmt: skip
         ranks = {m: down.shape[0] for (c, m), (_, down, _) in lora.items() if c == comp}
+        if not ranks:
+            continue
         r = max(set(ranks.values()), key=list(ranks.values()).count)
         meta.update({f"{comp}.r": r, f"{comp}.lora_alpha": alpha, f"{comp}.alpha_pattern": pattern,
                      f"{comp}.rank_pattern": {f"^{m}": k for m, k in ranks.items() if k != r},
@@ -145,7 +155,7 @@ def metadata_for(lora):
 
 def weights_of(pipe, lora):
     """{(component, param key): host copy} of the weights ``lora`` targets."""
-    flat = {c: flatten(getattr(pipe, c).params) for c in ("unet", "text_encoder")}
+    flat = {c: flatten(getattr(pipe, c).params) for c in components(pipe)}
     return {(c, m + ".weight"): to_numpy(flat[c][m + ".weight"]).copy() for c, m in lora}
 
 
@@ -164,14 +174,15 @@ def expected(pipe, lora, scale, alpha_over_rank):
 
 
 def ref_weights(ref):
-    """{(component, param key): array} of the reference's (fused) Linear / Conv2d weights."""
+    """{(component, param key): array} of the reference's (fused) Linear / Conv2d weights, by
+    minisd's names (no ``text_model.``: CLIPTextModelWithProjection still has it)."""
     out = {}
-    for comp in ("unet", "text_encoder"):
+    for comp in components(ref):
         for name, m in getattr(ref, comp).named_modules():
             w = getattr(getattr(m, "base_layer", m), "weight", None)
             if name.endswith("base_layer") or w is None or w.ndim < 2:
                 continue
-            out[(comp, name + ".weight")] = to_np(w)
+            out[(comp, name.removeprefix("text_model.") + ".weight")] = to_np(w)
     return out
 
 
@@ -289,7 +300,7 @@ def bits(pipe):
     """Every stored UNet / text-encoder array as host bytes (bit-exact comparisons)."""
     return {
         (c, k): (str(v.dtype), to_numpy(v).tobytes())
-        for c in ("unet", "text_encoder")
+        for c in components(pipe)
         for k, v in flatten(getattr(pipe, c).params).items()
     }
 

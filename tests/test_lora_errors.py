@@ -65,7 +65,10 @@ def bad_cases(flat, peft_keys):
         "alpha": ({**flat, f"{NAME}.alpha": np.ones(2, np.float32)}, "alpha must be one"),
         "twice": ({**flat, **peft_keys}, "given twice"),
         "empty": ({}, "no LoRA weights"),
-        "only te2": ({"lora_te2_x.lora_up.weight": up}, "no LoRA weights for a UNet"),
+        "only te2": (
+            {"lora_te2_x.lora_up.weight": up, "lora_te2_x.lora_down.weight": down},
+            "no LoRA weights for a UNet or a text encoder this model has",
+        ),  # fmt: skip
     }
 
 
@@ -139,7 +142,8 @@ def test_peft_alpha_keys_second_text_encoder_and_sources(tiny, tmp_path, caplog)
     pipe = ours(tiny)
     lora = random_lora(pipe, seed=8, alphas="per_module")
     want = resolve_lora(kohya(lora), pipe)
-    te2 = {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.ones((2, 3))}
+    fc1 = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    te2 = {f"{fc1}.lora_down.weight": np.ones((2, 3)), f"{fc1}.lora_up.weight": np.ones((4, 2))}
     with caplog.at_level(logging.WARNING, logger="minisd"):
         got = resolve_lora({**peft(lora), **te2}, pipe)
     assert "second text encoder" in caplog.text and "lora_te2_" in caplog.text
