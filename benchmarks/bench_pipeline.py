@@ -12,6 +12,10 @@ same folder with ``torch_dtype=torch.float32``.
     python benchmarks/bench_pipeline.py            # 20 steps, 512x512, all sides
     python benchmarks/bench_pipeline.py --quick    # 2 steps, 256x256: a few minutes here
     python benchmarks/bench_pipeline.py --sides minisd-stream --no-write
+    python benchmarks/bench_pipeline.py --family sdxl --steps 4   # SDXL base (~7 GB folder)
+
+``--family sdxl``: the SDXL 1.0 base architecture the same way (two text encoders, float32 VAE
+decode on both sides), 512x512 by default: its 1024x1024 costs ~4x per step on a CPU.
 """
 
 from __future__ import annotations
@@ -30,17 +34,22 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import append_results, markdown_table, write_full_size_model  # noqa: E402
 
-CACHE = Path(os.environ.get("MINISD_BENCH_CACHE", "/tmp/minisd-bench-sd15-fp16"))
+CACHE = {
+    "sd1": Path(os.environ.get("MINISD_BENCH_CACHE", "/tmp/minisd-bench-sd15-fp16")),
+    "sdxl": Path(os.environ.get("MINISD_BENCH_CACHE_XL", "/tmp/minisd-bench-sdxl-fp16")),
+}
+TITLES = {"sd1": "SD1.5", "sdxl": "SDXL base"}
 PROMPT = "a photograph of an astronaut riding a horse"
 SIDES = ("minisd-stream", "minisd-lazy", "minisd-eager", "diffusers")
 
 
-def write_model(folder, seed=0):
-    """A diffusers SD1.5 pipeline folder with random float16 weights (skipped if complete)."""
+def write_model(folder, family="sd1", seed=0):
+    """A diffusers pipeline folder of ``family`` with random float16 weights (skipped if
+    complete)."""
     folder = Path(folder)
     if (folder / "complete").is_file():
         return folder
-    write_full_size_model(folder, family="sd1", seed=seed)
+    write_full_size_model(folder, family=family, seed=seed)
     (folder / "complete").write_text("ok\n")
     return folder
 
@@ -92,12 +101,17 @@ def run_minisd(folder, mode, steps, size):
 
 def run_diffusers(folder, steps, size):
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+    if (Path(folder) / "text_encoder_2").is_dir():
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            folder, torch_dtype=torch.float32, add_watermarker=False
+        )
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     t1 = time.perf_counter()
@@ -137,12 +151,13 @@ def gib(kib):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", choices=sorted(CACHE), default="sd1", help="default sd1")
     p.add_argument("--quick", action="store_true", help="2 steps at 256x256")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--folder", default=str(CACHE))
+    p.add_argument("--folder", help="model folder (default: a cache folder per family)")
     p.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,7 +165,7 @@ def main(argv=None):
     size = args.size or (256 if args.quick else 512)
     if args.worker:
         return worker(args.worker, args.folder, steps, size)
-    folder = write_model(args.folder)
+    folder = write_model(args.folder or CACHE[args.family], args.family)
     rows = []
     for side in [s for s in args.sides.split(",") if s]:
         r = run_side(side, folder, steps, size, args.threads)
@@ -169,9 +184,10 @@ def main(argv=None):
     table = markdown_table(header, rows)
     print("\n".join(table))
     if not args.no_write:
-        title = f"pipeline: txt2img SD1.5 fp16 files, {steps} DDIM steps {size}x{size}, CFG 7.5"
+        name = TITLES[args.family]
+        title = f"pipeline: txt2img {name} fp16 files, {steps} DDIM steps {size}x{size}, CFG 7.5"
         notes = (
-            "Random full-size SD1.5 weights stored as float16, computed in float32 on both "
+            f"Random full-size {name} weights stored as float16, computed in float32 on both "
             "sides; each side in a fresh subprocess. minisd-stream/-lazy: float16 memory maps "
             "cast per layer (minisd/weights.py); minisd-eager: cast to float32 at load. "
             "RssAnon / RssFile: the split at the highest sampled VmRSS (20 ms polling)."
