@@ -13,10 +13,14 @@ of training) as a residual for the frozen UNet's matching skip state / mid-block
     h    = mid_block(h, temb, ctx)                (N, C3, H/8, W/8)
     down_k = controlnet_down_blocks.k(s_k) * g_k  mid = controlnet_mid_block(h) * g_mid
 
-with temb = time_embedding(time_proj(t)) as in the UNet. Scales: g = conditioning_scale; in
-guess mode g_k = conditioning_scale * 10^(-1 + k/n) for the n down residuals and the mid one
-(0.1 for conv_in's state up to 1 for the mid block). ``global_pool_conditions`` (shuffle
-ControlNets): no guess-mode ramp, and every residual is averaged over H, W to (N, C, 1, 1).
+with temb = time_embedding(time_proj(t)) as in the UNet (plus, for SDXL ControlNets with
+addition_embed_type "text_time", the UNet's micro-conditioning embedding of the pooled text
+embedding and the size / crop numbers, minisd/micro_cond.py: diffusers' ControlNetModel adds it
+to temb exactly as UNet2DConditionModel does, and the pipeline hands both models the same
+``added_cond_kwargs`` rows). Scales: g = conditioning_scale; in guess mode
+g_k = conditioning_scale * 10^(-1 + k/n) for the n down residuals and the mid one (0.1 for
+conv_in's state up to 1 for the mid block). ``global_pool_conditions`` (shuffle ControlNets):
+no guess-mode ramp, and every residual is averaged over H, W to (N, C, 1, 1).
 
 The conditioning embedding (diffusers' ControlNetConditioningEmbedding; the paper's "tiny
 network E") with channels E = conditioning_embedding_out_channels (16, 32, 96, 256):
@@ -27,11 +31,13 @@ each followed by silu, then conv_out (E_last -> C0, zero-initialized in training
 Traced names (``minisd.trace()``): the UNet's for ``time_proj``, ``time_embedding...``,
 ``conv_in``, ``down_blocks.i...``, ``mid_block...``, plus ``controlnet_cond_embedding(.conv_in/
 .blocks.i/.conv_out)``, ``controlnet_down_blocks.k`` and ``controlnet_mid_block`` (conv outputs
-before the scaling).
+before the scaling); for SDXL ControlNets also ``add_time_proj``, ``add_embedding(.linear_1/
+.linear_2)``.
 
-Precision islands (as diffusers): ``time_proj`` is float32 in every model dtype (see
-unet_blocks.time_embedding); the guess-mode scales are float32 (``torch.logspace`` in the
-default dtype, times the scale in float32), so a float64 model multiplies by float32 values.
+Precision islands (as diffusers): ``time_proj`` and SDXL's ``add_time_proj`` are float32 in
+every model dtype (see unet_blocks.time_embedding); the guess-mode scales are float32
+(``torch.logspace`` in the default dtype, times the scale in float32), so a float64 model
+multiplies by float32 values.
 
 Beyond diffusers: ``time_cond_proj_dim`` (a config key diffusers' ControlNetModel does not
 have) adds ``time_embedding.cond_proj`` as in LCM UNets, so a ``timestep_cond`` can be fed;
@@ -116,11 +122,12 @@ class ControlNetModel(ConditionedModel):
         global_pool_conditions=None,
     ):  # fmt: skip
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors) or
-        an original single-file ``.safetensors`` ControlNet (lllyasviel's ControlNet 1.0 / 1.1,
-        e.g. control_v11p_sd15_canny.safetensors; converted in memory by
-        weights_tools.controlnet, the architecture inferred from the shapes). For single files
-        only: ``config`` (dict, folder or config.json) sets what the weights cannot show (head
-        counts, norm groups), ``global_pool_conditions=True`` marks a shuffle ControlNet.
+        a single ``.safetensors`` file: an original-layout ControlNet (lllyasviel's ControlNet
+        1.0 / 1.1, e.g. control_v11p_sd15_canny.safetensors; converted in memory by
+        weights_tools.controlnet) or bare diffusers-layout weights (as SDXL ControlNets are
+        shared), the architecture inferred from the shapes. For single files only: ``config``
+        (dict, folder or config.json) sets what the weights cannot show (head counts, norm
+        groups), ``global_pool_conditions=True`` marks a shuffle ControlNet.
         ``weights``: "eager" | "lazy" | "stream", as for folders (minisd/weights.py)."""
         path = path_arg(path, "path")
         refuse_pickle(path)
@@ -177,6 +184,7 @@ class ControlNetModel(ConditionedModel):
         conditioning_scale=1.0,
         guess_mode=False,
         timestep_cond=None,
+        added_cond_kwargs=None,
     ):
         """sample (N, in_channels, H, W); timestep: a scalar or N values; encoder_hidden_states
         (N, L, cross_attention_dim); controlnet_cond (N or 1, conditioning_channels, 8H, 8W)
@@ -184,12 +192,15 @@ class ControlNetModel(ConditionedModel):
         (RGB; flipped here for "bgr" ControlNets). ``guess_mode``: diffusers' log-space ramp of
         the scales (ignored when the config sets global_pool_conditions). ``timestep_cond``:
         only for configs with time_cond_proj_dim (minisd's extension, module docstring).
-        -> (list of the down residuals, one per UNet skip state, mid residual)."""
+        ``added_cond_kwargs``: for SDXL ControlNets (addition_embed_type "text_time") exactly
+        the UNet's, {"text_embeds": (N, P) pooled text embedding, "time_ids": (N, k) size / crop
+        numbers}; None otherwise. -> (list of the down residuals, one per UNet skip state, mid
+        residual)."""
         if not is_number(conditioning_scale):
             raise InputError(f"conditioning_scale={conditioning_scale!r}: expected a number")
         cfg, p, opts = self.config, self.params, self._opts()
         x, ctx, img = self._inputs(sample, encoder_hidden_states, controlnet_cond)
-        temb = self._temb(timestep, x, timestep_cond)  # (N, T)
+        temb = self._temb(timestep, x, timestep_cond, added_cond_kwargs)  # (N, T)
         h = _rec("conv_in", conv(x, p["conv_in"], padding=1))  # (N, C0, H, W)
         emb = traced(
             "controlnet_cond_embedding", cond_embedding, img, p["controlnet_cond_embedding"]

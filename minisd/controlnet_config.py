@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import check_divides, check_numbers
+from .config import check_divides, check_numbers, is_int
 from .errors import ConfigError
 from .unet_blocks import (
     block_shapes,
@@ -18,25 +18,23 @@ from .unet_blocks import (
     prefixed,
     transformer_shapes,
 )
-from .unet_config import parse_config, per_block
+from .unet_config import check_addition, parse_config, per_block, text_time_shapes
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _MID = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
-# Features of diffusers' ControlNetModel that minisd does not implement (SDXL's "text_time"
-# added embedding, class embeddings, Kandinsky's projections) must hold the default.
+# Features of diffusers' ControlNetModel that minisd does not implement (class embeddings,
+# Kandinsky's "text" / "text_image" added embeddings and projections) must hold the default.
 _MUST_BE_DEFAULT = {
     "act_fn": "silu",
     "only_cross_attention": False,
     "class_embed_type": None,
     "num_class_embeds": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
-    "projection_class_embeddings_input_dim": None,
 }
-# No effect without addition_embed_type; sample_size is no ControlNetModel argument (diffusers
-# ignores it too).
-_IGNORED = {"addition_time_embed_dim", "addition_embed_type_num_heads", "sample_size"}
+# Only read by addition_embed_type "text" (not supported); sample_size is no ControlNetModel
+# argument (diffusers ignores it too).
+_IGNORED = {"addition_embed_type_num_heads", "sample_size"}
 _CHOICES = {
     "mid_block_type": _MID,
     "resnet_time_scale_shift": ("default", "scale_shift"),
@@ -49,7 +47,11 @@ class ControlNetConfig:
     """The fields of diffusers' ControlNetModel config.json. As in diffusers, the heads of
     block i are ``num_attention_heads[i]`` if given, else ``attention_head_dim[i]`` (the
     historical misnomer, see UNetConfig); ``layers_per_block`` and ``cross_attention_dim`` are
-    single ints (one value for every block). Per-block fields become tuples."""
+    single ints (one value for every block). Per-block fields become tuples;
+    ``transformer_layers_per_block[-1]`` is also the mid block's depth (as in diffusers), and a
+    depth may be 0 (a Transformer2D of norm, proj_in and proj_out only, as in diffusers' "mid"
+    SDXL ControlNets). SDXL ControlNets set ``addition_embed_type="text_time"`` with the UNet's
+    micro-conditioning widths (minisd/micro_cond.py)."""
 
     in_channels: int = 4
     conditioning_channels: int = 3
@@ -74,6 +76,9 @@ class ControlNetConfig:
     conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
     global_pool_conditions: bool = False
     time_cond_proj_dim: int | None = None  # minisd only: an LCM-style cond_proj (see above)
+    addition_embed_type: str | None = None  # None, or SDXL's "text_time"
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled + ids x that (SDXL: 2816)
     source: str = dataclasses.field(default="config", compare=False, repr=False)
 
     @classmethod
@@ -106,17 +111,27 @@ class ControlNetConfig:
                 )
         for name in ("transformer_layers_per_block", "attention_head_dim"):
             per_block(self, name, n)
+        if self.upcast_attention is None:  # SDXL ControlNet configs say null: diffusers' False
+            object.__setattr__(self, "upcast_attention", False)
         if self.num_attention_heads is not None:
             per_block(self, "num_attention_heads", n)
         self._check_sizes()
 
     def _check_sizes(self):
         ints = ("in_channels", "conditioning_channels", "layers_per_block", "norm_num_groups")
-        ints += ("cross_attention_dim", "transformer_layers_per_block", "attention_head_dim")
-        ints += ("num_attention_heads", "time_cond_proj_dim")
+        ints += ("cross_attention_dim", "attention_head_dim", "num_attention_heads")
+        ints += ("time_cond_proj_dim", "addition_time_embed_dim")
+        ints += ("projection_class_embeddings_input_dim",)
         floats = ("freq_shift", "mid_block_scale_factor", "norm_eps")
-        optional = ("num_attention_heads", "time_cond_proj_dim")
+        optional = ("num_attention_heads", "time_cond_proj_dim", "addition_time_embed_dim")
+        optional += ("projection_class_embeddings_input_dim",)
         check_numbers(self.source, self, ints=ints, floats=floats, optional=optional)
+        depths = self.transformer_layers_per_block
+        if not all(is_int(d) and d >= 0 for d in depths):
+            raise ConfigError(
+                f"{self.source}: transformer_layers_per_block={depths!r}: expected integers >= 0"
+            )
+        check_addition(self)
         c = self.block_out_channels
         check_divides(self.source, "norm_num_groups", self.norm_num_groups, "channels", c)
         name = "attention_head_dim" if self.num_attention_heads is None else "num_attention_heads"
@@ -154,6 +169,7 @@ def param_shapes(cfg: ControlNetConfig) -> dict:
     s.update(prefixed("time_embedding.linear_2", linear_shapes(temb, temb)))
     if cfg.time_cond_proj_dim:  # Linear(time_cond_proj_dim -> C0), no bias
         s["time_embedding.cond_proj.weight"] = (c[0], cfg.time_cond_proj_dim)
+    s.update(text_time_shapes(cfg, temb))  # SDXL's micro-conditioning MLP, as in the UNet
     emb = conv_shapes(e[0], cfg.conditioning_channels, 3)
     emb = prefixed("conv_in", emb)
     for i in range(len(e) - 1):

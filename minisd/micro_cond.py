@@ -27,10 +27,11 @@ from .errors import InputError
 _rec = trace.record
 
 
-def text_time_embedding(added_cond_kwargs, x, p, cfg):
+def text_time_embedding(added_cond_kwargs, x, p, cfg, owner="UNet"):
     """``added_cond_kwargs`` {"text_embeds": (N, P), "time_ids": (N, k)} -> aug_emb (N, T) in
-    x's dtype. ``p``: the UNet's ``add_embedding`` params; ``cfg``: its UNetConfig."""
-    text, ids = _inputs(added_cond_kwargs, x, cfg)
+    x's dtype. ``p``: the model's ``add_embedding`` params; ``cfg``: its config (UNetConfig or
+    ControlNetConfig: the same fields); ``owner`` names the model in error messages."""
+    text, ids = _inputs(added_cond_kwargs, x, cfg, owner)
     xp, n = array_module(x), x.shape[0]
     proj = ops.timestep_embedding(
         ids.reshape(-1),
@@ -46,12 +47,12 @@ def text_time_embedding(added_cond_kwargs, x, p, cfg):
     return _rec("add_embedding", e)
 
 
-def _inputs(added, x, cfg):
+def _inputs(added, x, cfg, owner):
     """text_embeds and time_ids on x's device (text in x's dtype), their shapes checked."""
     if not isinstance(added, dict) or not {"text_embeds", "time_ids"} <= set(added):
         raise InputError(
-            "added_cond_kwargs: this UNet has addition_embed_type='text_time' (SDXL) and needs "
-            "{'text_embeds': (N, P), 'time_ids': (N, k)}"
+            f"added_cond_kwargs: this {owner} has addition_embed_type='text_time' (SDXL) and "
+            "needs {'text_embeds': (N, P), 'time_ids': (N, k)}"
         )
     n, width = x.shape[0], cfg.projection_class_embeddings_input_dim
     text = to_device(added["text_embeds"], device_of(x), x.dtype)

@@ -93,7 +93,8 @@ class ConditionedModel:
     def _temb(self, timestep, x, timestep_cond, added_cond_kwargs=None):
         """The timestep embedding (N, T) for x (N, C, H, W): sinusoidal features (time_proj),
         plus LCM's guidance embedding where given, through time_embedding's MLP; plus SDXL's
-        micro-conditioning embedding for "text_time" UNets (minisd/micro_cond.py)."""
+        micro-conditioning embedding for "text_time" (SDXL) UNets and ControlNets, added after
+        the MLP as diffusers' ``emb + aug_emb`` (minisd/micro_cond.py)."""
         cfg = self.config
         t = broadcast_timesteps(timestep, x.shape[0], array_module(x))  # (N,)
         temb = time_embedding(
@@ -107,7 +108,8 @@ class ConditionedModel:
         )
         if getattr(cfg, "addition_embed_type", None) == "text_time":
             p = self.params["add_embedding"]
-            return temb + text_time_embedding(added_cond_kwargs, x, p, cfg)  # (N, T)
+            aug = text_time_embedding(added_cond_kwargs, x, p, cfg, type(self).__name__)
+            return temb + aug  # (N, T)
         if added_cond_kwargs is not None:
             raise InputError(
                 f"added_cond_kwargs: this {type(self).__name__} has no addition_embed_type "

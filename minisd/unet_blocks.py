@@ -118,7 +118,7 @@ def transformer_2d(
         h = ops.matmul(h, w.reshape(-1, c).T, p["proj_in"].get("bias"))  # (B, HW, inner)
         if trace.active():  # as the module's (B, inner, H, W) output
             _rec("proj_in", h.swapaxes(1, 2).reshape(b, -1, hgt, wid))
-    tb = p["transformer_blocks"]
+    tb = p.get("transformer_blocks", {})  # none at depth 0 (diffusers' "mid" SDXL ControlNets)
     for i in range(len(tb)):
         h = traced(
             f"transformer_blocks.{i}",

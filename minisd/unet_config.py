@@ -94,6 +94,35 @@ def check_block_types(cfg, known):
             raise ConfigError(f"{cfg.source}: {name}: {bad[0]!r} is not supported")
 
 
+def check_addition(cfg):
+    """addition_embed_type: None, or SDXL's "text_time" with both of its widths (the UNet's and
+    the ControlNet's configs share these three fields)."""
+    kind = cfg.addition_embed_type
+    if kind not in (None, "text_time"):
+        raise ConfigError(
+            f"{cfg.source}: addition_embed_type={kind!r} is not supported (minisd "
+            "implements None and SDXL's 'text_time')"
+        )
+    widths = (cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim)
+    if kind == "text_time" and None in widths:
+        raise ConfigError(
+            f"{cfg.source}: addition_embed_type='text_time' needs addition_time_embed_dim "
+            "and projection_class_embeddings_input_dim"
+        )
+
+
+def text_time_shapes(cfg, temb):
+    """{key: shape} of SDXL's add_embedding, diffusers' TimestepEmbedding(pooled width + time
+    ids x addition_time_embed_dim -> T); {} unless addition_embed_type is "text_time"."""
+    if cfg.addition_embed_type != "text_time":
+        return {}
+    s = prefixed(
+        "add_embedding.linear_1", linear_shapes(temb, cfg.projection_class_embeddings_input_dim)
+    )
+    s.update(prefixed("add_embedding.linear_2", linear_shapes(temb, temb)))
+    return s
+
+
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID = ("UNetMidBlock2DCrossAttn", None)
@@ -203,26 +232,11 @@ class UNetConfig:
         optional = ("time_embedding_dim", "sample_size", "time_cond_proj_dim")
         optional += ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
         check_numbers(self.source, self, ints=ints, floats=floats, optional=optional)
-        self._check_addition()
+        check_addition(self)
         c = self.block_out_channels
         check_divides(self.source, "norm_num_groups", self.norm_num_groups, "channels", c)
         # attention_head_dim is diffusers' misnomer for the number of heads (see the docstring)
         check_divides(self.source, "attention_head_dim", self.attention_head_dim, "channels", c)
-
-    def _check_addition(self):
-        """addition_embed_type: None, or SDXL's "text_time" with both of its widths."""
-        kind = self.addition_embed_type
-        if kind not in (None, "text_time"):
-            raise ConfigError(
-                f"{self.source}: addition_embed_type={kind!r} is not supported (minisd "
-                "implements None and SDXL's 'text_time')"
-            )
-        widths = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
-        if kind == "text_time" and None in widths:
-            raise ConfigError(
-                f"{self.source}: addition_embed_type='text_time' needs addition_time_embed_dim "
-                "and projection_class_embeddings_input_dim"
-            )
 
     @property
     def time_embed_dim(self):
@@ -243,10 +257,7 @@ def param_shapes(cfg: UNetConfig) -> dict:
     s.update(prefixed("time_embedding.linear_2", linear_shapes(temb, temb)))
     if cfg.time_cond_proj_dim:  # Linear(time_cond_proj_dim -> C0), no bias
         s["time_embedding.cond_proj.weight"] = (c[0], cfg.time_cond_proj_dim)
-    if cfg.addition_embed_type == "text_time":  # TimestepEmbedding(pooled + time ids -> T)
-        pooled_and_ids = cfg.projection_class_embeddings_input_dim
-        s.update(prefixed("add_embedding.linear_1", linear_shapes(temb, pooled_and_ids)))
-        s.update(prefixed("add_embedding.linear_2", linear_shapes(temb, temb)))
+    s.update(text_time_shapes(cfg, temb))  # SDXL's micro-conditioning MLP
 
     def xattn(i):  # shapes of one Transformer2D of block i (down-block numbering)
         return lambda ch: transformer_shapes(

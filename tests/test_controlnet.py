@@ -155,31 +155,40 @@ def tensor(a):
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
 
-def compare_controlnet(ours, ref, x, t, ctx, img, cond, dtype, **kw):
-    """Run both; compare every traced module (time_proj island rule of the module docstring)
-    and the returned residuals. Returns ({name: error}, (our downs, our mid))."""
+def compare_controlnet(ours, ref, x, t, ctx, img, cond, dtype, *, added=None, **kw):
+    """Run both; compare every traced module (time_proj island rule of the module docstring;
+    for SDXL ControlNets, ``added`` = added_cond_kwargs, the same rule for add_time_proj, bound
+    by the time ids) and the returned residuals. Returns ({name: error}, (our downs, our
+    mid))."""
     torch = need("torch")
     with minisd.trace() as acts:
-        downs, mid = ours(x, t, ctx, img, timestep_cond=cond, **kw)
+        downs, mid = ours(x, t, ctx, img, timestep_cond=cond, added_cond_kwargs=added, **kw)
     tt = tensor(t) if isinstance(t, np.ndarray) else t
+    islands = {"time_proj": t}
+    if added is not None:
+        islands["add_time_proj"] = added["time_ids"]
+        kw["added_cond_kwargs"] = {k: tensor(v) for k, v in added.items()}
     with torch.no_grad(), collect_outputs(ref) as racts:
-        hook = None
-        if dtype == "float64":  # the reference continues from minisd's float32 time_proj
-            ours_tp = torch.from_numpy(acts["time_proj"])
-            hook = ref.time_proj.register_forward_hook(lambda m, i, o: ours_tp)
+        hooks = []
+        if dtype == "float64":  # the reference continues from minisd's float32 sinusoids
+            for name in islands:
+                ours_tp = torch.from_numpy(acts[name])
+                hook = getattr(ref, name).register_forward_hook(lambda m, i, o, v=ours_tp: v)
+                hooks.append(hook)
         try:
             rd, rm = ref(
                 tensor(x), tt, tensor(ctx), tensor(img), timestep_cond=tensor(cond),
                 return_dict=False, **kw,
             )  # fmt: skip
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
     names = traced_names(ref, racts)
     assert not set(acts) - set(racts), f"names no diffusers module has: {set(acts) - set(racts)}"
-    err = np.abs(acts["time_proj"] - racts["time_proj"]).max()
-    assert acts["time_proj"].dtype == np.float32 and err <= time_proj_bound(t)
-    names.remove("time_proj")
+    for name, bound_by in islands.items():
+        err = np.abs(acts[name] - racts[name]).max()
+        assert acts[name].dtype == np.float32 and err <= time_proj_bound(bound_by), name
+        names.remove(name)
     tol = TOL[dtype]
     errs = compare_traces(acts, racts, tol, names)
     assert isinstance(downs, list) and len(downs) == len(rd)
@@ -340,7 +349,7 @@ def test_misshapen_key_names_file_and_key(tiny, tmp_path):
     "field, value",
     [
         ("class_embed_type", "timestep"),
-        ("addition_embed_type", "text_time"),  # SDXL ControlNets
+        ("addition_embed_type", "text"),  # Kandinsky's; SDXL's "text_time" is supported
         ("encoder_hid_dim", 32),
         ("act_fn", "gelu"),
         ("only_cross_attention", True),

@@ -87,6 +87,9 @@ def ldm_name(key, L, hint_blocks):
         return f"input_hint_block.{2 * int(m[1]) + 2}.{m[2]}"
     fixed = {"controlnet_mid_block": "middle_block_out.0", "conv_in": "input_blocks.0.0",
              "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             # SDXL: sgm's label_emb Sequential(Sequential(Linear, SiLU, Linear)), as in SDXL
+             # UNet files (diffusers' converter has no SDXL ControlNet table to check it with)
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "controlnet_cond_embedding.conv_in": "input_hint_block.0",
              "controlnet_cond_embedding.conv_out": f"input_hint_block.{2 * hint_blocks + 2}",
              }  # fmt: skip
@@ -340,16 +343,25 @@ def test_bad_files_name_file_and_key(refs, tmp_path, case):
 
 
 def test_other_files_are_refused(refs, tmp_path, tiny_sd1_files):
-    """A Stable Diffusion checkpoint, a diffusers-layout file, a pickle, a non-safetensors file."""
+    """A Stable Diffusion checkpoint, a Control-LoRA, a ControlNet-LLLite, a pickle, a
+    non-safetensors file."""
     _, sd_file = tiny_sd1_files
     with pytest.raises(WeightsError, match="not a ControlNet") as e:
         ControlNetModel.from_pretrained(sd_file)
     assert str(sd_file) in str(e.value) and f"'{P}input_hint_block.0.weight'" in str(e.value)
     assert "model.diffusion_model" in str(e.value)
-    flat = {k: to_np(v) for k, v in refs("sd1").state_dict().items()}
-    save_file(flat, tmp_path / "diffusers_layout.safetensors")
-    with pytest.raises(WeightsError, match="diffusers-layout ControlNet"):
-        ControlNetModel.from_pretrained(tmp_path / "diffusers_layout.safetensors")
+    orig = {
+        k: to_np(v) for k, v in to_original(refs("sd1").state_dict(), refs("sd1").config).items()
+    }
+    lora = {"lora_controlnet": np.zeros(1, np.float32), **orig}  # Stability's marker key
+    save_file(lora, tmp_path / "control-lora-canny-rank128.safetensors")
+    with pytest.raises(WeightsError, match="Control-LoRA .*'lora_controlnet'") as e:
+        ControlNetModel.from_pretrained(tmp_path / "control-lora-canny-rank128.safetensors")
+    assert "control-lora-canny-rank128.safetensors" in str(e.value)
+    key = "lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight"
+    save_file({key: orig[Z]}, tmp_path / "lllite.safetensors")
+    with pytest.raises(WeightsError, match="ControlNet-LLLite .*lllite_unet_input_blocks_4"):
+        ControlNetModel.from_pretrained(tmp_path / "lllite.safetensors")
     with pytest.raises(WeightsError, match="pickle"):
         ControlNetModel.from_pretrained(tmp_path / "control_sd15_canny.pth")
     (tmp_path / "control.bin.txt").write_text("x")

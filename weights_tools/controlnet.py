@@ -1,13 +1,19 @@
-"""ControlNets in the original single-file layout: lllyasviel's ControlNet 1.0 / 1.1 checkpoints
+"""Single-file ControlNets: lllyasviel's ControlNet 1.0 / 1.1 checkpoints in the original layout
 (ldm's ``cldm.ControlNet``) as A1111 / ComfyUI users have them, e.g.
-``control_v11p_sd15_canny.safetensors`` or ``control_..._fp16.safetensors``.
+``control_v11p_sd15_canny.safetensors`` or ``control_..._fp16.safetensors``; and bare
+diffusers-layout weights without their config.json, the usual form of SDXL ControlNets
+(``diffusers_xl_canny_full.safetensors`` is diffusers/controlnet-canny-sdxl-1.0's
+diffusion_pytorch_model.safetensors renamed). Stability's Control-LoRAs (``lora_controlnet``
+key: low-rank deltas, not a ControlNet) and kohya's ControlNet-LLLite are refused by name.
 
 Keys: ``control_model.`` + the UNet encoder's ldm names (``time_embed.{0,2}``,
-``input_blocks.*``, ``middle_block.*``), ``zero_convs.k.0`` (one 1x1 zero conv per skip state),
+``input_blocks.*``, ``middle_block.*``; for SDXL ``label_emb.0.{0,2}``, diffusers'
+add_embedding, as in SDXL UNet files), ``zero_convs.k.0`` (one 1x1 zero conv per skip state),
 ``middle_block_out.0`` and ``input_hint_block.{0,2,...,14}`` (the control image encoder); the
 prefix may be missing. Renamed to diffusers' ControlNetModel names by the tables of
 :func:`weights_tools.keymaps.controlnet_modules` (semantics of diffusers'
-``convert_controlnet_checkpoint``).
+``convert_controlnet_checkpoint``). A diffusers-layout file is renamed the other way through the
+same tables for the inference below, and loaded under its own names.
 
 What the shapes show: channels, blocks, layers per block, which blocks have attention, the
 transformer depths, cross-attention width, conv vs linear projection, the control image's
@@ -15,7 +21,9 @@ channels (``input_hint_block.0``) and the hint encoder's widths
 (``conditioning_embedding_out_channels``). What they do not show, and what is assumed:
 
 - heads: 8 per attention for SD1.x (conv projection, context 768); 64-channel heads for SD2.x
-  (linear projection, or a 1024-wide context), as configs.py assumes for UNets;
+  and SDXL (linear projection, or a 1024-wide context), as configs.py assumes for UNets;
+- SDXL (an add_embedding): ``addition_time_embed_dim`` 256, SDXL's (the weights show only
+  pooled width + time ids x that width, 2816 = 1280 + 6 x 256);
 - ``global_pool_conditions`` (True only for the shuffle ControlNet): False unless told;
 - ``norm_num_groups`` 32, ``upcast_attention`` False (diffusers' single-file defaults too).
 
@@ -38,7 +46,7 @@ from minisd.errors import ConfigError, WeightsError
 from minisd.weights import load_file, read_config, read_header, refuse_pickle
 
 from . import keymaps as km
-from .configs import HINTS_KEY, component_of, indices, unet_arch_original
+from .configs import HINTS_KEY, component_of, indices, unet_arch_diffusers, unet_arch_original
 from .schema import check_shapes
 
 # Fields the tensors show: a given config must agree with them.
@@ -52,7 +60,11 @@ STRUCTURE = (
     "cross_attention_dim",
     "use_linear_projection",
     "conditioning_embedding_out_channels",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
 )
+# Present in every diffusers-layout ControlNet (and in no other file).
+DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"
 
 
 def load_single_file_controlnet(path, config=None, *, global_pool_conditions=None):
@@ -77,10 +89,13 @@ def plan_controlnet(shapes, config=None, *, hints=None, global_pool_conditions=N
     ``source`` and the file's key)."""
     source = str(source or "checkpoint")
     shapes = {k: tuple(v) for k, v in shapes.items()}
+    _refuse_other_kinds(shapes, source)
+    if DIFFUSERS_KEY in shapes:
+        return _plan_diffusers(shapes, config, hints, global_pool_conditions, source)
     prefix = _prefix(shapes, source)
     own = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     arch, hint = _arch(own, prefix, source), _hint_convs(own, prefix, source)
-    inferred = infer_config(own, arch, hint, prefix, source)
+    inferred = infer_config(own, arch, hint, lambda k: prefix + k, source)
     cfg = _apply_overrides(inferred, config, hints, global_pool_conditions, source)
     parsed = ControlNetConfig.from_dict(cfg, source=f"{source} (config)")
     table = km.controlnet_modules(arch, hint)
@@ -93,6 +108,55 @@ def plan_controlnet(shapes, config=None, *, hints=None, global_pool_conditions=N
     expected = {names[d]: s for d, s in param_shapes(parsed).items()}
     check_shapes({prefix + k: s for k, s in own.items()}, expected, source)
     return cfg, names
+
+
+def _plan_diffusers(shapes, config, hints, global_pool, source):
+    """plan_controlnet for diffusers-layout keys: renamed to the original layout through the
+    same tables only to infer the config (messages name the file's own keys); the file's keys
+    are the parameter names."""
+    try:
+        arch = unet_arch_diffusers(shapes)
+    except WeightsError as e:
+        raise WeightsError(f"{source}: {e}") from None
+    hint = len(indices(shapes, "controlnet_cond_embedding.blocks.")) + 2
+    table = km.controlnet_modules(arch, hint)
+    renamed = {k: km.rename(k, table) for k in shapes}
+    own = {o: shapes[k] for k, o in renamed.items() if o is not None}
+    inferred = infer_config(own, arch, hint, lambda k: _unrename(k, table), source)
+    cfg = _apply_overrides(inferred, config, hints, global_pool, source)
+    expected = param_shapes(ControlNetConfig.from_dict(cfg, source=f"{source} (config)"))
+    check_shapes(shapes, expected, source)
+    return cfg, {d: d for d in expected}
+
+
+def _unrename(key, table):
+    """The diffusers name of an original key through a module table (longest module wins)."""
+    best = max((o for o, _ in table.values() if key.startswith(o + ".")), key=len, default=None)
+    if best is None:
+        return key
+    d, inner = next((d, i) for d, (o, i) in table.items() if o == best)
+    rest = key[len(best) + 1 :]
+    for head, ohead in (inner or {}).items():
+        if rest.startswith(ohead + "."):
+            rest = head + rest[len(ohead) :]
+            break
+    return f"{d}.{rest}"
+
+
+def _refuse_other_kinds(shapes, source):
+    """Files that control a UNet by other means than a ControlNet's residuals."""
+    if "lora_controlnet" in shapes:
+        raise WeightsError(
+            f"{source}: a Control-LoRA (Stability's control-lora, key 'lora_controlnet': "
+            "low-rank deltas applied to the SDXL UNet's own weights) is not a ControlNet and is "
+            "not supported; use a full SDXL ControlNet (e.g. diffusers/controlnet-canny-sdxl-1.0)"
+        )
+    lllite = next((k for k in shapes if "lllite" in k.lower()), None)
+    if lllite is not None:
+        raise WeightsError(
+            f"{source}: a ControlNet-LLLite (kohya's, key {lllite!r}) is not a ControlNet and "
+            "is not supported"
+        )
 
 
 # ------------------------------------------------------------------------- layout
@@ -116,11 +180,6 @@ def _prefix(shapes, source):
         return p
     if any(k.startswith(("input_hint_block.", "zero_convs.", "time_embed.")) for k in shapes):
         return ""
-    if "controlnet_cond_embedding.conv_in.weight" in shapes:
-        raise WeightsError(
-            f"{source}: diffusers-layout ControlNet weights; load the diffusers folder "
-            "(config.json + this file as diffusion_pytorch_model.safetensors) instead"
-        )
     what = ""
     if any(component_of(k) == "unet" for k in shapes):
         what = " (it holds a Stable Diffusion UNet, model.diffusion_model.*)"
@@ -161,13 +220,14 @@ def _hint_convs(own, prefix, source):
 # ------------------------------------------------------------------------- config
 
 
-def infer_config(own, arch, hint, prefix="", source="checkpoint"):
-    """diffusers ControlNetModel config from the (unprefixed) original keys' shapes."""
+def infer_config(own, arch, hint, shown=str, source="checkpoint"):
+    """diffusers ControlNetModel config from the (unprefixed) original keys' shapes.
+    ``shown(key)``: the file's name of an original key, for messages."""
 
     def need(key):
         if key not in own:
             raise WeightsError(
-                f"{source}: missing key {prefix + key!r}, needed to infer the architecture"
+                f"{source}: missing key {shown(key)!r}, needed to infer the architecture"
             )
         return own[key]
 
@@ -177,10 +237,14 @@ def infer_config(own, arch, hint, prefix="", source="checkpoint"):
     cross = [s for k, s in own.items() if k.endswith(".attn2.to_k.weight")]
     proj = [s for k, s in own.items() if k.endswith(".proj_in.weight")]
     if not cross or not proj:
-        raise ConfigError(f"{source}: the ControlNet has no cross-attention (not SD1.x / SD2.x)")
+        raise ConfigError(
+            f"{source}: the ControlNet has no cross-attention (not an SD / SDXL ControlNet)"
+        )
     context, linear = cross[0][1], len(proj[0]) == 2
     heads = [max(1, c // 64) for c in blocks] if linear or context == 1024 else 8
     hint_out = [need(f"input_hint_block.{4 * i}.weight")[0] for i in range(hint // 2)]
+    # SDXL's micro-conditioning MLP: its input width shows, the sinusoid width is SDXL's 256
+    pooled_and_ids = need("label_emb.0.0.weight")[1] if arch.text_time else None
     return {
         "_class_name": "ControlNetModel",
         "in_channels": need("input_blocks.0.0.weight")[1],
@@ -197,6 +261,9 @@ def infer_config(own, arch, hint, prefix="", source="checkpoint"):
         "transformer_layers_per_block": _depths(own, arch, first),
         "conditioning_embedding_out_channels": hint_out,
         "global_pool_conditions": False,
+        "addition_embed_type": "text_time" if arch.text_time else None,
+        "addition_time_embed_dim": 256 if arch.text_time else None,
+        "projection_class_embeddings_input_dim": pooled_and_ids,
     }
 
 
