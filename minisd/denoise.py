@@ -77,8 +77,9 @@ def run(
         lat = _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng, start)
     else:
         lat = _inpaint_latents(
-            pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
-        )
+            pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg,
+            addons.get("denoising_start"),
+        )  # fmt: skip
     if addons.get("denoising_end") is not None:  # SDXL's ensemble of experts: stop early
         state["timesteps"] = cut_end(state["timesteps"], sched, addons["denoising_end"])
     state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
@@ -151,47 +152,57 @@ def _img2img_latents(pipe, sched, state, shape, image, steps, strength, rng, sta
 
 
 def _inpaint_latents(
-    pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg
+    pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg, start=None
 ):
-    """diffusers' StableDiffusionInpaintPipeline: 9-channel UNets get [z, mask, masked-image
+    """diffusers' StableDiffusion{,XL}InpaintPipeline: 9-channel UNets get [z, mask, masked-image
     latents] as input; 4-channel UNets keep the unmasked region by re-noising the image latents
-    to the next timestep after every step and blending with the mask."""
-    xp, dt = pipe.xp, pipe.dtype
-    ts = _start(sched, state, steps, strength)
-    hw = (shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor)
-    init = xp.asarray(pipe.image_processor.preprocess(image, height=hw[0], width=hw[1]))
-    init = init.astype(dt)
+    to the next timestep after every step and blending with the mask. SDXL: ``image`` may be
+    latents (then there is no masked image to encode: 4-channel UNets only, see
+    pipeline_steps.check_inpaint), and ``denoising_start`` begins the schedule there."""
+    xp, dt, f = pipe.xp, pipe.dtype, pipe.vae_scale_factor
+    ts = _start(sched, state, steps, strength) if start is None else cut_start(sched, state, start)
+    hw = (shape[2] * f, shape[3] * f)
     mask_c = xp.asarray(pipe.mask_processor.preprocess(mask_image, height=hw[0], width=hw[1]))
+    init = None
+    if not is_latents(pipe, image):
+        init = xp.asarray(pipe.image_processor.preprocess(image, height=hw[0], width=hw[1]))
+        init = init.astype(dt)  # (n, 3, H, W)
     nine = pipe.unet.config.in_channels == 9
-    strength_max = strength == 1.0
     z_img = None
-    if not nine or (latents is None and not strength_max):
-        z_img = tile_to(pipe.encode_image(init, rng), shape[0], "image")  # draw 1
-    if latents is None:
-        noise = draw(pipe, rng, shape)  # draw 2
-        lat = (
-            noise * sched.init_noise_sigma
-            if strength_max
-            else sched.add_noise(z_img, noise, np.asarray([ts[0]] * shape[0]))
-        )
-    else:
-        noise = xp.asarray(latents).astype(dt)
-        lat = noise * sched.init_noise_sigma
-    masked = init * (mask_c < 0.5)  # (n, 3, H, W)
+    if init is None:
+        z_img = tile_to(xp.asarray(image).astype(dt), shape[0], "image")  # (B, 4, h, w)
+    elif not nine or start is not None or (latents is None and strength != 1.0):
+        z_img = tile_to(pipe.encode_inpaint_image(init, rng), shape[0], "image")  # draw 1
+    lat, noise = _inpaint_noise(pipe, sched, shape, z_img, ts[0], strength, latents, rng, start)
     mask = upsample_nearest(mask_c.astype(dt), shape[2:])  # (n, 1, h, w)
-    z_masked = pipe.encode_image(masked, rng)  # draw 3
-    mask = tile_to(mask, shape[0], "mask_image")
-    z_masked = tile_to(z_masked, shape[0], "image")
-    state.update(
-        nine=nine,
-        mask=mask,
-        z_img=z_img,
-        noise=noise,
-        cond=(xp.concatenate([mask] * 2), xp.concatenate([z_masked] * 2))
-        if cfg
-        else (mask, z_masked),
-    )
+    mask = tile_to(mask, shape[0], "mask_image")  # (B, 1, h, w)
+    state.update(nine=nine, mask=mask, z_img=z_img, noise=noise)
+    if init is not None:  # (encoded for 4-channel UNets too, as diffusers: the draw counts)
+        z_masked = pipe.encode_inpaint_image(init * (mask_c < 0.5), rng)  # draw 3
+        z_masked = tile_to(z_masked, shape[0], "image")  # (B, 4, h, w)
+        rows = 2 if cfg else 1
+        state["cond"] = (xp.concatenate([mask] * rows), xp.concatenate([z_masked] * rows))
     return lat
+
+
+def _inpaint_noise(pipe, sched, shape, z_img, t0, strength, latents, rng, start):
+    """(initial latents, the noise the blending re-noises the image latents with), as diffusers'
+    ``prepare_latents``: pure noise at strength 1, else the image latents noised to the first
+    timestep; given ``latents`` are that noise; SDXL's ``denoising_start`` continues from the
+    image latents as they are (diffusers then draws the noise, and ignores given latents)."""
+    if start is not None:
+        return z_img, draw(pipe, rng, shape)  # draw 2
+    if latents is not None:
+        noise = pipe.xp.asarray(latents).astype(pipe.dtype)
+        if tuple(noise.shape) != shape:
+            from .errors import InputError
+
+            raise InputError(f"latents: shape {tuple(noise.shape)}, expected {shape}")
+        return noise * sched.init_noise_sigma, noise
+    noise = draw(pipe, rng, shape)  # draw 2
+    if strength == 1.0:
+        return noise * sched.init_noise_sigma, noise
+    return sched.add_noise(z_img, noise, np.asarray([t0] * shape[0])), noise
 
 
 def _step_kwargs(sched, eta, rng):

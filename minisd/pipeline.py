@@ -294,6 +294,11 @@ class StableDiffusion(AddOns):
         z = out.sample(rng) if hasattr(out, "sample") else out  # (N, 4, H/8, W/8)
         return self.vae.config.scaling_factor * z
 
+    def encode_inpaint_image(self, image, rng):
+        """Inpainting's image and masked image -> scaled latents: ``encode_image`` (diffusers'
+        StableDiffusionInpaintPipeline._encode_vae_image; SDXL's differs)."""
+        return self.encode_image(image, rng)
+
     def text_conditioning(self, prompts, negative, nipp, cfg, clip_skip, extra=None):
         """(encoder_hidden_states (rows, 77, D), added_cond_kwargs or None) for the UNet's rows:
         [negative; positive] with classifier-free guidance (pipeline_steps.encode_prompt).

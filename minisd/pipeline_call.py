@@ -25,6 +25,7 @@ def generate(pipe, a: SimpleNamespace):
 
     prompts, negative = _prompts(a.prompt, a.negative_prompt)
     height, width = pipe._resolve_size(a.height, a.width, _sized_by(pipe, a))
+    masked = a.image is not None and a.mask_image is not None
     steps.validate(
         prompts=prompts, negative=negative, height=height, width=width,
         steps=a.num_inference_steps, guidance_scale=a.guidance_scale, strength=a.strength,
@@ -32,7 +33,9 @@ def generate(pipe, a: SimpleNamespace):
         scheduler=pipe.scheduler_name if a.scheduler is None else a.scheduler,
         output_type=a.output_type, num_images_per_prompt=a.num_images_per_prompt, eta=a.eta,
         clip_skip=a.clip_skip, callback=a.callback, guidance_rescale=a.guidance_rescale,
+        image_hw=steps.pixel_size(pipe, a.image) if masked else None,
     )  # fmt: skip
+    steps.check_inpaint(pipe, a.image, a.mask_image)
     cn_args = _controlnet_args(a)
     pipeline_control.check(pipe, a.control_image, **cn_args)
     edit = _check_edit(pipe, a)

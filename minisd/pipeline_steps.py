@@ -3,7 +3,7 @@
 Rombach et al. 2022 (latent diffusion) with classifier-free guidance (Ho & Salimans 2022):
     eps = eps_uncond + s * (eps_text - eps_uncond)
 The order of random draws is diffusers': initial latents; img2img: the VAE posterior sample, then
-the forward-process noise; inpainting: see ``prepare_inpaint``; then one draw per stochastic step.
+the forward-process noise; inpainting: see denoise.py; then one draw per stochastic step.
 """
 
 from __future__ import annotations
@@ -48,8 +48,11 @@ def validate(
     clip_skip=None,
     callback=None,
     guidance_rescale=0.0,
+    image_hw=None,
 ):
-    """Check every argument up front, before any heavy work; raise InputError naming it."""
+    """Check every argument up front, before any heavy work; raise InputError naming it.
+    ``image_hw``: the (height, width) in pixels that ``image`` stands for, when it is latents
+    (SDXL, :func:`pixel_size`); None: its own size."""
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, (int, np.integer)) or v <= 0 or v % 8:
             raise InputError(f"{name}={v!r}: must be a positive multiple of 8")
@@ -80,10 +83,11 @@ def validate(
         )
     if mask_image is not None and image is None:
         raise InputError("mask_image: inpainting needs `image` too")
-    if mask_image is not None and image_size(mask_image, "mask_image") != image_size(image):
+    hw = image_size(image) if mask_image is not None and image_hw is None else image_hw
+    if mask_image is not None and image_size(mask_image, "mask_image") != hw:
         raise InputError(
             f"mask_image: size {image_size(mask_image, 'mask_image')} differs from image size "
-            f"{image_size(image)} (height, width); give a mask of the image's size"
+            f"{hw} (height, width); give a mask of the image's size"
         )
     if scheduler not in SCHEDULERS:
         raise InputError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
@@ -114,6 +118,33 @@ def image_size(img, name="image"):
     if a.ndim == 4 and a.shape[1] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
         return a.shape[2], a.shape[3]
     return (a.shape[1], a.shape[2]) if a.ndim == 4 else (a.shape[0], a.shape[1])
+
+
+def pixel_size(pipe, image):
+    """(height, width) in pixels of ``image``; latents (SDXL's img2img and inpainting take them)
+    stand for vae_scale_factor pixels each."""
+    if is_latents(pipe, image):
+        f = pipe.vae_scale_factor
+        return image.shape[2] * f, image.shape[3] * f
+    return image_size(image)
+
+
+def check_inpaint(pipe, image, mask_image):
+    """An inpainting UNet (9 input channels: latents, mask, masked-image latents, as diffusers'
+    inpainting pipelines build them) needs a mask, and pixels to mask: latents given as
+    ``image`` (SDXL) can only be blended (4-channel UNets)."""
+    if pipe.unet.config.in_channels != 9:
+        return
+    if mask_image is None:
+        raise InputError(
+            "mask_image: this UNet is an inpainting UNet (9 input channels); give `image` and "
+            "`mask_image`"
+        )
+    if is_latents(pipe, image):
+        raise InputError(
+            "image: latents cannot be masked for a 9-channel inpainting UNet (it takes the "
+            "masked image's latents); give the image itself"
+        )
 
 
 def encode_prompt(pipe, prompts, negative, nipp, cfg, clip_skip):

@@ -1,5 +1,6 @@
-"""StableDiffusionXL: SDXL's text-to-image and image-to-image (Podell et al. 2023), as diffusers'
-StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline.
+"""StableDiffusionXL: SDXL's text-to-image, image-to-image and inpainting (Podell et al. 2023),
+as diffusers' StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and
+StableDiffusionXLInpaintPipeline.
 
     pipe = minisd.StableDiffusionXL.from_pretrained("path/to/sdxl-folder")
     images = pipe("a photo of a cat", num_inference_steps=30, seed=0)
@@ -13,8 +14,16 @@ What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_
   (``requires_aesthetics_score``) takes (original_size, crops_coords_top_left, aesthetic_score).
 - Without ``negative_prompt``, the unconditional row is all zeros (``force_zeros_for_empty_prompt``
   in model_index.json, true for SDXL base) instead of the empty prompt's embedding.
-- The default size is unet.sample_size * 8 (1024); img2img's default strength is 0.3; a float16
-  VAE with ``force_upcast`` encodes and decodes in float32.
+- The default size is unet.sample_size * 8 (1024); the default guidance scale is 5.0 (7.5 for
+  inpainting), img2img's default strength 0.3, inpainting's 0.9999 (pipeline_xl_steps.py); a
+  float16 VAE with ``force_upcast`` encodes and decodes in float32.
+- Inpainting (``mask_image``) is SD's (denoise.py): a 9-channel UNet (SDXL 1.0 inpainting 0.1)
+  takes [latents, mask, masked-image latents], a 4-channel one (base or refiner) blends the
+  re-noised image latents outside the mask after every step. As diffusers, the image and
+  masked-image latents are scaled by scaling_factor alone (no latents_mean / latents_std);
+  ``image`` may be latents for a 4-channel UNet (the base's, with ``denoising_start``). The
+  output size defaults to the image's, as minisd's SD inpainting (diffusers' SDXL inpainting
+  defaults to unet.sample_size * 8 and resizes the image to it).
 - The refiner folder has no first text encoder (``tokenizer`` / ``text_encoder`` null).
 - Diffusers folders and original single files (Stability's layout, converted in memory by
   weights_tools) load.
@@ -23,9 +32,9 @@ What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_
 - LoRA (minisd/lora.py: diffusers/peft files with ``text_encoder_2.`` keys, sd-scripts files
   with the original UNet block names) and textual inversion (minisd/textual_inversion_xl.py:
   ``clip_l`` + ``clip_g`` files) reach both text encoders.
-Not supported here: inpainting, ControlNet, T2I-/IP-Adapters; and the invisible watermark
-diffusers adds when the ``invisible-watermark`` package is installed (minisd never marks
-images).
+Not supported here: ControlNet, T2I-/IP-Adapters, inpainting's ``padding_mask_crop`` and
+``masked_image_latents``; and the invisible watermark diffusers adds when the
+``invisible-watermark`` package is installed (minisd never marks images).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from .weights import read_config
 
 #: StableDiffusion.__call__'s add-on arguments, all off for SDXL
 _OFF = dict(
-    mask_image=None, control_image=None, controlnet_conditioning_scale=None, guess_mode=False,
+    control_image=None, controlnet_conditioning_scale=None, guess_mode=False,
     control_guidance_start=0.0, control_guidance_end=1.0, image_guidance_scale=None,
     adapter_image=None, adapter_conditioning_scale=1.0, adapter_conditioning_factor=1.0,
     ip_adapter_image=None,
@@ -174,7 +183,7 @@ class StableDiffusionXL(StableDiffusion):
         negative_prompt=None,
         negative_prompt_2=None,
         num_inference_steps=50,
-        guidance_scale=5.0,
+        guidance_scale=None,
         height=None,
         width=None,
         seed=0,
@@ -182,7 +191,8 @@ class StableDiffusionXL(StableDiffusion):
         num_images_per_prompt=1,
         latents=None,
         image=None,
-        strength=0.3,
+        strength=None,
+        mask_image=None,
         clip_skip=None,
         eta=0.0,
         callback=None,
@@ -203,18 +213,25 @@ class StableDiffusionXL(StableDiffusion):
         denoising_end=None,
     ):
         """Generate images, with StableDiffusionXLPipeline's arguments (img2img: ``image``,
-        StableDiffusionXLImg2ImgPipeline's). ``scheduler`` None: the checkpoint's own
+        StableDiffusionXLImg2ImgPipeline's; inpainting: ``image`` and ``mask_image``, white =
+        repaint, StableDiffusionXLInpaintPipeline's). ``guidance_scale`` None: 5.0, or 7.5 for
+        inpainting; ``strength`` None: 0.3 for img2img, 0.9999 for inpainting (diffusers'
+        defaults). ``scheduler`` None: the checkpoint's own
         (EulerDiscreteScheduler for SDXL base); a name: see minisd.schedulers.NAMES.
         ``seed`` / ``rng`` / ``callback`` / ``output_type``: as StableDiffusion.__call__.
         Sizes are (height, width) pairs of ints; see the module docstring.
         ``denoising_end`` / ``denoising_start`` (fractions in (0, 1)): SDXL's ensemble of
         experts: the base stops where a fraction of the schedule is denoised (give it
         output_type="latent"); the refiner takes those latents as ``image`` and starts there,
-        adding no noise (``strength`` is then unused)."""
+        adding no noise (``strength`` is then unused; inpainting: a 4-channel UNet blends
+        the image outside the mask in as usual)."""
+        from . import pipeline_xl_steps as xl
         from .pipeline_call import generate
 
+        strength = xl.default_strength(strength, mask_image)
+        guidance_scale = xl.default_guidance(guidance_scale, mask_image)
         args = dict(locals())
-        del args["self"], args["generate"]
+        del args["self"], args["generate"], args["xl"]
         return generate(self, SimpleNamespace(**args, **_OFF))
 
     def _text_extra(self, a, height, width):
@@ -247,6 +264,12 @@ class StableDiffusionXL(StableDiffusion):
         from . import pipeline_xl_steps as xl
 
         return xl.encode_image(self, image, rng)
+
+    def encode_inpaint_image(self, image, rng):
+        """As ``encode_image``, scaled by scaling_factor alone: diffusers' SDXL inpainting."""
+        from . import pipeline_xl_steps as xl
+
+        return xl.encode_image(self, image, rng, use_stats=False)
 
     def _unscale(self, lat):
         """lat * latents_std / scaling_factor + latents_mean where the VAE config has the

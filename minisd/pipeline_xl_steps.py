@@ -1,5 +1,6 @@
 """The steps of StableDiffusionXL (pipeline_xl.py) that differ from SD's: prompt encoding with
-two text encoders, the micro-conditioning time ids, and the VAE's latent statistics.
+two text encoders, the micro-conditioning time ids, the VAE's latent statistics, and the
+defaults of image-to-image and inpainting.
 
 Prompt encoding, as diffusers' ``StableDiffusionXLPipeline.encode_prompt``:
     E1 = text_encoder(prompt).hidden_states[-(k + 2)]              (N, 77, 768)   k = clip_skip
@@ -151,11 +152,36 @@ def unscale(pipe, lat):
     return lat / sf if stats is None else lat * stats[1] / sf + stats[0]
 
 
-def encode_image(pipe, image, rng):
+def encode_image(pipe, image, rng, use_stats=True):
     """Pixels -> scaled latents; a float16 VAE with force_upcast encodes in float32 (diffusers'
-    SDXL img2img), then (z - mean) * scaling_factor / std, or z * scaling_factor."""
+    SDXL img2img), then (z - mean) * scaling_factor / std, or z * scaling_factor.
+    ``use_stats`` False: z * scaling_factor whatever the VAE config says, as diffusers' SDXL
+    inpainting (``_encode_vae_image``) scales its image and masked-image latents, although its
+    decoding does use latents_mean / latents_std."""
     vae = pipe.vae.upcast(encoder=True) if pipe.vae.needs_upcast else pipe.vae
     out = vae.encode(image.astype(vae.dtype))
     z = (out.sample(rng) if hasattr(out, "sample") else out).astype(pipe.dtype)
-    stats, sf = _stats(pipe, z), pipe.vae.config.scaling_factor
+    stats, sf = _stats(pipe, z) if use_stats else None, pipe.vae.config.scaling_factor
     return z * sf if stats is None else (z - stats[0]) * sf / stats[1]
+
+
+#: diffusers' default ``strength``: StableDiffusionXLImg2ImgPipeline's and
+#: StableDiffusionXLInpaintPipeline's. 0.9999, not 1: int(steps * 0.9999) = steps - 1 (for
+#: fewer than 10000 steps), so the first timestep is skipped and the latents start as the image
+#: latents noised to the second, not as pure noise.
+STRENGTH = {"img2img": 0.3, "inpaint": 0.9999}
+
+
+def default_strength(strength, mask_image):
+    """``strength`` None -> the default of img2img, or of inpainting when there is a mask."""
+    if strength is not None:
+        return strength
+    return STRENGTH["img2img" if mask_image is None else "inpaint"]
+
+
+def default_guidance(guidance_scale, mask_image):
+    """``guidance_scale`` None -> 5.0, diffusers' SDXL txt2img and img2img default, or 7.5 when
+    there is a mask (StableDiffusionXLInpaintPipeline's)."""
+    if guidance_scale is not None:
+        return guidance_scale
+    return 5.0 if mask_image is None else 7.5

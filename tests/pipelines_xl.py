@@ -4,6 +4,8 @@ base: two text encoders (CLIP ViT-L-like quick_gelu, bigG-like gelu with a proje
 padding), a "text_time" UNet taking six time ids, EulerDiscreteScheduler as SDXL's config,
 force_zeros_for_empty_prompt. refiner: the second encoder only, five time ids (aesthetic score),
 requires_aesthetics_score, no zeroed negatives, and a VAE with latents_mean / latents_std.
+inpaint: base with a 9-channel UNet (latents, mask, masked-image latents), saved as a
+StableDiffusionXLInpaintPipeline (SDXL 1.0 inpainting 0.1's layout).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from refharness import need, randomize_
 KINDS = {
     "base": dict(first=True, n_ids=6, stats=False),
     "refiner": dict(first=False, n_ids=5, stats=True),
+    "inpaint": dict(first=True, n_ids=6, stats=False, in_channels=9),
 }
 
 
@@ -39,6 +42,7 @@ def components(kind, folder):
     te1, te2 = _text_encoders(kind, transformers)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(8, 16, 16), layers_per_block=1, sample_size=8,
+        in_channels=k.get("in_channels", 4),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
@@ -77,20 +81,38 @@ def _tokenizer(folder, name, pad, write_vocab_files, transformers):
     return transformers.CLIPTokenizer.from_pretrained(str(path))
 
 
-def build(kind, folder):
-    """Write the folder with save_pretrained (base: StableDiffusionXLPipeline; refiner:
-    StableDiffusionXLImg2ImgPipeline) and return diffusers' txt2img and img2img pipelines loaded
-    back from it, sharing their modules."""
-    diffusers = need("diffusers")
+def _flags(kind):
     refiner = kind == "refiner"
     flags = dict(force_zeros_for_empty_prompt=not refiner, add_watermarker=False)
     if refiner:
-        cls, flags["requires_aesthetics_score"] = diffusers.StableDiffusionXLImg2ImgPipeline, True
-    else:
-        cls = diffusers.StableDiffusionXLPipeline
+        flags["requires_aesthetics_score"] = True
+    return flags
+
+
+def build(kind, folder):
+    """Write the folder with save_pretrained (base: StableDiffusionXLPipeline; refiner:
+    StableDiffusionXLImg2ImgPipeline; inpaint: StableDiffusionXLInpaintPipeline) and return
+    diffusers' pipelines loaded back from it, sharing their modules: (txt2img, img2img), the
+    inpaint kind's first one an inpainting pipeline."""
+    diffusers = need("diffusers")
+    flags = _flags(kind)
+    cls = {
+        "refiner": diffusers.StableDiffusionXLImg2ImgPipeline,
+        "inpaint": diffusers.StableDiffusionXLInpaintPipeline,
+    }.get(kind, diffusers.StableDiffusionXLPipeline)
     cls(**components(kind, folder), **flags).save_pretrained(str(folder), safe_serialization=True)
     pipe = cls.from_pretrained(str(folder), local_files_only=True, add_watermarker=False)
     i2i = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components, **flags)
     for p in (pipe, i2i):
         p.set_progress_bar_config(disable=True)
     return pipe, i2i
+
+
+def build_inpaint(kind, folder):
+    """Write ``kind``'s folder (see build) and return diffusers' StableDiffusionXLInpaintPipeline
+    over its modules: a 9-channel UNet for "inpaint", mask blending for "base" / "refiner"."""
+    diffusers = need("diffusers")
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(**build(kind, folder)[0].components,
+                                                      **_flags(kind))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

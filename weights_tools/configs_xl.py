@@ -7,6 +7,8 @@ has OpenAI CLIP ViT-L/14 (``0.transformer.text_model.*``) and OpenCLIP ViT-bigG/
 top of what SD's do (weights_tools/configs.py):
 
 - base or refiner: whether the first (CLIP) encoder is there;
+- inpainting (SDXL 1.0 inpainting 0.1): 9 UNet input channels (latents, mask, masked-image
+  latents), as SD inpainting checkpoints; the folder is then a StableDiffusionXLInpaintPipeline;
 - transformer depth per UNet level and in the mid block (base [1, 2, 10]: the first level has
   no attention; refiner 4);
 - the OpenCLIP projection width (``text_projection``: (width, embed), used as x @ P);
@@ -40,7 +42,7 @@ from .configs import (
 )
 from .hints import apply_given, given_prediction
 from .keymaps import CLIP_XL_PREFIX, OPENCLIP_XL_PREFIX, OPENCLIP_XL_REFINER_PREFIX, UNET_PREFIX
-from .presets import sdxl_model_index, sdxl_scheduler_config, unet_config
+from .presets import family_of, sdxl_model_index, sdxl_scheduler_config, unet_config
 
 # Structural fields checked against a given config (see configs.STRUCTURE).
 STRUCTURE_XL = {
@@ -88,12 +90,12 @@ def infer_xl(shapes, config, prediction_type, hints, source):
         out["scheduler"] = sdxl_scheduler_config(pred)
     refiner = clip is None
     out["model_index"] = given.get("model_index") or sdxl_model_index(
-        refiner, out["scheduler"]["_class_name"]
+        refiner, out["scheduler"]["_class_name"], out["unet"]["in_channels"]
     )
     tok = given.get("tokenizer") or {"pad_token": PAD_TOKENS[0]}
     out["tokenizer"] = None if refiner else tok
     out["tokenizer_2"] = given.get("tokenizer_2") or {"pad_token": PAD_TOKENS[1]}
-    out["family"] = "sdxl-refiner" if refiner else "sdxl"
+    out["family"] = family_of(out["unet"], out["text_encoder"], pred)
     out["text_layout"], out["source"] = "sdxl", source
     return out
 
@@ -111,10 +113,10 @@ def _unet(shapes, pooled, n_ids):
     """UNet2DConditionModel config with SDXL's "text_time" micro-conditioning."""
     arch = unet_arch_original(shapes)
     fields = unet_fields(shapes, arch)
-    if fields["in_channels"] != 4:
+    if fields["in_channels"] not in (4, 9):  # 9: inpainting
         raise ConfigError(
-            f"checkpoint: SDXL UNet with {fields['in_channels']} input channels (inpainting?): "
-            "not supported"
+            f"checkpoint: SDXL UNet with {fields['in_channels']} input channels: not supported "
+            "(4: text-to-image, 9: inpainting)"
         )
     width = _need(shapes, UNET_PREFIX + "label_emb.0.0.weight")[1]
     time_dim, rem = divmod(width - pooled, n_ids)

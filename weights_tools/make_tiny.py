@@ -6,7 +6,8 @@ prediction with DDIM, pads with "!"), "inpaint" (sd1 with a 9-channel UNet input
 "instruct-pix2pix" (sd1 with an 8-channel UNet input: InstructPix2Pix), "sdxl" (SDXL base:
 3 UNet levels, the first without attention, depths (1, 1, 2), "text_time" micro-conditioning
 with 6 time ids, a quick_gelu CLIP plus a gelu CLIPTextModelWithProjection, Euler) and
-"sdxl-refiner" (no first text encoder, 5 time ids, aesthetic-score conditioning). The folder is
+"sdxl-refiner" (no first text encoder, 5 time ids, aesthetic-score conditioning) and
+"sdxl-inpaint" (sdxl with a 9-channel UNet input: StableDiffusionXLInpaintPipeline). The folder is
 laid out as diffusers' save_pretrained writes it: model_index.json, unet/ vae/ text_encoder/
 (config.json + safetensors; SDXL: text_encoder_2/ too), tokenizer/ (the real CLIP vocabulary:
 49408 tokens; SDXL: tokenizer_2/, padding with "!") and scheduler/. SD's real topology is kept
@@ -39,8 +40,9 @@ from .presets import sdxl_model_index
 from .schema import component_shapes
 from .stream import write_tensors
 
-FAMILIES = ("sd1", "sd2", "inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner")
-IN_CHANNELS = {"inpaint": 9, "instruct-pix2pix": 8}  # UNet input channels (else 4)
+FAMILIES = ("sd1", "sd2", "inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner", "sdxl-inpaint")
+#: UNet input channels (else 4)
+IN_CHANNELS = {"inpaint": 9, "sd2-inpaint": 9, "instruct-pix2pix": 8, "sdxl-inpaint": 9}
 PARTS = ("unet", "vae", "text_encoder")
 
 
@@ -49,7 +51,7 @@ def tiny_configs(family="sd1"):
     if family not in FAMILIES:
         raise InputError(f"family={family!r}: expected one of {FAMILIES}")
     if family.startswith("sdxl"):
-        return _tiny_xl_configs(family == "sdxl-refiner")
+        return _tiny_xl_configs(family == "sdxl-refiner", IN_CHANNELS.get(family, 4))
     sd2 = family == "sd2"
     blocks = [32, 32, 64, 64]
     unet = C.unet_config(
@@ -87,8 +89,8 @@ def tiny_configs(family="sd1"):
     }
 
 
-def _tiny_xl_configs(refiner):
-    """SDXL base / refiner at tiny widths (see the module docstring)."""
+def _tiny_xl_configs(refiner, in_channels=4):
+    """SDXL base / refiner / inpainting at tiny widths (see the module docstring)."""
     blocks, time_dim, n_ids = [32, 64, 64], 8, 5 if refiner else 6
     text = {"intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
     te1 = None if refiner else C.text_encoder_config(hidden_size=32, projection_dim=32, **text)
@@ -110,6 +112,7 @@ def _tiny_xl_configs(refiner):
         projection_class_embeddings_input_dim=te2["projection_dim"] + n_ids * time_dim,
         norm_num_groups=8,
         sample_size=8,
+        in_channels=in_channels,
     )
     vae = C.vae_config(
         block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8,
@@ -122,24 +125,26 @@ def _tiny_xl_configs(refiner):
         "text_encoder": te1,
         "text_encoder_2": te2,
         "scheduler": sched,
-        "model_index": sdxl_model_index(refiner, sched["_class_name"]),
+        "model_index": sdxl_model_index(refiner, sched["_class_name"], in_channels),
         "tokenizer": None if refiner else {"pad_token": "<|endoftext|>"},
         "tokenizer_2": {"pad_token": "!"},
-        "family": "sdxl-refiner" if refiner else "sdxl",
+        "family": C.family_of(unet, te1, "epsilon"),
     }
 
 
 def full_size_configs(family="sd1"):
     """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"
     (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px), "instruct-pix2pix"
-    (SD1.5 with an 8-channel input), "sdxl" / "sdxl-refiner" (SDXL 1.0 base / refiner)."""
-    names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner")
+    (SD1.5 with an 8-channel input), "sdxl" / "sdxl-refiner" / "sdxl-inpaint" (SDXL 1.0 base /
+    refiner / inpainting 0.1)."""
+    names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner",
+             "sdxl-inpaint")  # fmt: skip
     if family not in names:
         raise InputError(f"family={family!r}: expected one of {', '.join(names)}")
+    in_channels = IN_CHANNELS.get(family, 4)
     if family.startswith("sdxl"):
-        return _sdxl_configs(family == "sdxl-refiner")
+        return _sdxl_configs(family == "sdxl-refiner", in_channels)
     sd2, v = family.startswith("sd2"), family == "sd2-v"
-    in_channels = 9 if family.endswith("inpaint") else 8 if family == "instruct-pix2pix" else 4
     unet = C.unet_config(in_channels=in_channels)
     text = C.text_encoder_config()
     vae = C.vae_config()
@@ -162,8 +167,9 @@ def full_size_configs(family="sd1"):
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
 
 
-def _sdxl_configs(refiner):
-    """SDXL 1.0 base / refiner, as Stability's diffusers folders configure them."""
+def _sdxl_configs(refiner, in_channels=4):
+    """SDXL 1.0 base / refiner (and inpainting 0.1: the base with a 9-channel input), as their
+    diffusers folders configure them."""
     blocks = [384, 768, 1536, 1536] if refiner else [320, 640, 1280]
     attn = [False, True, True, False] if refiner else [False, True, True]
     unet = C.unet_config(
@@ -178,6 +184,7 @@ def _sdxl_configs(refiner):
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2560 if refiner else 2816,
         sample_size=128,
+        in_channels=in_channels,
     )
     vae = C.vae_config(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     bigg = C.text_encoder_config(

@@ -161,12 +161,12 @@ def model_index(scheduler_class="PNDMScheduler", in_channels=4):
 
 def family_of(unet_cfg, text_cfg, prediction_type):
     """sd1, sd2, sd2-v, inpaint, sd2-inpaint, instruct-pix2pix, from configs; SDXL UNets
-    ("text_time"): sdxl, or sdxl-refiner when there is no first text encoder (``text_cfg``
-    None or {})."""
-    if unet_cfg.get("addition_embed_type") == "text_time":
-        return "sdxl" if text_cfg else "sdxl-refiner"
-    sd2 = text_cfg.get("hidden_act") == "gelu" or bool(unet_cfg.get("use_linear_projection"))
+    ("text_time"): sdxl, sdxl-inpaint (a 9-channel UNet), or sdxl-refiner when there is no
+    first text encoder (``text_cfg`` None or {})."""
     in_ch = unet_cfg.get("in_channels", 4)
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        return ("sdxl-inpaint" if in_ch == 9 else "sdxl") if text_cfg else "sdxl-refiner"
+    sd2 = text_cfg.get("hidden_act") == "gelu" or bool(unet_cfg.get("use_linear_projection"))
     if in_ch == 9:
         return "sd2-inpaint" if sd2 else "inpaint"
     if in_ch == 8:
@@ -192,13 +192,15 @@ def sdxl_scheduler_config(prediction_type="epsilon"):
     return {**cfg, **SDXL_SCHEDULER}
 
 
-def sdxl_model_index(refiner=False, scheduler_class="EulerDiscreteScheduler"):
+def sdxl_model_index(refiner=False, scheduler_class="EulerDiscreteScheduler", in_channels=4):
     """model_index.json of an SDXL base (StableDiffusionXLPipeline) or refiner
     (StableDiffusionXLImg2ImgPipeline: no first text encoder, aesthetic-score conditioning,
-    no zeroed negative prompt) folder."""
+    no zeroed negative prompt) folder; a 9-channel UNet's (SDXL 1.0 inpainting 0.1):
+    StableDiffusionXLInpaintPipeline, which writes requires_aesthetics_score either way."""
     first = [None, None] if refiner else ["transformers", "CLIPTextModel"]
+    kind = "Img2ImgPipeline" if refiner else "Pipeline"
     out = {
-        "_class_name": "StableDiffusionXL" + ("Img2ImgPipeline" if refiner else "Pipeline"),
+        "_class_name": "StableDiffusionXL" + ("InpaintPipeline" if in_channels == 9 else kind),
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "force_zeros_for_empty_prompt": not refiner,
@@ -211,6 +213,6 @@ def sdxl_model_index(refiner=False, scheduler_class="EulerDiscreteScheduler"):
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if refiner:
-        out["requires_aesthetics_score"] = True
+    if refiner or in_channels == 9:
+        out["requires_aesthetics_score"] = refiner
     return out
