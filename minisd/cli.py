@@ -35,7 +35,8 @@ def _add_sampling(p, steps, size):
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale; <= 1 disables guidance (default 7.5, SDXL 5). "
+        help="classifier-free guidance scale; <= 1 disables guidance (default 7.5; SDXL 5, "
+        "SDXL inpainting 7.5). "
         "LCM-distilled models take it as an input instead (one UNet batch; try 1-2, 4 steps)",
     )
     p.add_argument(
@@ -97,7 +98,8 @@ def build_parser():
     d.add_argument(
         "--family",
         default="sd1",
-        help="demo model family: sd1, sd2, inpaint, sdxl or sdxl-refiner",
+        help="demo model family: sd1, sd2, inpaint, instruct-pix2pix, sdxl, sdxl-refiner or "
+        "sdxl-inpaint (inpainting and pix2pix families get a made-up input image and mask)",
     )
     d.add_argument(
         "--cache",
@@ -122,7 +124,8 @@ def build_parser():
         "--strength",
         type=float,
         default=None,
-        help="img2img/inpaint: how much of the schedule to run, in (0, 1] (default 0.8, SDXL 0.3)",
+        help="img2img/inpaint: how much of the schedule to run, in (0, 1] (default 0.8; SDXL: "
+        "0.3, inpainting 0.9999)",
     )
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
     g.add_argument(
@@ -232,9 +235,34 @@ def _demo(args):
     )
     args.size = args.size or (128, 128)
     args.out = args.out or "minisd-demo.png"
-    out = _run(args, str(folder), image=None, mask=None)
+    image, mask = _demo_inputs(args.family, args.size)
+    out = _run(args, str(folder), image=image, mask=mask)
     print(REAL_MODEL_HINT)
     return out
+
+
+def _demo_inputs(family, size):
+    """(image, mask) for a demo family whose UNet needs them (None, None otherwise): a made-up
+    picture (sky gradient, sun, ground) of ``size`` = (width, height) for inpainting and
+    InstructPix2Pix, and for inpainting a mask that repaints the middle third (white)."""
+    from weights_tools.make_tiny import IN_CHANNELS
+
+    channels = IN_CHANNELS.get(family, 4)
+    if channels == 4:
+        return None, None
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
+    rgb = np.stack([0.3 + 0.5 * y, 0.5 + 0.3 * y, 0.9 - 0.4 * y], axis=-1)
+    rgb[(x - 0.7) ** 2 + (y - 0.3) ** 2 < 0.01] = (1.0, 0.85, 0.3)  # the sun
+    rgb[y > 0.7] = (0.3, 0.5, 0.2)  # the ground
+    image = Image.fromarray((255 * rgb).astype(np.uint8))
+    if channels != 9:
+        return image, None
+    middle = (abs(x - 0.5) < 1 / 6) & (abs(y - 0.5) < 1 / 6)
+    return image, Image.fromarray(np.where(middle, 255, 0).astype(np.uint8)).convert("RGB")
 
 
 def _generate(args):
@@ -265,9 +293,10 @@ def _resolve_model(model):
 
 
 def _open_image(path):
-    if path is None:
-        return None
     from PIL import Image
+
+    if path is None or isinstance(path, Image.Image):  # (the demo's made-up inputs)
+        return path
 
     if not Path(path).is_file():
         raise InputError(f"{path}: no such image file")
@@ -322,13 +351,13 @@ def _run(args, model, image, mask):
         clip_skip=args.clip_skip,
         eta=args.eta,
         guidance_rescale=args.guidance_rescale,
-        **_family_kwargs(args, pipe, mask),
+        **_family_kwargs(args, mask),
         **cli_addons.call_kwargs(args, addons),
     )
     t2 = time.perf_counter()
     args.scheduler = args.scheduler or pipe.scheduler_name  # (for the PNG's parameters)
     if args.guidance is None:  # (for the PNG's parameters)
-        args.guidance = _default_guidance(pipe)
+        args.guidance = _default_guidance(pipe, mask)
     for k, img in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
         _save_png(img, path, _parameters(args, model, img.size))
@@ -337,23 +366,24 @@ def _run(args, model, image, mask):
     return 0
 
 
-def _default_guidance(pipe):
-    """The pipeline's own guidance scale (7.5; SDXL's 5.0, as diffusers' SDXL pipelines)."""
+def _default_guidance(pipe, mask):
+    """The pipeline's own guidance scale (7.5; SDXL's 5.0, or 7.5 when inpainting, as
+    diffusers' SDXL pipelines)."""
     import inspect
 
-    return inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    if default is None:  # StableDiffusionXL: by task
+        from .pipeline_xl_steps import default_guidance
+
+        return default_guidance(None, mask)
+    return default
 
 
-def _family_kwargs(args, pipe, mask):
-    """Guidance, strength and mask where given (else the pipeline's defaults); SDXL has no
-    inpainting here."""
+def _family_kwargs(args, mask):
+    """Guidance, strength and mask where given (else the pipeline's defaults)."""
     kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
     if getattr(args, "strength", None) is not None:
         kw["strength"] = args.strength
-    if hasattr(pipe, "tokenizer_2"):  # StableDiffusionXL
-        if mask is not None:
-            raise InputError("--mask: inpainting is not supported with SDXL models in minisd")
-        return kw
     return {**kw, "mask_image": mask}
 
 

@@ -261,3 +261,22 @@ def test_generate_with_freeu_is_the_api_s_result(demo_model, tmp_path):
     img = Image.open(out)
     assert np.abs(np.asarray(img) / 255 - expect[0]).max() <= 1 / 255 + 1e-6
     assert "FreeU: 0.9,0.2,1.5,1.6" in img.info["parameters"]
+
+
+@pytest.mark.parametrize("family", ["inpaint", "instruct-pix2pix", "sdxl-inpaint"])
+def test_demo_families_with_image_inputs(family, tmp_path):
+    """Inpainting and InstructPix2Pix demo models need an input image (and a mask): the demo
+    makes them up, and its PNG is the API's image for those inputs."""
+    from minisd import StableDiffusion
+    from minisd.cli import _demo_inputs
+
+    out, cache = tmp_path / "demo.png", tmp_path / "cache"
+    args = ["demo", "--family", family, "--cache", str(cache), "--out", str(out), "--steps", "2"]
+    assert main(args) == 0
+    image, mask = _demo_inputs(family, (128, 128))
+    assert image.size == (128, 128) and (mask is None) == (family == "instruct-pix2pix")
+    pipe = StableDiffusion.from_pretrained(cache / f"demo-{family}")
+    kw = {} if mask is None else {"mask_image": mask}
+    want = pipe("a watercolor painting of a lighthouse", num_inference_steps=2, image=image, **kw)
+    got = np.asarray(Image.open(out), np.int16)
+    assert np.abs(got - np.asarray(want[0], np.int16)).max() <= 1
