@@ -47,6 +47,8 @@ _CLASS_TO_NAME = {
     "UniPCMultistepScheduler": "unipc",
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
+    "EDMEulerScheduler": "edm_euler",
+    "EDMDPMSolverMultistepScheduler": "edm_dpmpp_2m",  # Playground v2.5's
 }
 
 

@@ -256,8 +256,10 @@ def test_get_scheduler_other_names_and_errors():
 
 @pytest.mark.parametrize("name", sorted(ms.NAMES))
 def test_sample_loop_runs_every_scheduler(name, xp):
-    """The one loop drives every scheduler; on cupy too (where a GPU exists)."""
-    s = ms.get_scheduler(name, SD15)
+    """The one loop drives every scheduler; on cupy too (where a GPU exists). EDM samplers
+    take EDM configs only (test_schedulers_edm): their defaults here."""
+    cfg = None if ms.NAMES[name][0].startswith("EDM") else SD15
+    s = ms.get_scheduler(name, cfg)
     x = start_sample((1, 2, 4, 4))
     seen = []
 
@@ -273,6 +275,6 @@ def test_sample_loop_runs_every_scheduler(name, xp):
     two_calls = name == "heun" or name.startswith("dpm2")  # 2n - 1 model calls
     assert len(s.timesteps) == (11 if two_calls else {"plms": 7, "pndm": 7}.get(name, 6))
     if xp is not np:  # cupy == numpy (the same draws: noise is drawn on the host)
-        ref = ms.sample_loop(ms.get_scheduler(name, SD15), standin, x, num_inference_steps=6,
+        ref = ms.sample_loop(ms.get_scheduler(name, cfg), standin, x, num_inference_steps=6,
                              rng=np.random.default_rng(0))  # fmt: skip
         assert np.abs(out.get() - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -34,6 +34,8 @@ _CLASSES = {
     "UniPCMultistepScheduler": "unipc",
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
+    "EDMEulerScheduler": "edm",
+    "EDMDPMSolverMultistepScheduler": "edm_dpm",
 }
 
 # Scheduler names of the pipeline / CLI -> (class, config overrides)
@@ -78,10 +80,22 @@ NAMES = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
+    # EDM (Karras et al. 2022) samplers, for models trained with EDM's preconditioning
+    # (Playground v2.5, CosXL); the sigma range and sigma_data come from their config
+    "edm_euler": ("EDMEulerScheduler", {}),
+    "edm_dpmpp_2m": (
+        "EDMDPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),
+    "edm_dpmpp_2m_sde": (
+        "EDMDPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+    ),
 }
 
 __all__ = [
-    "Config", "NAMES", "Scheduler", "SchedulerOutput", "get_scheduler", "sample_loop", *_CLASSES,
+    "Config", "NAMES", "Scheduler", "SchedulerOutput", "config_family", "get_scheduler",
+    "sample_loop", *_CLASSES,
 ]  # fmt: skip
 
 
@@ -103,8 +117,47 @@ def get_scheduler(name: str, config=None):
         raise InputError(f"scheduler={name!r}: expected one of {sorted(NAMES)}")
     cls_name, overrides = NAMES[key]
     data = {} if config is None else read_config(config)
+    _check_family(name, cls_name, data)
     data.update(overrides)
     return __getattr__(cls_name).from_config(data)
+
+
+def _is_edm(cls_name) -> bool:
+    return isinstance(cls_name, str) and cls_name.startswith("EDM")
+
+
+def config_family(data: dict):
+    """The family of a scheduler config: "edm" for an EDM scheduler's (continuous sigmas,
+    Karras et al.'s preconditioning), "ddpm" for a beta-table one (every other scheduler),
+    None if unknown; from its ``_class_name``, else from its keys."""
+    cls_name = data.get("_class_name")
+    if _is_edm(cls_name):
+        return "edm"
+    beta_keys = ("beta_schedule", "beta_start", "beta_end", "trained_betas")
+    if cls_name in _CLASSES or any(k in data for k in beta_keys):
+        return "ddpm"
+    return "edm" if "sigma_data" in data else None
+
+
+def _check_family(name, cls_name, data):
+    """A model trained on EDM's preconditioning needs an EDM sampler and a beta-table model
+    another one: the wrong family runs without error in diffusers and gives noise (an EDM
+    sampler hands the UNet c_noise = ln(sigma) / 4 for timesteps, about -1.6 to 1.1)."""
+    family = config_family(data)
+    want = "edm" if _is_edm(cls_name) else "ddpm"
+    if family is None or family == want:
+        return
+    from ..errors import InputError
+
+    own = data.get("_class_name") or "a beta-table scheduler"
+    edm_names = sorted(k for k, (c, _) in NAMES.items() if _is_edm(c))
+    if want == "edm":
+        raise InputError(f"scheduler={name!r}: an EDM sampler (Karras et al. 2022), but this "
+                         f"model's scheduler config is {own}'s, a model trained on a beta "
+                         f"schedule; choose a scheduler other than {edm_names}")  # fmt: skip
+    raise InputError(f"scheduler={name!r}: this model's scheduler config is {own}'s (EDM: "
+                     "continuous sigmas, Karras et al.'s preconditioning), which the beta-"
+                     f"schedule samplers cannot drive; choose one of {edm_names}")  # fmt: skip
 
 
 def sample_loop(scheduler, model_fn, x, *, num_inference_steps=None, eta=0.0, rng=None,

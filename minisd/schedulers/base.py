@@ -46,6 +46,8 @@ KNOWN_ELSEWHERE = {
     "flow_shift", "rescale_betas_zero_snr", "use_dynamic_shifting", "time_shift_type",
     "shift_terminal", "trained_betas", "timestep_spacing", "prediction_type",
     "original_inference_steps", "timestep_scaling",
+    # EDM's (Karras et al. 2022) keys, and the beta-table keys EDM schedulers have none of
+    "sigma_data", "sigma_schedule", "rho", "beta_start", "beta_end", "beta_schedule",
 }  # fmt: skip
 
 COMMON_DEFAULTS = {
