@@ -36,7 +36,7 @@ def _add_sampling(p, steps, size):
         type=float,
         default=None,
         help="classifier-free guidance scale; <= 1 disables guidance (default 7.5; SDXL 5, "
-        "SDXL inpainting 7.5). "
+        "SDXL inpainting 7.5 without a ControlNet). "
         "LCM-distilled models take it as an input instead (one UNet batch; try 1-2, 4 steps)",
     )
     p.add_argument(
@@ -125,7 +125,7 @@ def build_parser():
         type=float,
         default=None,
         help="img2img/inpaint: how much of the schedule to run, in (0, 1] (default 0.8; SDXL: "
-        "0.3, inpainting 0.9999)",
+        "0.3, with a ControlNet 0.8, inpainting 0.9999)",
     )
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
     g.add_argument(
@@ -323,6 +323,7 @@ def _output_path(args):
 
 def _run(args, model, image, mask):
     from .pipeline import StableDiffusion
+    from .pipeline_control import default_scale
 
     kw = {} if getattr(args, "config", None) is None else {"config": args.config}
     if getattr(args, "prediction_type", None):
@@ -352,12 +353,14 @@ def _run(args, model, image, mask):
         eta=args.eta,
         guidance_rescale=args.guidance_rescale,
         **_family_kwargs(args, mask),
-        **cli_addons.call_kwargs(args, addons),
+        **cli_addons.call_kwargs(args, addons, pipe),
     )
     t2 = time.perf_counter()
     args.scheduler = args.scheduler or pipe.scheduler_name  # (for the PNG's parameters)
     if args.guidance is None:  # (for the PNG's parameters)
-        args.guidance = _default_guidance(pipe, mask)
+        args.guidance = _default_guidance(pipe, mask, addons["control_image"])
+    if addons["control_image"] is not None:  # (for the PNG's parameters: the pipeline's default)
+        args.control_scale = default_scale(args.control_scale, image, mask, pipe)
     for k, img in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
         _save_png(img, path, _parameters(args, model, img.size))
@@ -366,16 +369,16 @@ def _run(args, model, image, mask):
     return 0
 
 
-def _default_guidance(pipe, mask):
-    """The pipeline's own guidance scale (7.5; SDXL's 5.0, or 7.5 when inpainting, as
-    diffusers' SDXL pipelines)."""
+def _default_guidance(pipe, mask, control_image):
+    """The pipeline's own guidance scale (7.5; SDXL's 5.0, or 7.5 when inpainting without a
+    ControlNet, as diffusers' SDXL pipelines)."""
     import inspect
 
     default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
     if default is None:  # StableDiffusionXL: by task
         from .pipeline_xl_steps import default_guidance
 
-        return default_guidance(None, mask)
+        return default_guidance(None, mask, control_image)
     return default
 
 

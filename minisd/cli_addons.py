@@ -27,7 +27,8 @@ def add_arguments(g):
         "--control-scale",
         type=float,
         default=None,
-        help="ControlNet residual scale (default 1; img2img 0.8, inpainting 0.5, as diffusers)",
+        help="ControlNet residual scale (default 1; img2img 0.8, inpainting 0.5 (SDXL: 1), as "
+        "diffusers)",
     )
     g.add_argument(
         "--guess-mode", action="store_true", help="ControlNet on the prompt half of CFG only"
@@ -185,8 +186,8 @@ def apply(pipe, addons):
         pipe.load_ip_adapter(*addons["ip_adapter"])  # weights, image encoder, scale
 
 
-def call_kwargs(args, addons):
-    """The add-on arguments of the pipeline call."""
+def call_kwargs(args, addons, pipe=None):
+    """The add-on arguments of the pipeline call (``pipe``: refuse what its call lacks)."""
     kw = {}
     if addons["control_image"] is not None:
         kw.update(
@@ -204,7 +205,24 @@ def call_kwargs(args, addons):
         kw["ip_adapter_image"] = addons["ip_adapter_image"]
     if getattr(args, "image_guidance", None) is not None:
         kw["image_guidance_scale"] = args.image_guidance
+    _check_accepted(pipe, kw)
     return kw
+
+
+def _check_accepted(pipe, kw):
+    """InputError naming the flag whose argument the pipeline's call does not take (SDXL has
+    no InstructPix2Pix, for one), instead of Python's TypeError."""
+    import inspect
+
+    if pipe is None:
+        return
+    params = inspect.signature(type(pipe).__call__).parameters
+    flags = {"image_guidance_scale": "--image-guidance", "adapter_image": "--adapter-image"}
+    flags.update(ip_adapter_image="--ip-adapter-image", control_image="--control-image")
+    for name in kw:
+        if name not in params:
+            flag = flags.get(name, name)
+            raise InputError(f"{flag}: not supported with {type(pipe).__name__} in minisd")
 
 
 def parameters(args):

@@ -9,7 +9,8 @@ transformers' ``CLIPVisionModelWithProjection``: the image encoder of IP-Adapter
 P = (image_size / patch_size)^2 patches, each a patch_size^2 pixel square (a Conv2d whose stride
 is its kernel, computed here as one GEMM on the unfolded patches). h94/IP-Adapter's
 ``models/image_encoder`` is OpenCLIP ViT-H/14 (32 layers x 1280, 16 heads, gelu, 1024-d
-projection).
+projection), its ``sdxl_models/image_encoder`` OpenCLIP ViT-bigG/14 (48 layers x 1664, 16 heads,
+gelu, 1280-d projection); everything is read from config.json.
 
 Parameters keep the file's names, ``vision_model.`` prefix included (``vision_model.encoder.
 layers.3.self_attn.q_proj.weight``, ``visual_projection.weight``); traced names are the same

@@ -80,6 +80,9 @@ def run(
             pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg,
             addons.get("denoising_start"),
         )  # fmt: skip
+    # ControlNet step windows are fractions of this run's steps before a denoising_end cut
+    # (diffusers' StableDiffusionXLControlNet{,Inpaint}Pipeline)
+    state["control_steps"] = len(state["timesteps"])
     if addons.get("denoising_end") is not None:  # SDXL's ensemble of experts: stop early
         state["timesteps"] = cut_end(state["timesteps"], sched, addons["denoising_end"])
     state["timestep_cond"] = _timestep_cond(pipe, guidance_scale, batch)
@@ -225,9 +228,11 @@ def _loop(pipe, sched, state, lat, ctx, eta, rng, callback, progress):
         """Guided eps (or v) prediction for latents x at timestep t (step i)."""
         x_in = xp.concatenate([x] * rows) if rows > 1 else x  # (rows B, 4, h, w)
         x_in = sched.scale_model_input(x_in, t)
+        # ControlNet: one residual per skip state and one for the mid block (or None)
         down, mid = control_residuals(
-            pipe, state["control"], sched, x, x_in, t, i, len(ts), ctx, rows > 1
-        )  # ControlNet: one residual per skip state and one for the mid block (or None)
+            pipe, state["control"], sched, x, x_in, t, i, state["control_steps"], ctx,
+            rows > 1, state["added"],
+        )  # fmt: skip
         if state.get("nine"):
             x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
         if "edit" in state:

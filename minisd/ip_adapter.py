@@ -1,5 +1,5 @@
 """IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter for
-Text-to-Image Diffusion Models", arXiv:2308.06721) on an SD1.x / SD2.x UNet, as diffusers'
+Text-to-Image Diffusion Models", arXiv:2308.06721) on an SD1.x / SD2.x or SDXL UNet, as diffusers'
 ``ImageProjection`` (models/embeddings.py), ``IPAdapterAttnProcessor2_0``
 (models/attention_processor.py) and ``_load_ip_adapter_weights`` (loaders/unet.py) compute it.
 
@@ -23,7 +23,8 @@ Weights (.safetensors only; pickle files are refused): h94/IP-Adapter's layout
 
 with n numbering the UNet's attention processors in diffusers' order (down blocks, up blocks,
 then the mid block; attn1 then attn2 in each transformer block): the cross-attention layers are
-the odd numbers (SD1.5: 1, 3, ..., 31). A diffusers UNet's state dict after ``load_ip_adapter``
+the odd numbers (SD1.5: 1, 3, ..., 31; SDXL base, 70 transformer blocks: 1, 3, ..., 139). A
+diffusers UNet's state dict after ``load_ip_adapter``
 (``encoder_hid_proj.image_projection_layers.0.image_embeds.weight``, ``<attn2 path>.processor.
 to_k_ip.0.weight``, optionally under ``unet.``) is read too (minisd/ip_adapter_files.py).
 Refused by name: IP-Adapter Plus (Resampler), Full (MLP projection), FaceID / FaceID Plus
@@ -171,7 +172,8 @@ def resolve(adapter, unet) -> dict:
         if adapter.cross_attention_dim != width:  # diffusers: both are cross_attention_dim
             raise WeightsError(
                 f"{adapter.source}: key 'image_proj.norm.weight': the image tokens are "
-                f"{adapter.cross_attention_dim} wide, this UNet's cross-attention takes {width}"
+                f"{adapter.cross_attention_dim} wide, this UNet's cross-attention takes {width} "
+                "(an IP-Adapter made for another model: SD1.x 768, SD2.x 1024, SDXL 2048)"
             )
     layers = {}
     for n, pair in adapter.layers.items():

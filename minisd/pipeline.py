@@ -124,10 +124,12 @@ class StableDiffusion(AddOns):
         pipe = cls._load(path, dtype, device, config, prediction_type, kw)
         if controlnet is not None:
             pipe.controlnet = pipeline_control.load(controlnet, dtype, device, kw["weights"])
+            pipeline_control.check_fit(pipe)  # ConfigError: it does not fit this UNet
         if adapter is not None:
             from . import pipeline_adapter
 
             pipe.adapter = pipeline_adapter.load(adapter, dtype, device)
+            pipeline_adapter.check_fits(pipe)  # an SD adapter on SDXL, or vice versa: refused
         return pipe
 
     @classmethod

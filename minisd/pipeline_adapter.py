@@ -1,6 +1,6 @@
 """T2I-Adapter guidance in the sampling loop (Mou et al. 2023, "T2I-Adapter"), as diffusers'
 StableDiffusionAdapterPipeline (``pipelines/t2i_adapter/pipeline_stable_diffusion_adapter.py``)
-runs it.
+and StableDiffusionXLAdapterPipeline (``pipeline_stable_diffusion_xl_adapter.py``) run it.
 
 The adapter (minisd/t2i_adapter.py) turns the condition image into one feature map per UNet
 down block, once per generation; the UNet adds them inside its down path at every step:
@@ -11,6 +11,13 @@ down block, once per generation; the UNet adds them inside its down path at ever
 only for the first ``int(steps * adapter_conditioning_factor)`` steps (the factor of diffusers'
 SDXL adapter pipeline; the SD one has none, i.e. 1.0). Features are repeated for
 ``num_images_per_prompt`` and doubled for classifier-free guidance (both halves get them).
+SDXL (full_adapter_xl, downscale_factor 16) works the same way: its fourth feature goes to the
+UNet's mid block output. Output sizes taken from the adapter image are rounded down to
+multiples of the adapter's downscale_factor (``round_size``; 16 for SDXL adapters).
+
+Adapters must fit the UNet: :func:`check_fits` (at load time, and before each run) compares
+each feature's channels and scale with the place the UNet adds it and refuses an SD1.x / SD2.x
+adapter on an SDXL UNet, or an SDXL one on an SD UNet, with a ConfigError naming the adapter.
 
 The image is preprocessed as diffusers' ``_preprocess_adapter_image``: PIL images resized to
 the output size with Lanczos, to [0, 1] (not normalized). PIL images are first converted to
@@ -32,7 +39,7 @@ from PIL import Image
 from . import image as imageproc
 from .backend import to_device
 from .config import is_number
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 
 def load(spec, dtype, device):
@@ -102,11 +109,66 @@ def check(pipe, adapter_image, *, scale, factor):
             "StableDiffusion.from_pretrained(..., adapter=FOLDER) or set pipe.adapter"
         )
     images_per_adapter(pipe, adapter_image)
+    if getattr(pipe, "unet", None) is not None:  # a pipeline (not only its adapter state)
+        check_fits(pipe)
     for v in per_adapter(scale, n, "adapter_conditioning_scale"):
         if not is_number(v):
             raise InputError(f"adapter_conditioning_scale={scale!r}: expected finite numbers")
     if not (is_number(factor) and 0 <= factor <= 1):
         raise InputError(f"adapter_conditioning_factor={factor!r}: expected a number in [0, 1]")
+
+
+def unet_slots(unet_config, vae_scale_factor) -> list:
+    """(channels, image size / feature size) of each place the UNet adds a T2I-Adapter feature
+    (minisd/unet_base.py): a CrossAttnDownBlock2D's last layer (before its downsampler), a
+    DownBlock2D's output (after it), then the mid block's output."""
+    cfg = unet_config
+    n, f, slots = len(cfg.down_block_types), vae_scale_factor, []
+    for i, kind in enumerate(cfg.down_block_types):
+        after = f * 2 if i < n - 1 else f  # every block but the last downsamples
+        slots.append((cfg.block_out_channels[i], f if kind == "CrossAttnDownBlock2D" else after))
+        f = after
+    if cfg.mid_block_type:
+        slots.append((cfg.block_out_channels[-1], f))
+    return slots
+
+
+def check_fits(pipe):
+    """Refuse an adapter whose features do not fit the pipeline's UNet (ConfigError naming the
+    adapter and its config): an SD1.x / SD2.x adapter on an SDXL UNet or the other way round,
+    or one built for other channel widths. Fewer features than places is allowed (diffusers
+    then leaves the remaining blocks alone)."""
+    models = adapters(pipe)
+    if not models:
+        return
+    unet_cfg = pipe.unet.config
+    slots = unet_slots(unet_cfg, pipe.vae_scale_factor)
+    unet_kind = "an SDXL" if unet_cfg.addition_embed_type == "text_time" else "this"
+    for k, a in enumerate(models):
+        feats = a.config.features()
+        if len(feats) <= len(slots) and all(f == s for f, s in zip(feats, slots)):
+            continue
+        name = f"adapter[{k}]" if _several(pipe) else "adapter"
+        kind = "an SDXL" if a.config.xl else "an SD1.x / SD2.x"
+        raise ConfigError(
+            f"{name} ({a.config.source}): {kind} T2I-Adapter ({a.config.adapter_type}) does "
+            f"not fit {unet_kind} UNet: its features (channels, image size / feature size) "
+            f"{feats}, the UNet takes {slots} (down blocks, then the mid block)"
+        )
+
+
+def round_size(pipe, a, height, width):
+    """generate's output size (``a``: the call's arguments; height, width: as resolved) where
+    the adapter image set it (no ``image`` or ``control_image``; height or width None):
+    rounded down to multiples of the adapter's downscale_factor, as diffusers'
+    ``_default_height_width`` (16 for SDXL adapters; SD adapters' 8 changes nothing)."""
+    sized = a.adapter_image is not None and a.image is None and a.control_image is None
+    if not sized or not adapters(pipe):
+        return height, width
+    f = adapters(pipe)[0].downscale_factor
+    h = height // f * f if a.height is None else height
+    w = width // f * f if a.width is None else width
+    return h, w
 
 
 def prepare(pipe, adapter_image, *, scale, factor, batch, nipp, size, cfg):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from . import pipeline_control, pipeline_pix2pix
+from . import pipeline_adapter, pipeline_control, pipeline_pix2pix
 from . import pipeline_steps as steps
 from .backend import to_numpy
 from .errors import InputError
@@ -25,6 +25,7 @@ def generate(pipe, a: SimpleNamespace):
 
     prompts, negative = _prompts(a.prompt, a.negative_prompt)
     height, width = pipe._resolve_size(a.height, a.width, _sized_by(pipe, a))
+    height, width = pipeline_adapter.round_size(pipe, a, height, width)  # SDXL adapters: 16
     masked = a.image is not None and a.mask_image is not None
     steps.validate(
         prompts=prompts, negative=negative, height=height, width=width,
@@ -36,7 +37,7 @@ def generate(pipe, a: SimpleNamespace):
         image_hw=steps.pixel_size(pipe, a.image) if masked else None,
     )  # fmt: skip
     steps.check_inpaint(pipe, a.image, a.mask_image)
-    cn_args = _controlnet_args(a)
+    cn_args = _controlnet_args(pipe, a)
     pipeline_control.check(pipe, a.control_image, **cn_args)
     edit = _check_edit(pipe, a)
     _check_adapters(pipe, a)
@@ -115,8 +116,10 @@ def _prompts(prompt, negative_prompt):
     return prompts, negative
 
 
-def _controlnet_args(a):
-    scale = pipeline_control.default_scale(a.controlnet_conditioning_scale, a.image, a.mask_image)
+def _controlnet_args(pipe, a):
+    scale = pipeline_control.default_scale(
+        a.controlnet_conditioning_scale, a.image, a.mask_image, pipe
+    )
     return dict(
         scale=scale,
         guess_mode=a.guess_mode,

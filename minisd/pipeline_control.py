@@ -19,6 +19,12 @@ unconditional half gets zero residuals; its residuals are scaled from 0.1 (shall
 The control image is preprocessed as diffusers' ``control_image_processor``: RGB, resized to
 the output size, in [0, 1] (not normalized to [-1, 1]); one image is used for the whole batch,
 else one per prompt, repeated for ``num_images_per_prompt``.
+
+SDXL ControlNets (addition_embed_type "text_time") get the UNet's ``added_cond_kwargs`` rows
+(the pooled text embedding and the size / crop numbers), halved with the prompt rows in guess
+mode, as diffusers' StableDiffusionXLControlNet pipelines. :func:`check_fit` refuses, when the
+pipeline loads and again before a run, a ControlNet whose inputs or residuals do not fit the
+pipeline's UNet (an SDXL ControlNet on an SD1.x pipeline, say).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import math
 
 from . import image as imageproc
 from .config import is_number
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 
 def load(controlnet, dtype, device, weights):
@@ -42,12 +48,18 @@ def load(controlnet, dtype, device, weights):
     return ControlNetModel.from_pretrained(controlnet, dtype=dtype, device=device, weights=weights)
 
 
-def default_scale(scale, image, mask_image):
+#: diffusers' default ``controlnet_conditioning_scale`` by task: StableDiffusionControlNet-
+#: {,Img2Img,Inpaint}Pipeline's (a pipeline class may set its own ``control_scales``)
+SCALES = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
+
+
+def default_scale(scale, image, mask_image, pipe=None):
     """``controlnet_conditioning_scale=None``: diffusers' default of the matching pipeline,
-    1.0 (txt2img), 0.8 (img2img), 0.5 (inpainting)."""
+    from ``pipe.control_scales`` (else SCALES: 1.0 txt2img, 0.8 img2img, 0.5 inpainting)."""
     if scale is not None:
         return scale
-    return 1.0 if image is None else 0.8 if mask_image is None else 0.5
+    task = "txt2img" if image is None else "img2img" if mask_image is None else "inpaint"
+    return getattr(pipe, "control_scales", SCALES)[task]
 
 
 def nets(pipe) -> list:
@@ -85,8 +97,74 @@ def first_image(pipe, control_image):
     return images_per_net(control_image, len(nets(pipe)))[0]
 
 
+#: cross_attention_dim -> the family whose text encoder(s) give contexts that wide
+_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 1280: "the SDXL refiner", 2048: "SDXL"}
+
+
+def _skips(channels, layers):
+    """(channels, level) of each UNet skip state: conv_in's, each resnet's, each downsampler's
+    (one residual per state); ``layers``: resnets per down block."""
+    out, n = [(channels[0], 0)], len(channels)
+    for i in range(n):
+        out += [(channels[i], i)] * layers[i]
+        if i < n - 1:
+            out.append((channels[i], i + 1))  # the downsampler halves the size
+    return out
+
+
+def _misfit(pipe, c):
+    """Why ControlNet config ``c`` does not fit ``pipe`` (a sentence), or None."""
+    u = pipe.unet.config
+    width = u.cross_attention_dim[0]
+    if c.cross_attention_dim != width:
+        hint = ""
+        if c.cross_attention_dim in _FAMILIES and width in _FAMILIES:
+            hint = f" (a ControlNet for {_FAMILIES[c.cross_attention_dim]} on {_FAMILIES[width]})"
+        return f"cross_attention_dim={c.cross_attention_dim}, the UNet's is {width}{hint}"
+    for name in ("addition_embed_type", "addition_time_embed_dim"):
+        if getattr(c, name) != getattr(u, name):
+            return f"{name}={getattr(c, name)!r}, the UNet's is {getattr(u, name)!r}"
+    if c.addition_embed_type and (
+        c.projection_class_embeddings_input_dim != u.projection_class_embeddings_input_dim
+    ):
+        return (
+            f"projection_class_embeddings_input_dim={c.projection_class_embeddings_input_dim} "
+            f"(its time ids), the UNet's is {u.projection_class_embeddings_input_dim}"
+        )
+    if c.in_channels != pipe.vae.config.latent_channels:
+        return f"in_channels={c.in_channels}, the latents have {pipe.vae.config.latent_channels}"
+    mine = _skips(c.block_out_channels, (c.layers_per_block,) * len(c.block_out_channels))
+    theirs = _skips(u.block_out_channels, u.layers_per_block)
+    if mine != theirs:
+        return (
+            f"its residuals (channels {[ch for ch, _ in mine]}) do not match the UNet's skip "
+            f"states ({[ch for ch, _ in theirs]})"
+        )
+    if c.cond_factor != pipe.vae_scale_factor:
+        return (
+            f"its control image is {c.cond_factor}x the latent size, the VAE's factor is "
+            f"{pipe.vae_scale_factor}"
+        )
+    return None
+
+
+def check_fit(pipe):
+    """ConfigError naming the ControlNet (``controlnet``, ``controlnet[k]`` for several) whose
+    context width, micro-conditioning, input channels, residual shapes or control image factor
+    differ from what the pipeline's UNet and VAE give and take."""
+    models = nets(pipe)
+    for k, cn in enumerate(models):
+        why = _misfit(pipe, cn.config)
+        if why is not None:
+            name = "controlnet" if len(models) == 1 else f"controlnet[{k}]"
+            raise ConfigError(
+                f"{name} ({cn.config.source}): does not fit this pipeline's UNet: {why}"
+            )
+
+
 def check(pipe, control_image, scale, guess_mode, start, end):
-    """Refuse bad ControlNet arguments up front (InputError naming the argument)."""
+    """Refuse bad ControlNet arguments up front (InputError naming the argument), and a
+    ControlNet that does not fit (ConfigError, :func:`check_fit`)."""
     if control_image is None:
         return
     n = len(nets(pipe))
@@ -95,6 +173,7 @@ def check(pipe, control_image, scale, guess_mode, start, end):
             "control_image: this pipeline has no ControlNet; load one with "
             "StableDiffusion.from_pretrained(..., controlnet=FOLDER) or set pipe.controlnet"
         )
+    check_fit(pipe)
     images_per_net(control_image, n)
     for v in per_net(scale, n, "controlnet_conditioning_scale"):
         if not (is_number(v) and math.isfinite(v)):
@@ -157,25 +236,34 @@ def keep(i, n, start, end) -> float:
     return 1.0 - float(i / n < start or (i + 1) / n > end)
 
 
-def residuals(pipe, control, sched, x, x_in, t, i, n, ctx, cfg):
+def _prompt_half(rows):
+    """The second (prompt) half of a [negative; prompt] batch."""
+    return rows[rows.shape[0] // 2 :]
+
+
+def residuals(pipe, control, sched, x, x_in, t, i, n, ctx, cfg, added=None):
     """(down residuals, mid residual) for the UNet call at step i of n, summed over the
     ControlNets (diffusers' MultiControlNetModel), or (None, None).
 
     x: the latents (B, 4, h, w); x_in: the scaled UNet input (2B or B, 4, h, w), before an
-    inpainting UNet's extra channels; ctx: the prompt embeddings (2B or B, 77, D)."""
+    inpainting UNet's extra channels; ctx: the prompt embeddings (2B or B, 77, D); added:
+    SDXL's added_cond_kwargs, rows as ctx (None for SD1.x / SD2.x)."""
     if control is None:
         return None, None
     guess_cfg = control["guess"] and cfg
     cx = sched.scale_model_input(x, t) if guess_cfg else x_in  # prompt half only
-    cctx = ctx[ctx.shape[0] // 2 :] if guess_cfg else ctx
+    cctx = _prompt_half(ctx) if guess_cfg else ctx
+    if guess_cfg and added is not None:
+        added = {k: _prompt_half(v) for k, v in added.items()}  # (B, P), (B, k)
     down, mid = None, None
     for u in control["units"]:
         scale = u["scale"] * keep(i, n, u["start"], u["end"])
         if scale == 0:
             continue  # its residuals would be zeros: adding them changes nothing
         d, m = u["net"](
-            cx, t, cctx, u["image"], conditioning_scale=scale, guess_mode=control["guess"]
-        )
+            cx, t, cctx, u["image"], conditioning_scale=scale, guess_mode=control["guess"],
+            added_cond_kwargs=added,
+        )  # fmt: skip
         down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
     if guess_cfg and down is not None:  # the unconditional half gets no control
         xp = pipe.xp

@@ -1,6 +1,8 @@
 """IP-Adapter in the pipeline (Ye et al. 2023; minisd/ip_adapter.py has the model), as diffusers'
-``IPAdapterMixin`` (loaders/ip_adapter.py) and StableDiffusionPipeline's ``encode_image`` /
-``prepare_ip_adapter_image_embeds`` do it for one base IP-Adapter:
+``IPAdapterMixin`` (loaders/ip_adapter.py) and StableDiffusion(XL)Pipeline's ``encode_image`` /
+``prepare_ip_adapter_image_embeds`` do it for one base IP-Adapter, on SD1.x / SD2.x and on SDXL
+(minisd.StableDiffusionXL: h94's ip-adapter_sdxl with the ViT-bigG encoder, ip-adapter_sdxl_vit-h
+with ViT-H; the same code, the tokens 2048 wide):
 
     pipe.load_ip_adapter(weights, image_encoder, scale=1.0)   # .safetensors + CLIP vision folder
     pipe(prompt, ip_adapter_image=image)                       # the image prompts with the text
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from .clip_vision import CLIPVisionModelWithProjection, preprocess
 from .errors import InputError, WeightsError
-from .ip_adapter import attach, detach, read_ip_adapter, set_scale
+from .ip_adapter import attach, detach, read_ip_adapter, resolve, set_scale
 
 
 def load_ip_adapter(pipe, weights, image_encoder, scale=1.0):
@@ -31,6 +33,7 @@ def load_ip_adapter(pipe, weights, image_encoder, scale=1.0):
     folder, in the pipeline's dtype and device, or a loaded model) and attach the adapter to
     ``pipe.unet`` (replacing one already attached). Returns the attached state."""
     adapter = read_ip_adapter(weights)
+    resolve(adapter, pipe.unet)  # fits this UNet (widths, layers) before the encoder loads
     if image_encoder is None:
         raise InputError(
             "image_encoder: the IP-Adapter needs its CLIP image encoder (a folder with "

@@ -1,6 +1,7 @@
 """StableDiffusionXL: SDXL's text-to-image, image-to-image and inpainting (Podell et al. 2023),
 as diffusers' StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and
-StableDiffusionXLInpaintPipeline.
+StableDiffusionXLInpaintPipeline, and with ControlNets as StableDiffusionXLControlNet{,Img2Img,
+Inpaint}Pipeline.
 
     pipe = minisd.StableDiffusionXL.from_pretrained("path/to/sdxl-folder")
     images = pipe("a photo of a cat", num_inference_steps=30, seed=0)
@@ -32,7 +33,21 @@ What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_
 - LoRA (minisd/lora.py: diffusers/peft files with ``text_encoder_2.`` keys, sd-scripts files
   with the original UNet block names) and textual inversion (minisd/textual_inversion_xl.py:
   ``clip_l`` + ``clip_g`` files) reach both text encoders.
-Not supported here: ControlNet, T2I-/IP-Adapters, inpainting's ``padding_mask_crop`` and
+- ControlNet (``from_pretrained(..., controlnet=)``, ``control_image=``): SD's loop
+  (minisd/pipeline_control.py) with SDXL ControlNets (addition_embed_type "text_time"), which
+  take the UNet's pooled text embedding and time ids, the same rows (the prompt half in guess
+  mode). As diffusers' SDXL ControlNet pipelines: the output size defaults to the control
+  image's (img2img and inpainting: to ``image``'s), ``original_size`` and ``target_size`` to
+  the output size, ``controlnet_conditioning_scale`` to 1.0 (img2img 0.8), img2img's strength
+  to 0.8 and inpainting's guidance scale to 5.0; control windows are fractions of the steps
+  before a ``denoising_end`` cut. Several ControlNets, guess mode and control_guidance_start /
+  end work as for SD1.x.
+- T2I-Adapters (``adapter=``, ``adapter_image=``; minisd/pipeline_adapter.py): SDXL's
+  ``full_adapter_xl``, whose fourth feature goes to the mid block, as diffusers'
+  StableDiffusionXLAdapterPipeline (sizes from the adapter image round down to multiples of 16).
+- IP-Adapter (``load_ip_adapter``, ``ip_adapter_image=``; minisd/pipeline_ip.py): h94's plain
+  SDXL adapters with their ViT-bigG or ViT-H image encoder.
+Not supported here: IP-Adapter Plus / FaceID, inpainting's ``padding_mask_crop`` and
 ``masked_image_latents``; and the invisible watermark diffusers adds when the
 ``invisible-watermark`` package is installed (minisd never marks images).
 """
@@ -46,12 +61,7 @@ from .pipeline import StableDiffusion
 from .weights import read_config
 
 #: StableDiffusion.__call__'s add-on arguments, all off for SDXL
-_OFF = dict(
-    control_image=None, controlnet_conditioning_scale=None, guess_mode=False,
-    control_guidance_start=0.0, control_guidance_end=1.0, image_guidance_scale=None,
-    adapter_image=None, adapter_conditioning_scale=1.0, adapter_conditioning_factor=1.0,
-    ip_adapter_image=None,
-)  # fmt: skip
+_OFF = dict(image_guidance_scale=None)
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -59,6 +69,9 @@ class StableDiffusionXL(StableDiffusion):
 
     #: img2img's ``image`` may be latents (N, 4, h, w), e.g. the base's output_type="latent"
     takes_latent_images = True
+    #: diffusers' default controlnet_conditioning_scale: StableDiffusionXLControlNet{,Img2Img,
+    #: Inpaint}Pipeline's (pipeline_control.default_scale)
+    control_scales = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}
 
     def __init__(
         self, *, tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae,
@@ -83,10 +96,10 @@ class StableDiffusionXL(StableDiffusion):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", *, weights="eager", **kw):
         """Load a diffusers SDXL folder (base or refiner). ``dtype`` None: float32 on the CPU,
-        float16 on "cuda". ``weights``: "eager" | "lazy" | "stream" (minisd/weights.py)."""
-        for name in ("controlnet", "adapter"):
-            if kw.get(name) is not None:
-                raise InputError(f"{name}=: not supported with SDXL in minisd")
+        float16 on "cuda". ``weights``: "eager" | "lazy" | "stream" (minisd/weights.py).
+        ``controlnet``: an SDXL ControlNet (a diffusers folder, a single .safetensors file or a
+        loaded ControlNetModel; a list: several), kept as ``self.controlnet``; one that does
+        not fit the UNet is refused (ConfigError naming it)."""
         return super().from_pretrained(path, dtype, device, weights=weights, **kw)
 
     @classmethod
@@ -172,7 +185,16 @@ class StableDiffusionXL(StableDiffusion):
         return load_textual_inversion_xl(self, source, token, text_encoder, tokenizer)
 
     def load_ip_adapter(self, weights, image_encoder, scale=1.0):
-        self._refuse("load_ip_adapter")
+        """Attach an SDXL IP-Adapter (Ye et al. 2023) as StableDiffusion.load_ip_adapter does:
+        h94's ``sdxl_models/ip-adapter_sdxl.safetensors`` with its ViT-bigG image encoder
+        (``sdxl_models/image_encoder``), or ``ip-adapter_sdxl_vit-h.safetensors`` with ViT-H
+        (``models/image_encoder``); then ``pipe(..., ip_adapter_image=)``. The image tokens are
+        as wide as the UNet's cross-attention (2048); an adapter for another UNet (SD1.x: 768)
+        is refused naming the file and both widths. IP-Adapter Plus (Resampler) is refused.
+        minisd/pipeline_ip.py"""
+        from .pipeline_ip import load_ip_adapter
+
+        return load_ip_adapter(self, weights, image_encoder, scale)
 
     # ------------------------------------------------------------------ generation
 
@@ -211,6 +233,15 @@ class StableDiffusionXL(StableDiffusion):
         negative_aesthetic_score=2.5,
         denoising_start=None,
         denoising_end=None,
+        ip_adapter_image=None,
+        adapter_image=None,
+        adapter_conditioning_scale=1.0,
+        adapter_conditioning_factor=1.0,
+        control_image=None,
+        controlnet_conditioning_scale=None,
+        guess_mode=False,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
     ):
         """Generate images, with StableDiffusionXLPipeline's arguments (img2img: ``image``,
         StableDiffusionXLImg2ImgPipeline's; inpainting: ``image`` and ``mask_image``, white =
@@ -224,12 +255,22 @@ class StableDiffusionXL(StableDiffusion):
         experts: the base stops where a fraction of the schedule is denoised (give it
         output_type="latent"); the refiner takes those latents as ``image`` and starts there,
         adding no noise (``strength`` is then unused; inpainting: a 4-channel UNet blends
-        the image outside the mask in as usual)."""
+        the image outside the mask in as usual). ``ip_adapter_image``: the image prompt of a
+        loaded IP-Adapter (``load_ip_adapter``; as StableDiffusion.__call__'s).
+        ``adapter_image`` (+ ``adapter_conditioning_scale`` / ``_factor``): the condition image
+        of a T2I-Adapter loaded with ``from_pretrained(..., adapter=)`` (an SDXL one,
+        full_adapter_xl), as StableDiffusionXLAdapterPipeline's ``image``; minisd/
+        pipeline_adapter.py.
+        ``control_image`` and the ``control*`` / ``guess_mode`` arguments: the loaded
+        ControlNet(s)' (StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline's ``image`` /
+        ``control_image`` and the rest); ``controlnet_conditioning_scale`` None: 1.0, or 0.8
+        for img2img; with a control image, img2img's ``strength`` defaults to 0.8 and
+        inpainting's ``guidance_scale`` to 5.0 (diffusers' defaults)."""
         from . import pipeline_xl_steps as xl
         from .pipeline_call import generate
 
-        strength = xl.default_strength(strength, mask_image)
-        guidance_scale = xl.default_guidance(guidance_scale, mask_image)
+        strength = xl.default_strength(strength, mask_image, control_image)
+        guidance_scale = xl.default_guidance(guidance_scale, mask_image, control_image)
         args = dict(locals())
         del args["self"], args["generate"], args["xl"]
         return generate(self, SimpleNamespace(**args, **_OFF))

@@ -168,20 +168,25 @@ def encode_image(pipe, image, rng, use_stats=True):
 #: diffusers' default ``strength``: StableDiffusionXLImg2ImgPipeline's and
 #: StableDiffusionXLInpaintPipeline's. 0.9999, not 1: int(steps * 0.9999) = steps - 1 (for
 #: fewer than 10000 steps), so the first timestep is skipped and the latents start as the image
-#: latents noised to the second, not as pure noise.
-STRENGTH = {"img2img": 0.3, "inpaint": 0.9999}
+#: latents noised to the second, not as pure noise. With a control image, img2img's is
+#: StableDiffusionXLControlNetImg2ImgPipeline's 0.8.
+STRENGTH = {"img2img": 0.3, "inpaint": 0.9999, "control_img2img": 0.8}
 
 
-def default_strength(strength, mask_image):
-    """``strength`` None -> the default of img2img, or of inpainting when there is a mask."""
+def default_strength(strength, mask_image, control_image=None):
+    """``strength`` None -> the default of img2img (with or without a control image), or of
+    inpainting when there is a mask."""
     if strength is not None:
         return strength
-    return STRENGTH["img2img" if mask_image is None else "inpaint"]
+    if mask_image is not None:
+        return STRENGTH["inpaint"]
+    return STRENGTH["img2img" if control_image is None else "control_img2img"]
 
 
-def default_guidance(guidance_scale, mask_image):
-    """``guidance_scale`` None -> 5.0, diffusers' SDXL txt2img and img2img default, or 7.5 when
-    there is a mask (StableDiffusionXLInpaintPipeline's)."""
+def default_guidance(guidance_scale, mask_image, control_image=None):
+    """``guidance_scale`` None -> 5.0, diffusers' SDXL txt2img and img2img default (also its
+    ControlNet pipelines', inpainting included), or 7.5 for inpainting without a control image
+    (StableDiffusionXLInpaintPipeline's)."""
     if guidance_scale is not None:
         return guidance_scale
-    return 5.0 if mask_image is None else 7.5
+    return 7.5 if mask_image is not None and control_image is None else 5.0

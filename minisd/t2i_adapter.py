@@ -1,17 +1,21 @@
 """T2I-Adapter (Mou et al. 2023, "T2I-Adapter: Learning Adapters to Dig out More Controllable
 Ability for Text-to-Image Diffusion Models", arXiv:2302.08453), as diffusers'
-``models/adapter.py`` computes it (``T2IAdapter``, ``MultiAdapter``), for SD1.x / SD2.x UNets.
+``models/adapter.py`` computes it (``T2IAdapter``, ``MultiAdapter``), for SD1.x / SD2.x and
+SDXL UNets.
 
 An adapter is a small convolutional network that turns a condition image (sketch, depth, pose,
 color palette, ...) into one feature map per UNet down block, computed once per generation and
 added inside the UNet's encoder (``down_intrablock_additional_residuals``, minisd/unet.py):
 
-    x = pixel_unshuffle(image, f)          (N, Cin, fH, fW) -> (N, Cin f^2, H, W), f = 8
+    x = pixel_unshuffle(image, f)          (N, Cin, fH, fW) -> (N, Cin f^2, H, W), f = 8 / 16
     full_adapter:  x = conv_in(x) (3x3, -> C0); body.0 (C0 -> C0), body.i (C_i-1 -> C_i, an
                    average pool 2x2 first; a 1x1 in_conv where the channels change)
     light_adapter: body.0 (Cin f^2 -> C0), body.i (C_i-1 -> C_i, pooled first), one more
                    pooled block (C_last -> C_last); each block in_conv (1x1, -> C/4), resnets,
                    out_conv (1x1, -> C)
+    full_adapter_xl (SDXL, FullAdapterXL; f = 16 in its checkpoints): x = conv_in(x) (3x3,
+                   -> C0); body.0 (C0 -> C0), body.1 (C0 -> C1), body.2 (C1 -> C2, pooled
+                   first), body.i (C_i -> C_i) for i >= 3: one pooled block only
     features = [body.0(x), body.1(body.0(x)), ...]
 
 A full block's resnets are AdapterResnetBlocks, x + block2(relu(block1(x))) with block1 3x3 and
@@ -20,7 +24,12 @@ average pool is ``nn.AvgPool2d(2, 2, ceil_mode=True)``: odd sizes give ceil(H / 
 UNet's stride-2 downsamplers, so feature i has the shape of the UNet's down block i output.
 SD checkpoints: full (TencentARC/t2iadapter_*_sd14v1, *_sd15v2) channels (320, 640, 1280, 1280),
 2 resnets per block; light (t2iadapter_color_sd14v1) channels (320, 640, 1280), 4 resnets.
-``full_adapter_xl`` (SDXL) is refused.
+SDXL checkpoints (TencentARC/t2i-adapter-{canny,sketch,lineart,depth-midas,openpose}-sdxl-1.0):
+full_adapter_xl, channels (320, 640, 1280, 1280), 2 resnets, downscale_factor 16; features at
+1/16, 1/16, 1/32, 1/32 of the image: SDXL's three down blocks (DownBlock2D's output after its
+downsampler, the CrossAttnDownBlock2Ds' last layers) and, the fourth, the mid block's output
+(minisd/unet.py). diffusers' FullAdapterXL builds body.i (i >= 3) as C_i -> C_i while it takes
+C_i-1 channels, so it runs only where C_i-1 = C_i; other channel lists are refused at load.
 
 Traced names (``minisd.trace()``): diffusers' module paths, ``adapter`` (its first feature),
 ``adapter.unshuffle``, ``adapter.conv_in``, ``adapter.body.i(.downsample/.in_conv/.resnets
@@ -47,7 +56,7 @@ from .vae_tiny import relu
 __all__ = ["MultiAdapter", "T2IAdapter", "T2IAdapterConfig", "param_shapes"]
 
 _rec = trace.record
-ADAPTER_TYPES = ("full_adapter", "light_adapter")
+ADAPTER_TYPES = ("full_adapter", "light_adapter", "full_adapter_xl")
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,6 @@ class T2IAdapterConfig:
         return parse_config(cls, d, must_be_default={}, ignored=set(), source=source)
 
     def __post_init__(self):
-        if self.adapter_type == "full_adapter_xl":
-            raise ConfigError(
-                f"{self.source}: adapter_type='full_adapter_xl' is an SDXL T2I-Adapter; minisd "
-                "supports SD1.x / SD2.x adapters ('full_adapter', 'light_adapter')"
-            )
         if self.adapter_type not in ADAPTER_TYPES:
             raise ConfigError(
                 f"{self.source}: adapter_type={self.adapter_type!r}: expected one of "
@@ -86,24 +90,49 @@ class T2IAdapterConfig:
         if self.light and min(self.channels) < 4:  # a light block works at C // 4 channels
             raise ConfigError(f"{self.source}: channels={list(self.channels)}: light_adapter "
                               "channels must be at least 4")  # fmt: skip
+        c = self.channels
+        bad = [i for i in range(3, len(c)) if c[i] != c[i - 1]] if self.xl else []
+        if bad:  # diffusers' FullAdapterXL: body.i is C_i -> C_i with no in_conv for i >= 3
+            raise ConfigError(
+                f"{self.source}: channels={list(c)}: full_adapter_xl blocks from the fourth on "
+                f"keep their input's channels (channels[{bad[0]}] must equal "
+                f"channels[{bad[0] - 1}])"
+            )
 
     @property
     def light(self) -> bool:
         return self.adapter_type == "light_adapter"
 
     @property
+    def xl(self) -> bool:
+        return self.adapter_type == "full_adapter_xl"
+
+    @property
     def total_downscale_factor(self) -> int:
-        """Image size / size of the last feature: f * 2 per pooled block (diffusers' name)."""
+        """Image size / size of the last feature: f * 2 per pooled block (diffusers' name;
+        full_adapter_xl: f * 2, diffusers' number, even with fewer than 3 blocks)."""
+        if self.xl:
+            return self.downscale_factor * 2
         return self.downscale_factor * 2 ** (len(self.body()) - 1)
 
     def body(self) -> list:
         """(in channels, out channels, pooled first) of each body block."""
         c = self.channels
+        if self.xl:  # FullAdapterXL: only body.2 is pooled
+            return [(c[0], c[0], False)] + [(c[i - 1], c[i], i == 2) for i in range(1, len(c))]
         if self.light:
             first = self.in_channels * self.downscale_factor**2
             pairs = [(c[i], c[i + 1]) for i in range(len(c) - 1)] + [(c[-1], c[-1])]
             return [(first, c[0], False)] + [(a, b, True) for a, b in pairs]
         return [(c[0], c[0], False)] + [(c[i - 1], c[i], True) for i in range(1, len(c))]
+
+    def features(self) -> list:
+        """(channels, image size / feature size) of each feature (sizes rounded up)."""
+        out, f = [], self.downscale_factor
+        for _, cout, down in self.body():
+            f *= 2 if down else 1
+            out.append((cout, f))
+        return out
 
 
 def param_shapes(cfg: T2IAdapterConfig) -> dict:
@@ -260,8 +289,9 @@ class T2IAdapter:
 
     def __call__(self, image):
         """image (N, in_channels, H, W), the condition image in [0, 1] (H, W multiples of
-        ``downscale_factor``) -> [feature i (N, C_i, H / 8 / 2^i, W / 8 / 2^i), sizes rounded
-        up], as diffusers' ``T2IAdapter.forward``."""
+        ``downscale_factor``) -> [feature i (N, C_i, H / s_i, W / s_i), sizes rounded up;
+        s_i = downscale_factor * 2^(pooled blocks up to i), see ``config.features()``], as
+        diffusers' ``T2IAdapter.forward``."""
         x = self._input(image)
         with trace.scope("adapter"):
             features = adapter_features(x, self.params["adapter"], self.config)

@@ -26,7 +26,7 @@ from .blocks import conv, gn_silu
 from .errors import InputError
 from .freeu import FreeU
 from .ip_adapter import Attached, ip_context
-from .unet_base import ConditionedModel
+from .unet_base import ConditionedModel, mid_intrablock
 from .unet_blocks import (
     traced,
     up_block,
@@ -110,11 +110,13 @@ class UNet2DConditionModel(ConditionedModel):
         guidance_scale_embedding); only UNets with a time_cond_proj_dim take one; when None they
         run unconditioned, as diffusers. down_intrablock_additional_residuals: T2I-Adapter
         features (minisd/t2i_adapter.py), one per down block from the first, added inside the
-        down path (ConditionedModel._down); the list is not modified. image_embeds (N, D) or
-        (N, n, D): CLIP image embeddings for an attached IP-Adapter (minisd/ip_adapter.py; needed
-        exactly when one is attached). added_cond_kwargs {"text_embeds": (N, P), "time_ids":
-        (N, k)}: SDXL's micro-conditioning, needed exactly by UNets with addition_embed_type
-        "text_time" (minisd/micro_cond.py). -> (N, out_channels, H, W)."""
+        down path (ConditionedModel._down), and one more added to the mid block's output
+        (T2I-Adapter-XL's fourth on SDXL's three blocks); the list is not modified.
+        image_embeds (N, D) or (N, n, D): CLIP image embeddings for an attached IP-Adapter
+        (minisd/ip_adapter.py; needed exactly when one is attached). added_cond_kwargs
+        {"text_embeds": (N, P), "time_ids": (N, k)}: SDXL's micro-conditioning, needed exactly
+        by UNets with addition_embed_type "text_time" (minisd/micro_cond.py).
+        -> (N, out_channels, H, W)."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise InputError(
                 "down_block_additional_residuals and mid_block_additional_residual are "
@@ -133,6 +135,8 @@ class UNet2DConditionModel(ConditionedModel):
             states = _add_residuals(states, down_block_additional_residuals)
         if cfg.mid_block_type:
             h = self._mid(h, temb, ctx, opts)
+            n = len(cfg.down_block_types)  # T2I-Adapter-XL's last feature:
+            h = mid_intrablock(h, down_intrablock_additional_residuals, n)
         if mid_block_additional_residual is not None:
             h = h + _residual(mid_block_additional_residual, h, "mid_block_additional_residual")
         h = self._up(h, states, temb, ctx, opts)  # (N, C0, H, W)

@@ -125,7 +125,7 @@ class ConditionedModel:
         CrossAttnDownBlock2D adds its feature to its last layer's output (down_block's
         ``residual``), a DownBlock2D to its output, which is also its last skip state."""
         cfg = self.config
-        extra = _intrablock(intrablock, len(cfg.down_block_types))
+        extra = _intrablock(intrablock, len(cfg.down_block_types), cfg.mid_block_type)
         states = [h]
         for i, kind in enumerate(cfg.down_block_types):
             cross = kind == "CrossAttnDownBlock2D"
@@ -166,20 +166,29 @@ class ConditionedModel:
         )
 
 
-def _intrablock(features, n):
+def _intrablock(features, n, mid=False):
     """down_intrablock_additional_residuals as a new list (the caller's stays as it is; diffusers
-    pops from the one it is given), at most one per down block. The T2I-Adapter-XL residual
-    that diffusers adds to the mid block's output is not supported (SDXL)."""
+    pops from the one it is given), at most one per down block and, with a mid block
+    (``mid``), one more: T2I-Adapter-XL's, added to the mid block's output (mid_intrablock)."""
     extra = [] if features is None else list(features)
-    if len(extra) > n:
+    if len(extra) > n + bool(mid):
         raise InputError(
             f"down_intrablock_additional_residuals: {len(extra)} arrays, the UNet has {n} down "
-            "blocks (one T2I-Adapter feature per block)"
+            "blocks (one T2I-Adapter feature per block"
+            + (", and one for the mid block's output)" if mid else ")")
         )
     return extra
 
 
-def _feature(extra, i, shape, like):
+def mid_intrablock(h, features, n):
+    """The mid block's output plus the feature after the n down blocks' (T2I-Adapter-XL's;
+    diffusers' UNet adds it where its shape is the output's): h unchanged without one."""
+    extra = [] if features is None else list(features)
+    r = _feature(extra, n, h.shape, h, "mid_block")
+    return h if r is None else h + r  # (N, C, h, w)
+
+
+def _feature(extra, i, shape, like, where=None):
     """T2I-Adapter feature i on ``like``'s device and dtype, checked to be ``shape``; None
     when there are fewer features than blocks (diffusers then leaves the block alone)."""
     if i >= len(extra):
@@ -188,6 +197,6 @@ def _feature(extra, i, shape, like):
     if tuple(r.shape) != tuple(shape):
         raise InputError(
             f"down_intrablock_additional_residuals[{i}]: shape {tuple(r.shape)}, expected "
-            f"{tuple(shape)} (down_blocks.{i})"
+            f"{tuple(shape)} ({where or f'down_blocks.{i}'})"
         )
     return r

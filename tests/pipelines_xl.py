@@ -116,3 +116,31 @@ def build_inpaint(kind, folder):
                                                       **_flags(kind))  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_controlnet(unet, folder, seed=7):
+    """An SDXL ControlNet (addition_embed_type "text_time") copied from a tiny SDXL UNet with
+    diffusers' ControlNetModel.from_unet, a small conditioning embedding (still 8x the latent
+    size), every parameter randomized (zero convolutions included, scaled by 0.1 to keep
+    sampling well-conditioned), saved to ``folder``. Returns the diffusers module."""
+    torch, diffusers = need("torch", "diffusers")
+    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 8, 8))
+    randomize_(cn, seed=seed)
+    with torch.no_grad():
+        for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+            conv.weight.mul_(0.1)
+    cn.eval().save_pretrained(str(folder), safe_serialization=True)
+    return cn
+
+
+def controlnet_pipeline(components, controlnet, task="txt2img"):
+    """diffusers' StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline (``task``: "txt2img",
+    "img2img", "inpaint") over a base folder's modules and a ControlNet (a list: several)."""
+    diffusers = need("diffusers")
+    name = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[task]
+    cls = getattr(diffusers, f"StableDiffusionXLControlNet{name}Pipeline")
+    keys = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
+    pipe = cls(**{k: components[k] for k in keys}, scheduler=components["scheduler"],
+               controlnet=controlnet, **_flags("base"))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -261,3 +261,25 @@ def test_other_add_ons_are_still_told_apart(tmp_path):
     cn = {"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3)}
     save_file({k: np.zeros(s, np.float16) for k, s in cn.items()}, tmp_path / "c.safetensors")
     assert wt.inspect(tmp_path / "c.safetensors")["kind"] == "controlnet"
+
+
+@pytest.mark.parametrize(
+    "keys, family",
+    [
+        ({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": (8, 2048)}, "sdxl"),
+        ({"mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight": (8, 768)}, "sd1"),
+        ({"input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 1024)}, "sd2"),
+        ({"add_embedding.linear_1.weight": (16, 40)}, "sdxl"),  # tiny / attention-free SDXL
+        ({"label_emb.0.0.weight": (16, 40)}, "sdxl"),  # the same, original layout
+        ({}, "unknown"),
+    ],
+)
+def test_controlnet_family(keys, family, tmp_path):
+    """A ControlNet's family comes from its context width (SDXL's is 2048, the width of the
+    two text encoders side by side), else from SDXL's micro-conditioning MLP."""
+    original = any(k.startswith(("input_blocks", "label_emb")) for k in keys)
+    hint = "input_hint_block.0" if original else "controlnet_cond_embedding.conv_in"
+    shapes = {f"{hint}.weight": (16, 3, 3, 3), **keys}
+    save_file({k: np.zeros(s, np.float16) for k, s in shapes.items()}, tmp_path / "c.safetensors")
+    report = wt.inspect(tmp_path / "c.safetensors")
+    assert report["kind"] == "controlnet" and report["family"] == family

@@ -211,7 +211,6 @@ def test_misshapen_key_names_file_and_key(tiny, tmp_path):
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("adapter_type", "full_adapter_xl", "SDXL"),
         ("adapter_type", "tiny_adapter", "adapter_type"),
         ("_class_name", "ControlNetModel", "_class_name"),
         ("channels", 32, "channels"),

@@ -130,7 +130,7 @@ def test_unet_intrablock_input_errors(unets):
     feats = [rand(*s) for s in intrablock_shapes(unet.config, 2, 8, 8)]
     unet(x, 1, ctx, down_intrablock_additional_residuals=feats)  # the valid call
     with pytest.raises(InputError, match="3 down blocks"):
-        unet(x, 1, ctx, down_intrablock_additional_residuals=feats + feats[-1:])
+        unet(x, 1, ctx, down_intrablock_additional_residuals=feats + feats[-1:] * 2)
     bad = [feats[0], feats[1][:, :, :-1], feats[2]]
     with pytest.raises(InputError, match=r"residuals\[1\].*down_blocks\.1"):
         unet(x, 1, ctx, down_intrablock_additional_residuals=bad)

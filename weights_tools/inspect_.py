@@ -198,9 +198,17 @@ def _t2i_adapter(shapes):
     return {"family": family, "t2i_adapter": t2i, "notes": notes}
 
 
+#: A ControlNet's cross-attention context width (its attn2.to_k input) -> family
+CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
+
+
 def _controlnet(shapes, stats):
+    """The family from the context width; an SDXL micro-conditioning MLP (``add_embedding``,
+    originally ``label_emb``) marks SDXL ControlNets of other widths (-small ones, tiny ones)."""
     key = next((k for k in shapes if k.endswith("attn2.to_k.weight")), None)
-    family = TEXT_WIDTHS.get(shapes[key][1], "unknown") if key else "unknown"
+    family = CONTEXT_WIDTHS.get(shapes[key][1], "unknown") if key else "unknown"
+    if family == "unknown" and any(k.startswith(("add_embedding.", "label_emb.")) for k in shapes):
+        family = "sdxl"
     return {"family": family, "components": {"controlnet": stats}}
 
 
