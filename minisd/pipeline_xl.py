@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .pipeline import StableDiffusion
 from .weights import read_config
 
@@ -98,8 +98,9 @@ class StableDiffusionXL(StableDiffusion):
         """Load a diffusers SDXL folder (base or refiner). ``dtype`` None: float32 on the CPU,
         float16 on "cuda". ``weights``: "eager" | "lazy" | "stream" (minisd/weights.py).
         ``controlnet``: an SDXL ControlNet (a diffusers folder, a single .safetensors file or a
-        loaded ControlNetModel; a list: several), kept as ``self.controlnet``; one that does
-        not fit the UNet is refused (ConfigError naming it)."""
+        loaded ControlNetModel; a list: several), kept as ``self.controlnet``; ``adapter``: an
+        SDXL T2I-Adapter (``full_adapter_xl``; a list: several), kept as ``self.adapter``; one
+        that does not fit the UNet is refused (ConfigError naming it)."""
         return super().from_pretrained(path, dtype, device, weights=weights, **kw)
 
     @classmethod
@@ -166,9 +167,6 @@ class StableDiffusionXL(StableDiffusion):
         )
 
     # ------------------------------------------------------------------ add-ons
-
-    def _refuse(self, what):
-        raise InputError(f"{what}: not supported with SDXL in minisd (SD1.x / SD2.x only)")
 
     def load_textual_inversion(self, source, token=None, *, text_encoder=None, tokenizer=None):
         """Add a textual inversion embedding to both text encoders, as diffusers' two
