@@ -98,8 +98,9 @@ def build_parser():
     d.add_argument(
         "--family",
         default="sd1",
-        help="demo model family: sd1, sd2, inpaint, instruct-pix2pix, sdxl, sdxl-refiner or "
-        "sdxl-inpaint (inpainting and pix2pix families get a made-up input image and mask)",
+        help="demo model family: sd1, sd2, inpaint, instruct-pix2pix, sd2-depth, sdxl, "
+        "sdxl-refiner or sdxl-inpaint (inpainting, pix2pix and depth families get a made-up "
+        "input image, and mask or depth map)",
     )
     d.add_argument(
         "--cache",
@@ -236,6 +237,8 @@ def _demo(args):
     args.size = args.size or (128, 128)
     args.out = args.out or "minisd-demo.png"
     image, mask = _demo_inputs(args.family, args.size)
+    if args.family == "sd2-depth":
+        args.depth_map = demo_depth_map(args.size)
     out = _run(args, str(folder), image=image, mask=mask)
     print(REAL_MODEL_HINT)
     return out
@@ -263,6 +266,15 @@ def _demo_inputs(family, size):
         return image, None
     middle = (abs(x - 0.5) < 1 / 6) & (abs(y - 0.5) < 1 / 6)
     return image, Image.fromarray(np.where(middle, 255, 0).astype(np.uint8)).convert("RGB")
+
+
+def demo_depth_map(size):
+    """The depth demo's made-up depth map of ``size`` = (width, height): nearer towards the
+    bottom (the ground), as a (H, W) float32 array."""
+    import numpy as np
+
+    w, h = size
+    return np.repeat(np.linspace(0, 1, h, dtype=np.float32)[:, None], w, axis=1)  # (H, W)
 
 
 def _generate(args):

@@ -85,6 +85,13 @@ def add_image_prompt_arguments(g):
         help="InstructPix2Pix models: image guidance scale (default 1.5); --init-image is the "
         "image to edit and the prompt the instruction",
     )
+    g.add_argument(
+        "--depth-map",
+        default=None,
+        help="depth2img models (stable-diffusion-2-depth): a depth map of --init-image, a "
+        "grayscale image (8/16-bit PNG, larger = nearer) or a .npy array; minisd has no depth "
+        "estimator",
+    )
 
 
 def _paired(args, model_arg, image_arg, open_image):
@@ -128,6 +135,7 @@ def read(args, open_image):
         "ip_adapter_image": open_image(ip[2]) if all(ip) else None,
         "loras": [(read_lora(path), scale) for path, scale in loras],
         "embeddings": [(p, t) for p, t in embeddings if embedding_tokens(p, t)],  # checked
+        "depth_map": read_depth_map(getattr(args, "depth_map", None)),
     }
 
 
@@ -205,6 +213,8 @@ def call_kwargs(args, addons, pipe=None):
         kw["ip_adapter_image"] = addons["ip_adapter_image"]
     if getattr(args, "image_guidance", None) is not None:
         kw["image_guidance_scale"] = args.image_guidance
+    if addons["depth_map"] is not None:
+        kw["depth_map"] = addons["depth_map"]
     _check_accepted(pipe, kw)
     return kw
 
@@ -219,6 +229,7 @@ def _check_accepted(pipe, kw):
     params = inspect.signature(type(pipe).__call__).parameters
     flags = {"image_guidance_scale": "--image-guidance", "adapter_image": "--adapter-image"}
     flags.update(ip_adapter_image="--ip-adapter-image", control_image="--control-image")
+    flags["depth_map"] = "--depth-map"
     for name in kw:
         if name not in params:
             flag = flags.get(name, name)
@@ -242,7 +253,34 @@ def parameters(args):
         text += f", IP-Adapter: {args.ip_adapter}:{args.ip_adapter_scale}"
     if getattr(args, "image_guidance", None) is not None:
         text += f", Image CFG scale: {args.image_guidance}"
+    if isinstance(getattr(args, "depth_map", None), str):
+        text += f", Depth map: {args.depth_map}"
     return text
+
+
+def read_depth_map(path):
+    """--depth-map: a .npy array or a single-channel image file (an RGB one is read as its
+    luminance); an array (the demo's made-up map) passes through; None stays None."""
+    if path is None or not isinstance(path, (str, Path)):
+        return path
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--depth-map {path}: no such file")
+    if path.suffix.lower() == ".npy":
+        import numpy as np
+
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--depth-map {path}: cannot read it as a .npy array ({e})") from None
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"--depth-map {path}: cannot read it as an image ({e})") from None
+    return image if len(image.getbands()) == 1 else image.convert("L")
 
 
 def parse_embedding_arg(text) -> tuple[str, str | None]:

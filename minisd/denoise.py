@@ -18,6 +18,7 @@ from . import pipeline_pix2pix as pix2pix
 from .blocks import upsample_nearest
 from .pipeline_call import unet_rows
 from .pipeline_control import residuals as control_residuals
+from .pipeline_depth import conditioning as depth_channel
 from .pipeline_steps import (
     cut_end,
     cut_start,
@@ -80,6 +81,8 @@ def run(
             pipe, sched, state, shape, image, mask_image, steps, strength, latents, rng, cfg,
             addons.get("denoising_start"),
         )  # fmt: skip
+    if addons.get("depth_map") is not None:  # depth2img: the depth channel of every row
+        state["depth"] = depth_channel(pipe, addons["depth_map"], shape, n_rows)
     # ControlNet step windows are fractions of this run's steps before a denoising_end cut
     # (diffusers' StableDiffusionXLControlNet{,Inpaint}Pipeline)
     state["control_steps"] = len(state["timesteps"])
@@ -237,6 +240,8 @@ def _loop(pipe, sched, state, lat, ctx, eta, rng, callback, progress):
             x_in = xp.concatenate([x_in, *state["cond"]], axis=1)  # (2B, 9, h, w)
         if "edit" in state:
             x_in = xp.concatenate([x_in, state["edit"]], axis=1)  # (rows B, 8, h, w)
+        if "depth" in state:
+            x_in = xp.concatenate([x_in, state["depth"]], axis=1)  # (rows B, 5, h, w)
         eps = pipe.unet(x_in, t, ctx, down, mid, **_unet_extras(state, i, len(ts)))
         if edit is not None:
             return pix2pix.guide(eps, rows, scale, edit)  # (B, 4, h, w)

@@ -248,6 +248,7 @@ class StableDiffusion(AddOns):
         adapter_conditioning_scale=1.0,
         adapter_conditioning_factor=1.0,
         ip_adapter_image=None,
+        depth_map=None,
     ):
         """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
         minisd.schedulers.NAMES), or None for the checkpoint's own scheduler, configured exactly
@@ -268,7 +269,9 @@ class StableDiffusion(AddOns):
         T2I-Adapter guidance with diffusers' StableDiffusionAdapterPipeline's meaning (its
         ``image`` is ``adapter_image`` here; needs ``self.adapter``, minisd/pipeline_adapter.py).
         ``ip_adapter_image``: the image prompt of a loaded IP-Adapter (``load_ip_adapter``,
-        minisd/pipeline_ip.py). The steps of a call: minisd/pipeline_call.py."""
+        minisd/pipeline_ip.py). ``depth_map``: depth UNets only (stable-diffusion-2-depth),
+        which restyle ``image`` keeping its depth layout (minisd/pipeline_depth.py). The steps
+        of a call: minisd/pipeline_call.py."""
         from .pipeline_call import generate
 
         args = dict(locals())

@@ -7,13 +7,14 @@ The add-ons reach the loop as one dict (``denoise.run(..., addons=)``):
 - ``adapter``: pipeline_adapter.prepare's state (T2I-Adapter features, computed once)
 - ``image_embeds``: pipeline_ip.prepare's CLIP image embeddings (IP-Adapter, computed once)
 - ``image_guidance_scale``: InstructPix2Pix's s_I (pipeline_pix2pix.py), None otherwise
+- ``depth_map``: a depth UNet's depth map (pipeline_depth.py), None otherwise
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from . import pipeline_adapter, pipeline_control, pipeline_pix2pix
+from . import pipeline_adapter, pipeline_control, pipeline_depth, pipeline_pix2pix
 from . import pipeline_steps as steps
 from .backend import to_numpy
 from .errors import InputError
@@ -40,6 +41,7 @@ def generate(pipe, a: SimpleNamespace):
     cn_args = _controlnet_args(pipe, a)
     pipeline_control.check(pipe, a.control_image, **cn_args)
     edit = _check_edit(pipe, a)
+    pipeline_depth.check(pipe, a)
     _check_adapters(pipe, a)
     rng = a.rng
     if rng is None:
@@ -56,6 +58,7 @@ def generate(pipe, a: SimpleNamespace):
     pipe._set_attention_chunk(batch * rows, height, width)
     addons = _prepare_addons(pipe, a, cn_args, batch=batch, size=(height, width), cfg=rows > 1)
     addons["image_guidance_scale"] = edit
+    addons["depth_map"] = getattr(a, "depth_map", None)
     addons["text"] = pipe._text_extra(a, height, width)  # SDXL's second prompts and time ids
     addons.update(_experts(a))
     lat = run(

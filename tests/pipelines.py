@@ -3,7 +3,8 @@
 SD1-like: conv projections, quick_gelu text encoder, PNDM, epsilon. SD2-like: linear projections,
 per-block heads, gelu text encoder, "!" padding, DDIM, v-prediction. Inpaint: SD1-like with a
 9-channel UNet. LCM: SD1-like with an LCM-distilled UNet (time_cond_proj_dim) and LCMScheduler.
-pix2pix: SD1-like with an 8-channel InstructPix2Pix UNet.
+pix2pix: SD1-like with an 8-channel InstructPix2Pix UNet. depth: SD2-like with a 5-channel
+depth2img UNet (epsilon, PNDM, no depth estimator: the tests give depth maps).
 The tokenizer is the real CLIP vocabulary bundled with minisd.
 """
 
@@ -24,6 +25,9 @@ KINDS = {
     # InstructPix2Pix (Brooks et al. 2023): latents and the edited image's latents side by side
     "pix2pix": dict(linear=False, heads=2, act="quick_gelu", pred="epsilon",
                     pad="<|endoftext|>", in_channels=8),
+    # depth2img (stable-diffusion-2-depth): SD2-like, latents and a depth channel
+    "depth": dict(linear=True, heads=[1, 2, 2], act="gelu", pred="epsilon", pad="!",
+                  in_channels=5),
 }  # fmt: skip
 
 
@@ -64,9 +68,11 @@ def components(kind, folder):
         sched = diffusers.LCMScheduler(**kw, set_alpha_to_one=True)
     else:
         sched = diffusers.PNDMScheduler(**kw, skip_prk_steps=True)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok,
-                scheduler=sched, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)  # fmt: skip
+    parts = dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok,
+                 scheduler=sched, feature_extractor=None)  # fmt: skip
+    if kind == "depth":
+        return dict(parts, depth_estimator=None)
+    return dict(parts, safety_checker=None, requires_safety_checker=False)
 
 
 def build(kind, folder):
@@ -76,8 +82,11 @@ def build(kind, folder):
     cls = {
         "inpaint": diffusers.StableDiffusionInpaintPipeline,
         "pix2pix": diffusers.StableDiffusionInstructPix2PixPipeline,
+        "depth": diffusers.StableDiffusionDepth2ImgPipeline,
     }.get(kind, diffusers.StableDiffusionPipeline)
     cls(**components(kind, folder)).save_pretrained(str(folder), safe_serialization=True)
-    pipe = cls.from_pretrained(str(folder), safety_checker=None, local_files_only=True)
+    none = ("depth_estimator", "feature_extractor") if kind == "depth" else ("safety_checker",)
+    kw = dict.fromkeys(none)
+    pipe = cls.from_pretrained(str(folder), **kw, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -263,20 +263,60 @@ def test_generate_with_freeu_is_the_api_s_result(demo_model, tmp_path):
     assert "FreeU: 0.9,0.2,1.5,1.6" in img.info["parameters"]
 
 
-@pytest.mark.parametrize("family", ["inpaint", "instruct-pix2pix", "sdxl-inpaint"])
+@pytest.mark.parametrize("family", ["inpaint", "instruct-pix2pix", "sdxl-inpaint", "sd2-depth"])
 def test_demo_families_with_image_inputs(family, tmp_path):
-    """Inpainting and InstructPix2Pix demo models need an input image (and a mask): the demo
-    makes them up, and its PNG is the API's image for those inputs."""
+    """Inpainting, InstructPix2Pix and depth2img demo models need an input image (and a mask or
+    a depth map): the demo makes them up, and its PNG is the API's image for those inputs."""
     from minisd import StableDiffusion
-    from minisd.cli import _demo_inputs
+    from minisd.cli import _demo_inputs, demo_depth_map
 
     out, cache = tmp_path / "demo.png", tmp_path / "cache"
     args = ["demo", "--family", family, "--cache", str(cache), "--out", str(out), "--steps", "2"]
     assert main(args) == 0
     image, mask = _demo_inputs(family, (128, 128))
-    assert image.size == (128, 128) and (mask is None) == (family == "instruct-pix2pix")
+    assert image.size == (128, 128) and (mask is None) == (
+        family in ("instruct-pix2pix", "sd2-depth")
+    )
     pipe = StableDiffusion.from_pretrained(cache / f"demo-{family}")
     kw = {} if mask is None else {"mask_image": mask}
+    if family == "sd2-depth":
+        kw["depth_map"] = demo_depth_map((128, 128))
     want = pipe("a watercolor painting of a lighthouse", num_inference_steps=2, image=image, **kw)
     got = np.asarray(Image.open(out), np.int16)
     assert np.abs(got - np.asarray(want[0], np.int16)).max() <= 1
+
+
+def test_depth_map_flag(tmp_path):
+    """--depth-map reads a 16-bit PNG or a .npy array: the PNG is the API's image for the same
+    map; a file that is no image, or a depth map for a model without a depth UNet, is refused
+    by flag."""
+    from minisd import StableDiffusion
+    from minisd.cli import _demo_inputs
+
+    cache = tmp_path / "cache"
+    common = ["--steps", "2", "--size", "64x64", "--seed", "3"]
+    assert main(["demo", "--family", "sd2-depth", "--cache", str(cache), *common,
+                 "--out", str(tmp_path / "demo.png")]) == 0  # fmt: skip
+    folder = cache / "demo-sd2-depth"
+    image, _ = _demo_inputs("sd2-depth", (64, 64))
+    image.save(tmp_path / "in.png")
+    depth = (np.random.default_rng(0).random((32, 48)) * 65535).astype(np.uint16)
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    np.save(tmp_path / "depth.npy", depth.astype(np.float32))
+    pipe = StableDiffusion.from_pretrained(folder)
+    want = pipe("a cat", num_inference_steps=2, image=image, depth_map=depth, seed=3)[0]
+    for name in ("depth.png", "depth.npy"):
+        out = tmp_path / f"out-{name}.png"
+        args = ["generate", "a cat", "--model", str(folder), "--init-image",
+                str(tmp_path / "in.png"), "--depth-map", str(tmp_path / name), *common,
+                "--out", str(out)]  # fmt: skip
+        assert main(args) == 0
+        got = np.asarray(Image.open(out), np.int16)
+        assert np.abs(got - np.asarray(want, np.int16)).max() <= 1, name
+        assert f"Depth map: {tmp_path / name}" in Image.open(out).info["parameters"]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    bad = ["generate", "a cat", "--model", str(folder), "--init-image", str(tmp_path / "in.png"),
+           *common, "--out", str(tmp_path / "x.png")]  # fmt: skip
+    assert main([*bad, "--depth-map", str(tmp_path / "bad.png")]) == 2
+    assert main([*bad, "--depth-map", str(tmp_path / "missing.npy")]) == 2
+    assert main([*bad]) == 2  # a depth UNet without a depth map

@@ -350,11 +350,14 @@ def _sparse_file(path, shapes, tag="F16"):
         ("sd2-v", {"unet": 865_910_724, "vae": 83_653_863}),
         ("inpaint", {"unet": 859_535_364}),
         ("sd2-inpaint", {"unet": 865_925_124}),
+        ("sd2-depth", {"unet": 865_913_604}),
         ("instruct-pix2pix", {"unet": 859_532_484}),
     ],
 )
 def test_inspect_identifies_full_size_families(family, params, tmp_path):
     shapes = original_shapes(full_size_configs(family))
+    if family == "sd2-depth":  # 512-depth-ema.safetensors carries the MiDaS estimator too
+        shapes["depth_model.model.pretrained.model.cls_token"] = (1, 1, 768)
     path = _sparse_file(tmp_path / f"{family}.safetensors", shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -362,6 +365,8 @@ def test_inspect_identifies_full_size_families(family, params, tmp_path):
     assert report["family"] == family and report["layout"] == "original"
     for part, n in params.items():
         assert report["components"][part]["parameters"] == n, part
+    if family == "sd2-depth":
+        assert "depth_model.model.pretrained.model.cls_token" in report["unused_keys"]
     if family == "sd2-v":
         assert report["prediction_type_assumed"] and report["text_encoder_layers"] == 23
         assert "cond_stage_model.model.text_projection" in report["unused_keys"]
@@ -373,7 +378,8 @@ def test_inspect_identifies_full_size_families(family, params, tmp_path):
     for part, fields in C.STRUCTURE.items():
         assert {f: cfg[part][f] for f in fields} == {f: want[part][f] for f in fields}, part
     pipeline = {"inpaint": "StableDiffusionInpaintPipeline",
-                "instruct-pix2pix": "StableDiffusionInstructPix2PixPipeline"}  # fmt: skip
+                "instruct-pix2pix": "StableDiffusionInstructPix2PixPipeline",
+                "sd2-depth": "StableDiffusionDepth2ImgPipeline"}  # fmt: skip
     pipeline["sd2-inpaint"] = pipeline["inpaint"]
     assert cfg["model_index"]["_class_name"] == pipeline.get(family, "StableDiffusionPipeline")
 
@@ -381,14 +387,16 @@ def test_inspect_identifies_full_size_families(family, params, tmp_path):
 # ------------------------------------------------------------------------- make_tiny
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "inpaint", "instruct-pix2pix"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "inpaint", "instruct-pix2pix", "sd2-depth"])
 def test_make_tiny_loads_and_runs_in_diffusers(family, tmp_path):
     torch, diffusers = need("torch", "diffusers")
     configs = wt.make_tiny(tmp_path / "m", family=family, seed=3)
     cls = getattr(diffusers, configs["model_index"]["_class_name"])
+    # diffusers wants the depth estimator slot named even when it stays empty
+    none = dict.fromkeys(("depth_estimator", "feature_extractor")) if family == "sd2-depth" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = cls.from_pretrained(str(tmp_path / "m"), local_files_only=True)
+        pipe = cls.from_pretrained(str(tmp_path / "m"), local_files_only=True, **none)
     for part, rel in PARTS.items():  # every file tensor is a model parameter and vice versa
         state = getattr(pipe, part).state_dict()
         state.pop("embeddings.position_ids", None)
@@ -401,6 +409,12 @@ def test_make_tiny_loads_and_runs_in_diffusers(family, tmp_path):
         kw = {"image": torch.rand(1, 3, 64, 64), "mask_image": torch.rand(1, 1, 64, 64)}
     if family == "instruct-pix2pix":
         kw = {"image": torch.rand(1, 3, 64, 64)}
+    if family == "sd2-depth":
+        kw = {
+            "image": torch.rand(1, 3, 64, 64),
+            "depth_map": torch.rand(1, 32, 32),
+            "strength": 1.0,
+        }
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         images = pipe("a red cube", num_inference_steps=1, output_type="np", generator=g, **kw)

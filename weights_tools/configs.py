@@ -28,6 +28,7 @@ from .keymaps import (
     CLIP_PREFIX,
     CLIP_PREFIX_OLD,
     CLIP_XL_PREFIX,
+    DEPTH_MODEL_PREFIX,
     EMA_PREFIX,
     OPENCLIP_PREFIX,
     OPENCLIP_XL_PREFIX,
@@ -78,7 +79,7 @@ def shapes_of(flat):
 def component_of(key):
     """Which part of an original single-file checkpoint a key belongs to (SDXL's OpenCLIP
     encoder: "text_encoder_2")."""
-    if key in UNUSED_ORIGINAL or key in UNUSED_XL:
+    if key in UNUSED_ORIGINAL or key in UNUSED_XL or key.startswith(DEPTH_MODEL_PREFIX):
         return "unused"
     for prefix, part in (
         (UNET_PREFIX, "unet"),

@@ -3,7 +3,8 @@
 Families: "sd1" (conv projections, 8-style head count, quick_gelu CLIP, PNDM, pads with EOS),
 "sd2" (linear projections, per-block head counts, upcast attention, gelu text encoder, v-
 prediction with DDIM, pads with "!"), "inpaint" (sd1 with a 9-channel UNet input),
-"instruct-pix2pix" (sd1 with an 8-channel UNet input: InstructPix2Pix), "sdxl" (SDXL base:
+"instruct-pix2pix" (sd1 with an 8-channel UNet input: InstructPix2Pix), "sd2-depth" (sd2 with
+a 5-channel UNet input and epsilon prediction: depth2img), "sdxl" (SDXL base:
 3 UNet levels, the first without attention, depths (1, 1, 2), "text_time" micro-conditioning
 with 6 time ids, a quick_gelu CLIP plus a gelu CLIPTextModelWithProjection, Euler) and
 "sdxl-refiner" (no first text encoder, 5 time ids, aesthetic-score conditioning) and
@@ -40,9 +41,14 @@ from .presets import sdxl_model_index
 from .schema import component_shapes
 from .stream import write_tensors
 
-FAMILIES = ("sd1", "sd2", "inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner", "sdxl-inpaint")
+FAMILIES = (
+    "sd1", "sd2", "inpaint", "instruct-pix2pix", "sd2-depth", "sdxl", "sdxl-refiner",
+    "sdxl-inpaint",
+)  # fmt: skip
 #: UNet input channels (else 4)
-IN_CHANNELS = {"inpaint": 9, "sd2-inpaint": 9, "instruct-pix2pix": 8, "sdxl-inpaint": 9}
+IN_CHANNELS = {
+    "inpaint": 9, "sd2-inpaint": 9, "instruct-pix2pix": 8, "sd2-depth": 5, "sdxl-inpaint": 9,
+}  # fmt: skip
 PARTS = ("unet", "vae", "text_encoder")
 
 
@@ -52,7 +58,7 @@ def tiny_configs(family="sd1"):
         raise InputError(f"family={family!r}: expected one of {FAMILIES}")
     if family.startswith("sdxl"):
         return _tiny_xl_configs(family == "sdxl-refiner", IN_CHANNELS.get(family, 4))
-    sd2 = family == "sd2"
+    sd2, depth = family.startswith("sd2"), family == "sd2-depth"
     blocks = [32, 32, 64, 64]
     unet = C.unet_config(
         block_out_channels=blocks,
@@ -76,7 +82,7 @@ def tiny_configs(family="sd1"):
         hidden_act="gelu" if sd2 else "quick_gelu",
         projection_dim=32,
     )
-    pred = "v_prediction" if sd2 else "epsilon"
+    pred = "v_prediction" if sd2 and not depth else "epsilon"
     sched = C.scheduler_config(pred)
     return {
         "unet": unet,
@@ -85,7 +91,7 @@ def tiny_configs(family="sd1"):
         "scheduler": sched,
         "model_index": C.model_index(sched["_class_name"], IN_CHANNELS.get(family, 4)),
         "tokenizer": {"pad_token": "!" if sd2 else "<|endoftext|>"},
-        "family": "sd2-v" if sd2 else family,
+        "family": "sd2-v" if family == "sd2" else family,
     }
 
 
@@ -134,11 +140,11 @@ def _tiny_xl_configs(refiner, in_channels=4):
 
 def full_size_configs(family="sd1"):
     """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"
-    (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px), "instruct-pix2pix"
-    (SD1.5 with an 8-channel input), "sdxl" / "sdxl-refiner" / "sdxl-inpaint" (SDXL 1.0 base /
+    (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px), "sd2-depth" (SD2
+    depth2img, epsilon, 512 px), "instruct-pix2pix" (SD1.5 with an 8-channel input), "sdxl" / "sdxl-refiner" / "sdxl-inpaint" (SDXL 1.0 base /
     refiner / inpainting 0.1)."""
-    names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "instruct-pix2pix", "sdxl", "sdxl-refiner",
-             "sdxl-inpaint")  # fmt: skip
+    names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "sd2-depth", "instruct-pix2pix", "sdxl",
+             "sdxl-refiner", "sdxl-inpaint")  # fmt: skip
     if family not in names:
         raise InputError(f"family={family!r}: expected one of {', '.join(names)}")
     in_channels = IN_CHANNELS.get(family, 4)

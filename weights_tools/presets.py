@@ -133,9 +133,10 @@ def scheduler_config(prediction_type="epsilon", class_name=None):
     return cfg
 
 
-#: diffusers' pipeline class by UNet input channels (4: text-to-image, 8: InstructPix2Pix,
-#: 9: inpainting).
+#: diffusers' pipeline class by UNet input channels (4: text-to-image, 5: depth2img,
+#: 8: InstructPix2Pix, 9: inpainting).
 PIPELINE_CLASSES = {
+    5: "StableDiffusionDepth2ImgPipeline",
     8: "StableDiffusionInstructPix2PixPipeline",
     9: "StableDiffusionInpaintPipeline",
 }
@@ -143,14 +144,17 @@ PIPELINE_CLASSES = {
 
 def model_index(scheduler_class="PNDMScheduler", in_channels=4):
     """model_index.json of a StableDiffusion pipeline folder without safety checker; the
-    pipeline class follows the UNet's input channels."""
+    pipeline class follows the UNet's input channels (depth2img's has a depth estimator slot
+    instead of the safety checker's, left empty: minisd takes depth maps)."""
+    if in_channels == 5:
+        optional = {"depth_estimator": [None, None], "feature_extractor": [None, None]}
+    else:
+        optional = {"feature_extractor": [None, None], "image_encoder": [None, None]}
+        optional.update(requires_safety_checker=False, safety_checker=[None, None])
     return {
         "_class_name": PIPELINE_CLASSES.get(in_channels, "StableDiffusionPipeline"),
         "_diffusers_version": DIFFUSERS_VERSION,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
+        **optional,
         "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -160,7 +164,7 @@ def model_index(scheduler_class="PNDMScheduler", in_channels=4):
 
 
 def family_of(unet_cfg, text_cfg, prediction_type):
-    """sd1, sd2, sd2-v, inpaint, sd2-inpaint, instruct-pix2pix, from configs; SDXL UNets
+    """sd1, sd2, sd2-v, inpaint, sd2-inpaint, sd2-depth, instruct-pix2pix, from configs; SDXL UNets
     ("text_time"): sdxl, sdxl-inpaint (a 9-channel UNet), or sdxl-refiner when there is no
     first text encoder (``text_cfg`` None or {})."""
     in_ch = unet_cfg.get("in_channels", 4)
@@ -171,6 +175,8 @@ def family_of(unet_cfg, text_cfg, prediction_type):
         return "sd2-inpaint" if sd2 else "inpaint"
     if in_ch == 8:
         return "instruct-pix2pix"
+    if in_ch == 5:
+        return "sd2-depth"
     if sd2:
         return "sd2-v" if prediction_type == "v_prediction" else "sd2"
     return "sd1"
