@@ -130,6 +130,14 @@ def build_parser():
     )
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
     g.add_argument(
+        "--mask-crop",
+        type=int,
+        default=None,
+        metavar="PAD",
+        help="inpaint only the mask's surroundings (PAD pixels of context) at the model's size "
+        "and paste them back (diffusers' padding_mask_crop; A1111's 'only masked')",
+    )
+    g.add_argument(
         "--config",
         default=None,
         help="single-file: a diffusers folder whose configs override the inferred architecture",
@@ -399,6 +407,8 @@ def _family_kwargs(args, mask):
     kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
     if getattr(args, "strength", None) is not None:
         kw["strength"] = args.strength
+    if getattr(args, "mask_crop", None) is not None:
+        kw["padding_mask_crop"] = args.mask_crop
     return {**kw, "mask_image": mask}
 
 

@@ -249,6 +249,7 @@ class StableDiffusion(AddOns):
         adapter_conditioning_factor=1.0,
         ip_adapter_image=None,
         depth_map=None,
+        padding_mask_crop=None,
     ):
         """Generate images. See DESIGN.md for the arguments. ``scheduler``: a name (see
         minisd.schedulers.NAMES), or None for the checkpoint's own scheduler, configured exactly
@@ -270,8 +271,12 @@ class StableDiffusion(AddOns):
         ``image`` is ``adapter_image`` here; needs ``self.adapter``, minisd/pipeline_adapter.py).
         ``ip_adapter_image``: the image prompt of a loaded IP-Adapter (``load_ip_adapter``,
         minisd/pipeline_ip.py). ``depth_map``: depth UNets only (stable-diffusion-2-depth),
-        which restyle ``image`` keeping its depth layout (minisd/pipeline_depth.py). The steps
-        of a call: minisd/pipeline_call.py."""
+        which restyle ``image`` keeping its depth layout (minisd/pipeline_depth.py).
+        ``padding_mask_crop`` (pixels): inpaint only a crop around the mask, grown by that
+        margin and widened to height:width, at (height, width) (default: the model's size),
+        then paste it back into ``image`` through the mask (diffusers' argument of that name;
+        one PIL image and mask, output_type "pil"; minisd/mask_crop.py). The steps of a call:
+        minisd/pipeline_call.py."""
         from .pipeline_call import generate
 
         args = dict(locals())
@@ -357,8 +362,10 @@ class StableDiffusion(AddOns):
         self.unet.attention_chunk_size = attention_chunk_for(rows, worst // rows, info[0])
 
     def _resolve_size(self, height, width, image):
-        """Defaults as diffusers: txt2img uses unet.sample_size * 8 (512 for SD1.x, 768 for
-        SD2.x-v); img2img / inpainting use the input image's size floored to a multiple of 8."""
+        """Defaults: txt2img uses unet.sample_size * 8 (512 for SD1.x, 768 for SD2.x-v), as
+        diffusers; img2img and inpainting the input image's size floored to a multiple of 8
+        (diffusers' img2img does; its inpainting pipelines stretch the image to sample_size * 8,
+        which height= / width= reproduce)."""
         f = self.vae_scale_factor
         if image is not None:
             h, w = steps.image_size(image)

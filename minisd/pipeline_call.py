@@ -25,7 +25,11 @@ def generate(pipe, a: SimpleNamespace):
     from .denoise import run
 
     prompts, negative = _prompts(a.prompt, a.negative_prompt)
-    height, width = pipe._resolve_size(a.height, a.width, _sized_by(pipe, a))
+    # padding_mask_crop: the crop takes the model's size by default (diffusers' inpainting
+    # pipelines; its ControlNet inpainting pipelines keep the image's size)
+    crop = getattr(a, "padding_mask_crop", None) is not None and a.control_image is None
+    sized_by = None if crop else _sized_by(pipe, a)
+    height, width = pipe._resolve_size(a.height, a.width, sized_by)
     height, width = pipeline_adapter.round_size(pipe, a, height, width)  # SDXL adapters: 16
     masked = a.image is not None and a.mask_image is not None
     steps.validate(
@@ -37,6 +41,7 @@ def generate(pipe, a: SimpleNamespace):
         clip_skip=a.clip_skip, callback=a.callback, guidance_rescale=a.guidance_rescale,
         image_hw=steps.pixel_size(pipe, a.image) if masked else None,
     )  # fmt: skip
+    overlay = _crop_to_mask(a, height, width)  # padding_mask_crop: inpaint a crop, paste it back
     steps.check_inpaint(pipe, a.image, a.mask_image)
     cn_args = _controlnet_args(pipe, a)
     pipeline_control.check(pipe, a.control_image, **cn_args)
@@ -69,7 +74,8 @@ def generate(pipe, a: SimpleNamespace):
         rng=rng, progress=a.progress, addons=addons, guidance_rescale=a.guidance_rescale,
     )  # fmt: skip
     pipe.phase_done("denoising")
-    return _output(pipe, lat, a.output_type)
+    out = _output(pipe, lat, a.output_type)
+    return out if overlay is None else overlay(out)
 
 
 def unet_conditioning(pipe, prompt, height, width):
@@ -107,6 +113,52 @@ def _sized_by(pipe, a):
 
         return pipeline_adapter.first_image(pipe, a.adapter_image)
     return None
+
+
+def _crop_to_mask(a, height, width):
+    """``padding_mask_crop`` (diffusers' inpainting pipelines; minisd/mask_crop.py): inpaint
+    the mask's surroundings at (height, width) and paste the result back into the image.
+    Replaces ``a.image``, ``a.mask_image`` and PIL control images by their crops. -> the
+    function that pastes generated PIL images back, or None without padding_mask_crop."""
+    pad = getattr(a, "padding_mask_crop", None)
+    if pad is None:
+        return None
+    from PIL import Image
+
+    from . import mask_crop
+
+    if a.mask_image is None:
+        raise InputError("padding_mask_crop: crops around the mask; give mask_image")
+    for name in ("image", "mask_image"):
+        if not isinstance(getattr(a, name), Image.Image):
+            got = type(getattr(a, name)).__name__
+            raise InputError(f"{name}: padding_mask_crop needs one PIL image, got {got}")
+    if a.output_type != "pil":
+        raise InputError(
+            f"output_type={a.output_type!r}: padding_mask_crop pastes the results back into "
+            "the PIL image; use output_type='pil'"
+        )
+    image, mask = a.image, a.mask_image
+    a.image, a.mask_image, region = mask_crop.crop_inputs(image, mask, width, height, pad)
+    if getattr(a, "control_image", None) is not None:  # cropped alike (ControlNet inpainting)
+        one = not isinstance(a.control_image, (list, tuple))
+        crops = [
+            _crop_control(c, region, width, height)
+            for c in ([a.control_image] if one else a.control_image)
+        ]
+        a.control_image = crops[0] if one else crops
+    return lambda images: [mask_crop.apply_overlay(mask, image, im, region) for im in images]
+
+
+def _crop_control(control, region, width, height):
+    from PIL import Image
+
+    from . import mask_crop
+
+    if not isinstance(control, Image.Image):
+        got = type(control).__name__
+        raise InputError(f"control_image: padding_mask_crop crops PIL images, got {got}")
+    return mask_crop.crop_and_resize(control, region, width, height)
 
 
 def _prompts(prompt, negative_prompt):

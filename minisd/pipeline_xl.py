@@ -240,6 +240,7 @@ class StableDiffusionXL(StableDiffusion):
         guess_mode=False,
         control_guidance_start=0.0,
         control_guidance_end=1.0,
+        padding_mask_crop=None,
     ):
         """Generate images, with StableDiffusionXLPipeline's arguments (img2img: ``image``,
         StableDiffusionXLImg2ImgPipeline's; inpainting: ``image`` and ``mask_image``, white =
@@ -263,7 +264,8 @@ class StableDiffusionXL(StableDiffusion):
         ControlNet(s)' (StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline's ``image`` /
         ``control_image`` and the rest); ``controlnet_conditioning_scale`` None: 1.0, or 0.8
         for img2img; with a control image, img2img's ``strength`` defaults to 0.8 and
-        inpainting's ``guidance_scale`` to 5.0 (diffusers' defaults)."""
+        inpainting's ``guidance_scale`` to 5.0 (diffusers' defaults). ``padding_mask_crop``:
+        inpaint only a crop around the mask and paste it back, as StableDiffusion.__call__'s."""
         from . import pipeline_xl_steps as xl
         from .pipeline_call import generate
 

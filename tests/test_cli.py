@@ -320,3 +320,32 @@ def test_depth_map_flag(tmp_path):
     assert main([*bad, "--depth-map", str(tmp_path / "bad.png")]) == 2
     assert main([*bad, "--depth-map", str(tmp_path / "missing.npy")]) == 2
     assert main([*bad]) == 2  # a depth UNet without a depth map
+
+
+def test_mask_crop_flag(tmp_path):
+    """--mask-crop PAD is padding_mask_crop: the PNG is the API's image (the big image's size,
+    unmasked pixels unchanged); a bad PAD is refused by argument name."""
+    from minisd import StableDiffusion
+
+    cache = tmp_path / "cache"
+    assert main(["demo", "--family", "inpaint", "--cache", str(cache), "--steps", "2",
+                 "--out", str(tmp_path / "demo.png")]) == 0  # fmt: skip
+    folder = cache / "demo-inpaint"
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (96, 136, 3), dtype=np.uint8))
+    m = np.zeros((96, 136), np.uint8)
+    m[30:50, 80:94] = 255
+    image.save(tmp_path / "in.png")
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    pipe = StableDiffusion.from_pretrained(folder)
+    want = pipe("a cat", num_inference_steps=2, image=image, mask_image=Image.fromarray(m),
+                padding_mask_crop=6, seed=1)[0]  # fmt: skip
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "--model", str(folder), "--init-image", str(tmp_path / "in.png"),
+            "--mask", str(tmp_path / "mask.png"), "--steps", "2", "--seed", "1"]  # fmt: skip
+    assert main([*args, "--mask-crop", "6", "--out", str(out)]) == 0
+    got = Image.open(out)
+    assert got.size == (136, 96)
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16)).max() <= 1
+    assert np.array_equal(np.asarray(got)[m == 0], np.asarray(image)[m == 0])
+    assert main([*args, "--mask-crop", "-2", "--out", str(out)]) == 2
