@@ -2,8 +2,8 @@
 
 Public names (see DESIGN.md): StableDiffusion, UNet2DConditionModel, UNet2DModel, AutoencoderKL,
 CLIPTextModel, CLIPTokenizer, trace, MinisdError; and StableDiffusionXL (SDXL), its
-CLIPTextModelWithProjection, the add-on models. Components are imported on first use so that
-``import minisd`` stays fast.
+CLIPTextModelWithProjection, StableDiffusionUpscale (the x4 upscaler), the add-on models.
+Components are imported on first use so that ``import minisd`` stays fast.
 """
 
 from importlib import import_module
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "StableDiffusion": "pipeline",
     "StableDiffusionXL": "pipeline_xl",
+    "StableDiffusionUpscale": "pipeline_upscale",
     "UNet2DConditionModel": "unet",
     "UNet2DModel": "unet2d",
     "AutoencoderKL": "vae",

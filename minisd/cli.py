@@ -130,6 +130,12 @@ def build_parser():
     )
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint)")
     g.add_argument(
+        "--noise-level",
+        type=int,
+        default=None,
+        help="the x4 upscaler: noise added to --init-image, 0..350 (default 20)",
+    )
+    g.add_argument(
         "--mask-crop",
         type=int,
         default=None,
@@ -359,22 +365,16 @@ def _run(args, model, image, mask):
     cli_addons.apply(pipe, addons)
     w, h = args.size if args.size else (None, None)
     t1 = time.perf_counter()
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative,
-        num_inference_steps=args.steps,
-        height=h,
-        width=w,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        num_images_per_prompt=args.n,
-        image=image,
-        clip_skip=args.clip_skip,
-        eta=args.eta,
-        guidance_rescale=args.guidance_rescale,
-        **_family_kwargs(args, mask),
-        **cli_addons.call_kwargs(args, addons, pipe),
-    )
+    if type(pipe).__name__ == "StableDiffusionUpscale":
+        images = pipe(args.prompt, **_upscale_kwargs(args, image, mask, addons))
+    else:
+        images = pipe(
+            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+            height=h, width=w, seed=args.seed, scheduler=args.scheduler,
+            num_images_per_prompt=args.n, image=image, clip_skip=args.clip_skip, eta=args.eta,
+            guidance_rescale=args.guidance_rescale, **_family_kwargs(args, mask),
+            **cli_addons.call_kwargs(args, addons, pipe),
+        )  # fmt: skip
     t2 = time.perf_counter()
     args.scheduler = args.scheduler or pipe.scheduler_name  # (for the PNG's parameters)
     if args.guidance is None:  # (for the PNG's parameters)
@@ -387,6 +387,27 @@ def _run(args, model, image, mask):
         print(f"wrote {path} ({img.size[0]}x{img.size[1]})")
     print(f"loaded in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s")
     return 0
+
+
+def _upscale_kwargs(args, image, mask, addons):
+    """The x4 upscaler's call (``--init-image`` is the low-resolution image), refusing the flags
+    it has no use for (LoRAs, embeddings and FreeU change the models and do apply)."""
+    given = {"--mask": mask, "--size": args.size, "--strength": getattr(args, "strength", None)}
+    given["--guidance-rescale"] = args.guidance_rescale or None
+    given["--image-guidance"] = getattr(args, "image_guidance", None)
+    for k in ("control_image", "adapter_image", "ip_adapter_image", "depth_map"):
+        given[f"--{k.replace('_', '-')}"] = addons[k]
+    for flag, value in given.items():
+        if value is not None:
+            raise InputError(f"{flag}: not supported by the x4 upscaler (StableDiffusionUpscale)")
+    kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    if getattr(args, "noise_level", None) is not None:
+        kw["noise_level"] = args.noise_level
+    return dict(
+        kw, image=image, negative_prompt=args.negative, num_inference_steps=args.steps,
+        seed=args.seed, scheduler=args.scheduler, num_images_per_prompt=args.n,
+        clip_skip=args.clip_skip, eta=args.eta,
+    )  # fmt: skip
 
 
 def _default_guidance(pipe, mask, control_image):

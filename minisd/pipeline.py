@@ -114,6 +114,15 @@ class StableDiffusion(AddOns):
         kw = {"weights": check_weights_mode(weights)}
         path = path_arg(path, "path")
         refuse_pickle(path)
+        if cls is StableDiffusion and _is_upscale_folder(path):  # the x4 upscaler: its own class
+            from .pipeline_upscale import StableDiffusionUpscale
+
+            if any(v is not None for v in (config, prediction_type, controlnet, adapter)):
+                raise InputError(
+                    f"{path}: an x4 upscaler folder (StableDiffusionUpscale); it takes none of "
+                    "config=, prediction_type=, controlnet=, adapter="
+                )
+            return StableDiffusionUpscale.from_pretrained(path, dtype, device, weights=weights)
         if cls is StableDiffusion and _is_xl_folder(path):  # SDXL: its own pipeline class
             from .pipeline_xl import StableDiffusionXL
 
@@ -379,6 +388,13 @@ class StableDiffusion(AddOns):
         else:
             dh, dw = height, width
         return (dh if height is None else height), (dw if width is None else width)
+
+
+def _is_upscale_folder(path):
+    """A diffusers folder of the SD x4 upscaler (model_index.json names its pipeline)."""
+    from .pipeline_upscale import is_upscale_folder
+
+    return is_upscale_folder(path)
 
 
 def _is_xl_folder(path):

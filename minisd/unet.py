@@ -8,6 +8,7 @@ path keeps every layer's output as a skip state; the up path concatenates them b
 
 Traced names (``minisd.trace()``) are the diffusers module paths whose forward hooks fire:
 ``time_proj``, ``time_embedding(.cond_proj/.linear_1/.linear_2)`` (cond_proj: LCM UNets),
+``class_embedding`` (UNets with num_class_embeds: the x4 upscaler),
 ``conv_in``, ``down_blocks.i`` (its hidden-state output), ``...resnets.j(.norm1/.conv1/
 .time_emb_proj/.norm2/.conv2/.conv_shortcut)``, ``...attentions.j(.norm/.proj_in/
 .transformer_blocks.k(.norm1/.attn1(.to_q/.to_k/.to_v/.to_out.0)/.norm2/.attn2/.norm3/
@@ -26,7 +27,7 @@ from .blocks import conv, gn_silu
 from .errors import InputError
 from .freeu import FreeU
 from .ip_adapter import Attached, ip_context
-from .unet_base import ConditionedModel, mid_intrablock
+from .unet_base import ConditionedModel, mid_intrablock, with_only_cross
 from .unet_blocks import (
     traced,
     up_block,
@@ -102,6 +103,7 @@ class UNet2DConditionModel(ConditionedModel):
         down_intrablock_additional_residuals=None,
         image_embeds=None,
         added_cond_kwargs=None,
+        class_labels=None,
     ):
         """sample (N, in_channels, H, W); timestep: a scalar or N values; encoder_hidden_states
         (N, L, cross_attention_dim). ControlNet residuals (both or neither): one per skip state
@@ -115,7 +117,9 @@ class UNet2DConditionModel(ConditionedModel):
         image_embeds (N, D) or (N, n, D): CLIP image embeddings for an attached IP-Adapter
         (minisd/ip_adapter.py; needed exactly when one is attached). added_cond_kwargs
         {"text_embeds": (N, P), "time_ids": (N, k)}: SDXL's micro-conditioning, needed exactly
-        by UNets with addition_embed_type "text_time" (minisd/micro_cond.py).
+        by UNets with addition_embed_type "text_time" (minisd/micro_cond.py). class_labels: N
+        ints (or one for all) in [0, num_class_embeds), needed exactly by UNets with
+        num_class_embeds (the SD x4 upscaler's noise level, minisd/pipeline_upscale.py).
         -> (N, out_channels, H, W)."""
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise InputError(
@@ -128,7 +132,7 @@ class UNet2DConditionModel(ConditionedModel):
         ctx = ip_context(self, ctx, image_embeds)  # IP-Adapter: (text, image tokens)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        temb = self._temb(timestep, x, timestep_cond, added_cond_kwargs)  # (N, T)
+        temb = self._temb(timestep, x, timestep_cond, added_cond_kwargs, class_labels)  # (N, T)
         h = _rec("conv_in", conv(x, p["conv_in"], padding=cfg.conv_in_kernel // 2))  # (N, C0, H, W)
         h, states = self._down(h, temb, ctx, opts, down_intrablock_additional_residuals)
         if down_block_additional_residuals is not None:
@@ -163,7 +167,7 @@ class UNet2DConditionModel(ConditionedModel):
                 skips,
                 temb,
                 self.params["up_blocks"][i],
-                opts,
+                with_only_cross(opts, cfg, n - 1 - i),  # diffusers' reversed list
                 heads=cfg.attention_head_dim[n - 1 - i],
                 size=size,
                 context=ctx if kind == "CrossAttnUpBlock2D" else None,

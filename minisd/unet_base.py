@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from .backend import array_module, device_of, to_device
+import numpy as np
+
+from . import trace
+from .backend import array_module, device_of, to_device, to_numpy
 from .errors import InputError
 from .micro_cond import text_time_embedding
 from .unet_blocks import (
@@ -18,6 +21,8 @@ from .unet_blocks import (
     traced,
 )
 from .unet_config import load_pretrained, prepare_params
+
+_rec = trace.record
 
 
 class ConditionedModel:
@@ -90,9 +95,10 @@ class ConditionedModel:
             )
         return cond
 
-    def _temb(self, timestep, x, timestep_cond, added_cond_kwargs=None):
+    def _temb(self, timestep, x, timestep_cond, added_cond_kwargs=None, class_labels=None):
         """The timestep embedding (N, T) for x (N, C, H, W): sinusoidal features (time_proj),
-        plus LCM's guidance embedding where given, through time_embedding's MLP; plus SDXL's
+        plus LCM's guidance embedding where given, through time_embedding's MLP; plus the class
+        embedding of UNets with num_class_embeds (``class_labels``); plus SDXL's
         micro-conditioning embedding for "text_time" (SDXL) UNets and ControlNets, added after
         the MLP as diffusers' ``emb + aug_emb`` (minisd/micro_cond.py)."""
         cfg = self.config
@@ -106,6 +112,7 @@ class ConditionedModel:
             dtype=x.dtype,
             cond=self._timestep_cond(timestep_cond, x),
         )
+        temb = self._class_emb(temb, class_labels, x)  # (N, T), before SDXL's (diffusers' order)
         if getattr(cfg, "addition_embed_type", None) == "text_time":
             p = self.params["add_embedding"]
             aug = text_time_embedding(added_cond_kwargs, x, p, cfg, type(self).__name__)
@@ -116,6 +123,30 @@ class ConditionedModel:
                 "(not SDXL); leave it None"
             )
         return temb
+
+    def _class_emb(self, temb, labels, x):
+        """temb + class_embedding[labels] (diffusers' ``emb + class_emb``, class_embeddings_concat
+        False): an nn.Embedding row per sample, cast to x's dtype. The SD x4 upscaler's labels
+        are the noise level of its low-resolution input (noise augmentation, Ho et al. 2022,
+        "Cascaded Diffusion Models", sec. 3.2). ``labels``: N ints, or one int (or (1,)) for
+        every sample; needed exactly by models with ``num_class_embeds``."""
+        n_classes = getattr(self.config, "num_class_embeds", None)
+        name = type(self).__name__
+        if not n_classes:
+            if labels is not None:
+                raise InputError(
+                    f"class_labels: this {name} has no num_class_embeds; leave it None"
+                )
+            return temb
+        if labels is None:
+            raise InputError(
+                f"class_labels: this {name} has a class embedding (num_class_embeds="
+                f"{n_classes}; the x4 upscaler's noise level); give one int per sample"
+            )
+        idx = class_indices(labels, x.shape[0], n_classes)  # () or (1,) or (N,)
+        table = self.params["class_embedding"]["weight"]  # (num_class_embeds, T)
+        emb = table[array_module(table).asarray(idx)].astype(x.dtype, copy=False)  # (.., T)
+        return temb + _rec("class_embedding", emb)  # (N, T)
 
     def _down(self, h, temb, ctx, opts, intrablock=None):
         """The down path from conv_in's output h: returns the last block's output and every
@@ -129,6 +160,7 @@ class ConditionedModel:
         states = [h]
         for i, kind in enumerate(cfg.down_block_types):
             cross = kind == "CrossAttnDownBlock2D"
+            block_opts = with_only_cross(opts, cfg, i)
             shape = (h.shape[0], cfg.block_out_channels[i], *h.shape[2:])  # last layer's output
             r = _feature(extra, i, shape, h) if cross else None
             h, s = traced(
@@ -137,7 +169,7 @@ class ConditionedModel:
                 h,
                 temb,
                 self.params["down_blocks"][i],
-                opts,
+                block_opts,
                 heads=cfg.heads[i],
                 context=ctx if cross else None,
                 residual=r,
@@ -164,6 +196,27 @@ class ConditionedModel:
             heads=cfg.heads[-1],
             context=ctx if cross else None,
         )
+
+
+def with_only_cross(opts, cfg, i):
+    """The block options of down block ``i`` (down-block numbering; up block j is down block
+    n - 1 - j, diffusers' reversed list): ``only_cross`` from the config's
+    only_cross_attention (ControlNet configs have none)."""
+    only = getattr(cfg, "only_cross_attention", None)
+    return dataclasses.replace(opts, only_cross=True) if only and only[i] else opts
+
+
+def class_indices(labels, n, n_classes):
+    """Class labels (host or device ints: a scalar, (1,) or (N,)) -> host int64 indices, each
+    in [0, n_classes) (nn.Embedding's range)."""
+    idx = np.asarray(to_numpy(labels))
+    if idx.dtype.kind not in "iu" or idx.ndim > 1 or idx.size not in (1, n):
+        raise InputError(
+            f"class_labels: expected an int or {n} ints, got {idx.dtype} of shape {idx.shape}"
+        )
+    if idx.size and not (0 <= idx.min() and idx.max() < n_classes):
+        raise InputError(f"class_labels: values must lie in [0, {n_classes}), got {idx.tolist()}")
+    return idx.astype(np.int64)
 
 
 def _intrablock(features, n, mid=False):

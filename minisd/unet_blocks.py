@@ -36,6 +36,7 @@ class BlockOpts:
     linear_projection: bool = False  # Transformer2D proj_in / proj_out: Linear, else 1x1 Conv
     upcast: bool = False  # upcast_attention (SD2.1-v)
     chunk_size: int | None = None  # queries per attention chunk (None: all at once)
+    only_cross: bool = False  # only_cross_attention of this block: attn1 attends to the context
 
 
 def traced(name, fn, *args, **kw):
@@ -81,17 +82,25 @@ def _mha(x, p, *, heads, context, chunk_size, upcast):
     )  # (B, L, C)
 
 
-def basic_transformer_block(x, context, p, *, heads, chunk_size=None, upcast=False):
+def basic_transformer_block(
+    x, context, p, *, heads, chunk_size=None, upcast=False, only_cross=False
+):
     """diffusers' BasicTransformerBlock with layer norms (Vaswani et al. 2017, pre-norm):
 
     x = x + attn1(norm1(x))                  self-attention over the image tokens
     x = x + attn2(norm2(x), context)         cross-attention on the text embedding
     x = x + ff(norm3(x))                     GEGLU feed-forward
-    x (B, L, C), context (B, Lc, Cc) -> (B, L, C).
+    ``only_cross`` (diffusers' only_cross_attention; the SD x4 upscaler's first levels): attn1
+    attends to the text embedding too, so both attentions are cross-attentions (an attached
+    IP-Adapter's image tokens still reach attn2 only). x (B, L, C), context (B, Lc, Cc) ->
+    (B, L, C).
     """
     kw = {"heads": heads, "chunk_size": chunk_size, "upcast": upcast}
+    ctx1 = None
+    if only_cross:
+        ctx1 = context.text if isinstance(context, IPContext) else context
     h = _rec("norm1", ln(x, p["norm1"]))
-    x = x + traced("attn1", _mha, h, p["attn1"], context=None, **kw)
+    x = x + traced("attn1", _mha, h, p["attn1"], context=ctx1, **kw)
     h = _rec("norm2", ln(x, p["norm2"]))
     x = x + traced("attn2", _mha, h, p["attn2"], context=context, **kw)
     h = _rec("norm3", ln(x, p["norm3"]))
@@ -99,13 +108,23 @@ def basic_transformer_block(x, context, p, *, heads, chunk_size=None, upcast=Fal
 
 
 def transformer_2d(
-    x, context, p, *, heads, groups=32, linear_projection=False, chunk_size=None, upcast=False
+    x,
+    context,
+    p,
+    *,
+    heads,
+    groups=32,
+    linear_projection=False,
+    chunk_size=None,
+    upcast=False,
+    only_cross=False,
 ):
     """diffusers' Transformer2DModel on continuous inputs (the LDM SpatialTransformer):
 
     h = proj_in(GroupNorm(x)) as tokens; h = BasicTransformerBlock(h)...; out = proj_out(h) + x.
     proj_in / proj_out are 1x1 convs (SD1) or Linear layers on tokens (SD2,
-    ``use_linear_projection``). x (B, C, H, W), context (B, Lc, Cc) -> (B, C, H, W).
+    ``use_linear_projection``). ``only_cross``: see basic_transformer_block.
+    x (B, C, H, W), context (B, Lc, Cc) -> (B, C, H, W).
     """
     b, c, hgt, wid = x.shape
     h = _rec("norm", gn(x, p["norm"], groups=groups, eps=1e-6))  # GroupNorm eps fixed at 1e-6
@@ -129,6 +148,7 @@ def transformer_2d(
             heads=heads,
             chunk_size=chunk_size,
             upcast=upcast,
+            only_cross=only_cross,
         )  # (B, HW, inner)
     if linear_projection:
         h = _rec("proj_out", lin(h, p["proj_out"]))  # (B, HW, C)
@@ -169,6 +189,7 @@ def _attend(x, p, opts, *, heads, context=None, attn_groups=-1):
             linear_projection=opts.linear_projection,
             chunk_size=opts.chunk_size,
             upcast=opts.upcast,
+            only_cross=opts.only_cross,
         )
     return blocks.attention(
         x,
@@ -344,12 +365,16 @@ def attention_shapes(c, *, cross=None, bias=True, group_norm=False):
     return s
 
 
-def transformer_shapes(c, cross, layers, linear_projection):
+def transformer_shapes(c, cross, layers, linear_projection, only_cross=False):
+    """A Transformer2D's shapes; ``only_cross``: attn1's keys and values come from the context
+    (in features ``cross``), as attn2's."""
     proj = linear_shapes(c, c) if linear_projection else conv_shapes(c, c, 1)
     s = {**prefixed("norm", norm_shapes(c)), **prefixed("proj_in", proj)}
     for i in range(layers):
         b = {f"norm{k}.{n}": (c,) for k in (1, 2, 3) for n in ("weight", "bias")}
-        b.update(prefixed("attn1", attention_shapes(c, bias=False)))
+        b.update(
+            prefixed("attn1", attention_shapes(c, cross=cross if only_cross else None, bias=False))
+        )
         b.update(prefixed("attn2", attention_shapes(c, cross=cross, bias=False)))
         b.update(prefixed("ff.net.0.proj", linear_shapes(8 * c, c)))
         b.update(prefixed("ff.net.2", linear_shapes(c, 4 * c)))

@@ -76,6 +76,15 @@ def per_block(cfg, name, n):
     object.__setattr__(cfg, name, value)
 
 
+def per_block_flags(cfg, name, n):
+    """Normalize a bool-or-list config field to a tuple of ``n`` bools (frozen dataclass)."""
+    value = getattr(cfg, name)
+    flags = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+    if len(flags) != n or not all(isinstance(v, bool) for v in flags):
+        raise ConfigError(f"{cfg.source}: {name}={value!r}: expected a bool or {n} bools")
+    object.__setattr__(cfg, name, flags)
+
+
 def check_block_types(cfg, known):
     """down_block_types, up_block_types and block_out_channels have one entry per block, and
     every listed field holds values minisd implements. ``known``: {field: allowed values}; a
@@ -128,11 +137,7 @@ _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID = ("UNetMidBlock2DCrossAttn", None)
 _MUST_BE_DEFAULT = {
     "act_fn": "silu",
-    "only_cross_attention": False,
     "dual_cross_attention": False,
-    "mid_block_only_cross_attention": None,
-    "class_embed_type": None,
-    "num_class_embeds": None,
     "class_embeddings_concat": False,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
@@ -145,9 +150,11 @@ _MUST_BE_DEFAULT = {
     "reverse_transformer_layers_per_block": None,
 }
 # No effect on inference with the supported blocks (resnet_out_scale_factor / skip_time_act
-# only reach diffusers' ResnetDownsampleBlock2D / Simple* blocks).
+# only reach diffusers' ResnetDownsampleBlock2D / Simple* blocks; mid_block_only_cross_attention
+# only UNetMidBlock2DSimpleCrossAttn: UNetMidBlock2DCrossAttn never takes it).
 _IGNORED = {
     "dropout",
+    "mid_block_only_cross_attention",
     "addition_embed_type_num_heads",
     "resnet_skip_time_act",
     "resnet_out_scale_factor",
@@ -191,6 +198,13 @@ class UNetConfig:
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None  # sinusoid width per micro-conditioning number
     projection_class_embeddings_input_dim: int | None = None  # pooled width + 6 * that width
+    # Class conditioning (the SD x4 upscaler's noise level): class_embedding = nn.Embedding(
+    # num_class_embeds, T), its row added to the time embedding; class_embed_type: None only
+    num_class_embeds: int | None = None
+    class_embed_type: str | None = None
+    # attn1 of the Transformer2Ds of each down block (the up blocks mirror it) attends to the
+    # text embedding instead of the image tokens; a bool is the same for every block
+    only_cross_attention: bool | tuple = False
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     source: str = dataclasses.field(default="config", compare=False, repr=False)
@@ -219,6 +233,8 @@ class UNetConfig:
             "attention_head_dim",
         ):
             per_block(self, name, n)
+        per_block_flags(self, "only_cross_attention", n)
+        _check_class_embedding(self)
         self._check_sizes()
 
     def _check_sizes(self):
@@ -227,10 +243,11 @@ class UNetConfig:
         ints += ("cross_attention_dim", "transformer_layers_per_block", "attention_head_dim")
         ints += ("conv_in_kernel", "conv_out_kernel", "time_embedding_dim", "sample_size")
         ints += ("time_cond_proj_dim", "addition_time_embed_dim")
-        ints += ("projection_class_embeddings_input_dim",)
+        ints += ("projection_class_embeddings_input_dim", "num_class_embeds")
         floats = ("freq_shift", "mid_block_scale_factor", "norm_eps")
         optional = ("time_embedding_dim", "sample_size", "time_cond_proj_dim")
         optional += ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        optional += ("num_class_embeds",)
         check_numbers(self.source, self, ints=ints, floats=floats, optional=optional)
         check_addition(self)
         c = self.block_out_channels
@@ -248,6 +265,18 @@ class UNetConfig:
         return self.attention_head_dim
 
 
+def _check_class_embedding(cfg):
+    """class_embed_type: None (an nn.Embedding when num_class_embeds is set) is the only kind
+    minisd implements (diffusers' "timestep", "identity", "projection", "simple_projection"
+    are refused by name)."""
+    if cfg.class_embed_type is not None:
+        raise ConfigError(
+            f"{cfg.source}: class_embed_type={cfg.class_embed_type!r} is not supported (minisd "
+            "implements class_embed_type None with num_class_embeds: an nn.Embedding, as the SD "
+            "x4 upscaler's noise-level embedding)"
+        )
+
+
 def param_shapes(cfg: UNetConfig) -> dict:
     """{checkpoint key: shape} of every parameter of the UNet ``cfg`` describes."""
     c, n, temb = cfg.block_out_channels, len(cfg.block_out_channels), cfg.time_embed_dim
@@ -258,13 +287,16 @@ def param_shapes(cfg: UNetConfig) -> dict:
     if cfg.time_cond_proj_dim:  # Linear(time_cond_proj_dim -> C0), no bias
         s["time_embedding.cond_proj.weight"] = (c[0], cfg.time_cond_proj_dim)
     s.update(text_time_shapes(cfg, temb))  # SDXL's micro-conditioning MLP
+    if cfg.num_class_embeds:  # nn.Embedding(num_class_embeds, T)
+        s["class_embedding.weight"] = (cfg.num_class_embeds, temb)
 
-    def xattn(i):  # shapes of one Transformer2D of block i (down-block numbering)
+    def xattn(i, mid=False):  # shapes of one Transformer2D of block i (down-block numbering)
         return lambda ch: transformer_shapes(
             ch,
             cfg.cross_attention_dim[i],
             cfg.transformer_layers_per_block[i],
             cfg.use_linear_projection,
+            only_cross=cfg.only_cross_attention[i] and not mid,
         )
 
     for i, kind in enumerate(cfg.down_block_types):
@@ -276,7 +308,8 @@ def param_shapes(cfg: UNetConfig) -> dict:
             prefixed(f"down_blocks.{i}", block_shapes(io, temb, attn, time_norm=tn, down=down))
         )
     if cfg.mid_block_type:
-        mid = block_shapes([(c[-1], c[-1])] * 2, temb, xattn(n - 1), time_norm=tn, mid=True)
+        attn = xattn(n - 1, mid=True)  # UNetMidBlock2DCrossAttn: never only_cross_attention
+        mid = block_shapes([(c[-1], c[-1])] * 2, temb, attn, time_norm=tn, mid=True)
         s.update(prefixed("mid_block", mid))
     rc = c[::-1]
     for i, kind in enumerate(cfg.up_block_types):
