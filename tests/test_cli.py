@@ -268,19 +268,19 @@ def test_demo_families_with_image_inputs(family, tmp_path):
     """Inpainting, InstructPix2Pix and depth2img demo models need an input image (and a mask or
     a depth map): the demo makes them up, and its PNG is the API's image for those inputs."""
     from minisd import StableDiffusion
-    from minisd.cli import _demo_inputs, demo_depth_map
+    from minisd.cli_demo import demo_inputs
 
     out, cache = tmp_path / "demo.png", tmp_path / "cache"
     args = ["demo", "--family", family, "--cache", str(cache), "--out", str(out), "--steps", "2"]
     assert main(args) == 0
-    image, mask = _demo_inputs(family, (128, 128))
+    image, mask, depth = demo_inputs(family, (128, 128))
     assert image.size == (128, 128) and (mask is None) == (
         family in ("instruct-pix2pix", "sd2-depth")
     )
     pipe = StableDiffusion.from_pretrained(cache / f"demo-{family}")
     kw = {} if mask is None else {"mask_image": mask}
     if family == "sd2-depth":
-        kw["depth_map"] = demo_depth_map((128, 128))
+        kw["depth_map"] = depth
     want = pipe("a watercolor painting of a lighthouse", num_inference_steps=2, image=image, **kw)
     got = np.asarray(Image.open(out), np.int16)
     assert np.abs(got - np.asarray(want[0], np.int16)).max() <= 1
@@ -291,14 +291,14 @@ def test_depth_map_flag(tmp_path):
     map; a file that is no image, or a depth map for a model without a depth UNet, is refused
     by flag."""
     from minisd import StableDiffusion
-    from minisd.cli import _demo_inputs
+    from minisd.cli_demo import demo_inputs
 
     cache = tmp_path / "cache"
     common = ["--steps", "2", "--size", "64x64", "--seed", "3"]
     assert main(["demo", "--family", "sd2-depth", "--cache", str(cache), *common,
                  "--out", str(tmp_path / "demo.png")]) == 0  # fmt: skip
     folder = cache / "demo-sd2-depth"
-    image, _ = _demo_inputs("sd2-depth", (64, 64))
+    image, _, _ = demo_inputs("sd2-depth", (64, 64))
     image.save(tmp_path / "in.png")
     depth = (np.random.default_rng(0).random((32, 48)) * 65535).astype(np.uint16)
     Image.fromarray(depth).save(tmp_path / "depth.png")
