@@ -14,7 +14,8 @@ def demo_inputs(family, size):
 def _image_and_mask(family, size):
     """(image, mask) for a demo family whose UNet needs them (None, None otherwise): a made-up
     picture (sky gradient, sun, ground) of ``size`` = (width, height) for inpainting,
-    InstructPix2Pix and depth2img, and for inpainting a mask that repaints the middle third (white)."""
+    InstructPix2Pix and depth2img, and for inpainting a mask that repaints the middle third
+    (white)."""
     from weights_tools.make_tiny import IN_CHANNELS
 
     channels = IN_CHANNELS.get(family, 4)

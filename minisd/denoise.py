@@ -69,9 +69,9 @@ def run(
     shape = (batch, pipe.vae.config.latent_channels, height // f, width // f)
     state = {"timesteps": sched.timesteps, "solver_steps": steps, "rows": n_rows}
     if image is None:
-        lat = _txt2img_latents(pipe, sched, shape, latents, rng)
+        lat = initial_latents(pipe, sched, shape, latents, rng)
     elif edit is not None:  # InstructPix2Pix: from pure noise, the image as extra channels
-        lat = _txt2img_latents(pipe, sched, shape, latents, rng)
+        lat = initial_latents(pipe, sched, shape, latents, rng)
         ctx, state["edit"] = pix2pix.conditioning(pipe, image, shape, ctx, n_rows)
     elif mask_image is None:
         start = addons.get("denoising_start")
@@ -108,7 +108,9 @@ def _timestep_cond(pipe, guidance_scale, batch):
     return pipe.xp.asarray(guidance_scale_embedding(w, dim)).astype(pipe.dtype)  # (B, dim)
 
 
-def _txt2img_latents(pipe, sched, shape, latents, rng):
+def initial_latents(pipe, sched, shape, latents, rng):
+    """Latents ~ N(0, I) (or the given ones, shape-checked) scaled by init_noise_sigma.
+    (B, C, h, w)"""
     if latents is None:
         lat = draw(pipe, rng, shape)  # (B, 4, h, w)
     else:

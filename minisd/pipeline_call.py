@@ -24,7 +24,7 @@ def generate(pipe, a: SimpleNamespace):
     """``a``: StableDiffusion.__call__'s arguments by name."""
     from .denoise import run
 
-    prompts, negative = _prompts(a.prompt, a.negative_prompt)
+    prompts, negative = prompt_lists(a.prompt, a.negative_prompt)
     # padding_mask_crop: the crop takes the model's size by default (diffusers' inpainting
     # pipelines; its ControlNet inpainting pipelines keep the image's size)
     crop = getattr(a, "padding_mask_crop", None) is not None and a.control_image is None
@@ -74,7 +74,7 @@ def generate(pipe, a: SimpleNamespace):
         rng=rng, progress=a.progress, addons=addons, guidance_rescale=a.guidance_rescale,
     )  # fmt: skip
     pipe.phase_done("denoising")
-    out = _output(pipe, lat, a.output_type)
+    out = output(pipe, lat, a.output_type)
     return out if overlay is None else overlay(out)
 
 
@@ -161,7 +161,8 @@ def _crop_control(control, region, width, height):
     return mask_crop.crop_and_resize(control, region, width, height)
 
 
-def _prompts(prompt, negative_prompt):
+def prompt_lists(prompt, negative_prompt):
+    """(prompts, negative prompts or None) as lists; one negative string serves every prompt."""
     prompts = steps.as_prompt_list(prompt)
     negative = None
     if negative_prompt is not None:
@@ -249,7 +250,8 @@ def _experts(a):
     return {"denoising_start": start, "denoising_end": end}
 
 
-def _output(pipe, lat, output_type):
+def output(pipe, lat, output_type):
+    """Denoised latents -> "latent" (as they are), or decoded "pil" / "np" images."""
     if output_type == "latent":
         return to_numpy(lat)
     decoded = pipe.decode_latents(lat)  # (N, 3, H, W)

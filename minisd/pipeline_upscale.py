@@ -36,10 +36,11 @@ from tqdm.auto import tqdm
 
 from . import image as imageproc
 from . import pipeline_steps as steps
-from .backend import to_numpy
 from .config import is_int, path_arg
+from .denoise import initial_latents
 from .errors import ConfigError, InputError
 from .pipeline import StableDiffusion
+from .pipeline_call import output, prompt_lists
 from .weights import read_config
 
 #: The VAE scaling factor diffusers' StableDiffusionUpscalePipeline sets on its VAE, whatever
@@ -147,8 +148,7 @@ class StableDiffusionUpscale(StableDiffusion):
         default: torch.Generator().manual_seed(seed)'s numbers). ``callback(step, t, latents)``
         after each solver step, as diffusers' legacy callback. Output as StableDiffusion's:
         "pil", "np" (N, 4h, 4w, 3) in [0, 1], or "latent"."""
-        prompts = steps.as_prompt_list(prompt)
-        negative = None if negative_prompt is None else _negative(negative_prompt, len(prompts))
+        prompts, negative = prompt_lists(prompt, negative_prompt)
         init = self._check_inputs(prompts, image, noise_level)
         f = self.vae_scale_factor
         steps.validate(
@@ -172,12 +172,12 @@ class StableDiffusionUpscale(StableDiffusion):
         sched.set_timesteps(num_inference_steps)
         low = self._noisy_image(init, noise_level, rng, rows=(1 + cfg) * nipp)  # draw 1
         shape = (len(prompts) * nipp, self.vae.config.latent_channels, *init.shape[2:])
-        lat = _initial_latents(self, sched, shape, latents, rng)  # draw 2
+        lat = initial_latents(self, sched, shape, latents, rng)  # draw 2
         labels = np.full((low.shape[0],), noise_level, dtype=np.int64)  # (rows,)
         lat = self._denoise(sched, lat, low, ctx, labels, guidance_scale, eta, rng, callback,
                             progress, num_inference_steps)  # fmt: skip
         self.phase_done("denoising")
-        return self._output(lat, output_type)
+        return output(self, lat, output_type)
 
     def _check_inputs(self, prompts, image, noise_level):
         """The noise level and the image, checked before any heavy work; -> the preprocessed
@@ -233,21 +233,6 @@ class StableDiffusionUpscale(StableDiffusion):
                 callback(i // order, t, lat)
         return lat
 
-    def _output(self, lat, output_type):
-        if output_type == "latent":
-            return to_numpy(lat)
-        decoded = self.decode_latents(lat)  # (N, 3, 4h, 4w)
-        out = self.image_processor.postprocess(to_numpy(decoded), output_type=output_type)
-        del decoded
-        self.phase_done("decoding")
-        return out
-
-
-def _negative(negative_prompt, n):
-    """negative_prompt as a list: one string for every prompt, or one per prompt."""
-    negative = steps.as_prompt_list(negative_prompt, "negative_prompt")
-    return negative * n if isinstance(negative_prompt, str) else negative
-
 
 def _low_res_scheduler(config):
     """The scheduler that noises the input (DDPMScheduler in diffusers' folders), configured
@@ -275,14 +260,3 @@ def _check_models(pipe):
             f"unet: num_class_embeds={cfg.num_class_embeds!r}; the x4 upscaler's UNet embeds "
             f"noise levels 0..max_noise_level={pipe.max_noise_level} as class labels"
         )
-
-
-def _initial_latents(pipe, sched, shape, latents, rng):
-    """Latents ~ N(0, I) (or the given ones) scaled by init_noise_sigma. (B, 4, h, w)"""
-    if latents is None:
-        lat = steps.draw(pipe, rng, shape)
-    else:
-        lat = pipe.xp.asarray(latents).astype(pipe.dtype)
-        if tuple(lat.shape) != shape:
-            raise InputError(f"latents: shape {tuple(lat.shape)}, expected {shape}")
-    return lat * sched.init_noise_sigma
