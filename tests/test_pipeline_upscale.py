@@ -310,3 +310,9 @@ def test_cli_upscales_with_generate(x4_pair, x4_folder, tmp_path):
     assert np.abs(np.asarray(got, np.int16) - np.asarray(want[0], np.int16)).max() <= 1
     assert main([*args, "--mask", str(tmp_path / "low.png"), "--out", str(out)]) == 2
     assert main([*args, "--size", "64x64", "--out", str(out)]) == 2
+
+
+def test_inspect_names_the_upscaler(x4_folder):
+    import weights_tools as wt
+
+    assert wt.inspect(x4_folder[0])["family"] == "sd2-x4-upscaler"

@@ -141,8 +141,8 @@ def _tiny_xl_configs(refiner, in_channels=4):
 def full_size_configs(family="sd1"):
     """Configs of the real architectures: "sd1" (SD1.5), "sd2-v" (SD2.1 768-v), "inpaint"
     (SD1.5 inpainting), "sd2-inpaint" (SD2 inpainting, epsilon, 512 px), "sd2-depth" (SD2
-    depth2img, epsilon, 512 px), "instruct-pix2pix" (SD1.5 with an 8-channel input), "sdxl" / "sdxl-refiner" / "sdxl-inpaint" (SDXL 1.0 base /
-    refiner / inpainting 0.1)."""
+    depth2img, epsilon, 512 px), "instruct-pix2pix" (SD1.5 with an 8-channel input), "sdxl" /
+    "sdxl-refiner" / "sdxl-inpaint" (SDXL 1.0 base / refiner / inpainting 0.1)."""
     names = ("sd1", "sd2-v", "inpaint", "sd2-inpaint", "sd2-depth", "instruct-pix2pix", "sdxl",
              "sdxl-refiner", "sdxl-inpaint")  # fmt: skip
     if family not in names:

@@ -164,9 +164,9 @@ def model_index(scheduler_class="PNDMScheduler", in_channels=4):
 
 
 def family_of(unet_cfg, text_cfg, prediction_type):
-    """sd1, sd2, sd2-v, inpaint, sd2-inpaint, sd2-depth, instruct-pix2pix, from configs; SDXL UNets
-    ("text_time"): sdxl, sdxl-inpaint (a 9-channel UNet), or sdxl-refiner when there is no
-    first text encoder (``text_cfg`` None or {})."""
+    """sd1, sd2, sd2-v, inpaint, sd2-inpaint, sd2-depth, sd2-x4-upscaler, instruct-pix2pix, from
+    configs; SDXL UNets ("text_time"): sdxl, sdxl-inpaint (a 9-channel UNet), or sdxl-refiner
+    when there is no first text encoder (``text_cfg`` None or {})."""
     in_ch = unet_cfg.get("in_channels", 4)
     if unet_cfg.get("addition_embed_type") == "text_time":
         return ("sdxl-inpaint" if in_ch == 9 else "sdxl") if text_cfg else "sdxl-refiner"
@@ -177,6 +177,8 @@ def family_of(unet_cfg, text_cfg, prediction_type):
         return "instruct-pix2pix"
     if in_ch == 5:
         return "sd2-depth"
+    if in_ch == 7 and unet_cfg.get("num_class_embeds"):  # noise-level class embedding
+        return "sd2-x4-upscaler"
     if sd2:
         return "sd2-v" if prediction_type == "v_prediction" else "sd2"
     return "sd1"
