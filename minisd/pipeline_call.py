@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
+
 from . import pipeline_adapter, pipeline_control, pipeline_depth, pipeline_pix2pix
 from . import pipeline_steps as steps
 from .backend import to_numpy
@@ -89,6 +91,17 @@ def unet_conditioning(pipe, prompt, height, width):
     a.prompt = prompt
     extra = pipe._text_extra(a, height, width)
     return pipe.text_conditioning([prompt], None, 1, False, None, extra)
+
+
+def unet_class_labels(pipe):
+    """The class labels one UNet call needs (for the trace and parity tools): None, or for a
+    UNet with a class embedding (the x4 upscaler) its pipeline's default noise level, (1,)."""
+    if not getattr(pipe.unet.config, "num_class_embeds", None):
+        return None
+    import inspect
+
+    level = inspect.signature(type(pipe).__call__).parameters.get("noise_level")
+    return np.asarray([0 if level is None else level.default])  # (1,)
 
 
 def unet_rows(pipe, guidance_scale, image_guidance_scale=None) -> int:

@@ -13,7 +13,7 @@ from .errors import InputError
 
 def run_trace(args):
     from .pipeline import StableDiffusion
-    from .pipeline_call import unet_conditioning
+    from .pipeline_call import unet_class_labels, unet_conditioning
     from .rng import make_rng
 
     out = Path(args.out)
@@ -29,7 +29,11 @@ def run_trace(args):
     with trace() as acts:
         # (1, 77, D); SDXL: with the pooled embedding and time ids (added_cond_kwargs)
         ctx, added = unet_conditioning(pipe, args.prompt, h, w)
-        pipe.unet(pipe.xp.asarray(latents), args.timestep, ctx, added_cond_kwargs=added)
+        labels = unet_class_labels(pipe)  # the x4 upscaler's noise level, else None
+        pipe.unet(
+            pipe.xp.asarray(latents), args.timestep, ctx, added_cond_kwargs=added,
+            class_labels=labels,
+        )  # fmt: skip
     if args.list or args.module is None:
         for name, value in acts.items():
             print(f"{name:<70} {tuple(value.shape)}")

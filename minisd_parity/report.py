@@ -83,7 +83,7 @@ def _unet(pipe, folder, ours_dtype, tdt, tol, counts, firsts):
     from diffusers import UNet2DConditionModel
 
     from minisd.backend import to_numpy
-    from minisd.pipeline_call import unet_conditioning
+    from minisd.pipeline_call import unet_class_labels, unet_conditioning
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=tdt).eval()
     ctx, added = unet_conditioning(pipe, "a photo of an astronaut riding a horse", 64, 64)
@@ -92,16 +92,21 @@ def _unet(pipe, folder, ours_dtype, tdt, tol, counts, firsts):
     x = np.random.default_rng(0).standard_normal((1, unet.config.in_channels, 8, 8))
     t, cond = 500, _guidance_cond(torch, tdt, unet.config.time_cond_proj_dim)
     ours_cond = None if cond is None else cond.numpy().astype(ours_dtype)
+    labels = unet_class_labels(pipe)  # the x4 upscaler's noise level, else None
     with trace() as acts:
-        pipe.unet(x.astype(ours_dtype), t, ctx, timestep_cond=ours_cond, added_cond_kwargs=added)
+        pipe.unet(
+            x.astype(ours_dtype), t, ctx, timestep_cond=ours_cond, added_cond_kwargs=added,
+            class_labels=labels,
+        )  # fmt: skip
     ref_added = None
     if added is not None:
         ref_added = {k: torch.from_numpy(v).to(tdt) for k, v in added.items()}
     args = (torch.from_numpy(x).to(tdt), t, torch.from_numpy(ctx).to(tdt))
+    ref_labels = None if labels is None else torch.from_numpy(labels)
     with torch.no_grad(), collect_outputs(unet) as ref_acts:
         islands = _feed_time_proj(torch, unet, acts)
         try:
-            unet(*args, timestep_cond=cond, added_cond_kwargs=ref_added)
+            unet(*args, timestep_cond=cond, added_cond_kwargs=ref_added, class_labels=ref_labels)
         finally:
             for hook in islands:
                 hook.remove()

@@ -316,3 +316,28 @@ def test_inspect_names_the_upscaler(x4_folder):
     import weights_tools as wt
 
     assert wt.inspect(x4_folder[0])["family"] == "sd2-x4-upscaler"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_parity_command_on_the_upscaler(x4_folder, capsys, dtype):
+    """`minisd parity` gives the x4 UNet its class label (the default noise level) on both
+    sides: the class embedding is compared, every layer within the bound."""
+    from minisd.cli import main
+
+    need("torch", "diffusers", "transformers")
+    assert main(["parity", "--model", str(x4_folder[0]), "--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    row = next(s for s in out.splitlines() if s.strip().startswith("class_embedding "))
+    assert "not traced" not in row and "<-- over" not in row, row
+    assert "summary: all components within the bound" in out
+
+
+def test_trace_command_on_the_upscaler(x4_folder, tmp_path):
+    from minisd.cli import main
+
+    npy = tmp_path / "class.npy"
+    args = ["trace", "--model", str(x4_folder[0]), "--module", "class_embedding", "--out"]
+    assert main([*args, str(npy), "--size", "16x16"]) == 0
+    pipe = StableDiffusionUpscale.from_pretrained(x4_folder[0])
+    table = pipe.unet.params["class_embedding"]["weight"]  # (num_class_embeds, T)
+    np.testing.assert_array_equal(np.load(npy), table[[20]])  # the default noise level's row
