@@ -50,9 +50,9 @@ CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1.x: OpenAI CLIP V
 # Some early SD1 files lack the "text_model." level (diffusers strips either prefix).
 CLIP_PREFIX_OLD = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP ViT-H/14
-EMA_PREFIX = "model_ema."
+EMA_PREFIX = "model_ema."  # full checkpoints: EMA copy of the UNet, dots removed from names
 # SD2-depth (512-depth-ema): the MiDaS DPT-Hybrid depth estimator, which minisd does not run.
-DEPTH_MODEL_PREFIX = "depth_model."  # full checkpoints: EMA copy of the UNet, dots removed from names
+DEPTH_MODEL_PREFIX = "depth_model."
 # Second layout of diffusers' CLIP text encoder files (transformers < 5.6 saved this prefix).
 TEXT_MODEL_PREFIX = "text_model."
 
