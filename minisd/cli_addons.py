@@ -171,12 +171,14 @@ def _read_ip_adapter(weights, encoder):
             "config.json and model.safetensors)"
         )
     try:
-        dim = CLIPVisionConfig.from_dict(read_config(cfg), str(cfg)).projection_dim
+        config = CLIPVisionConfig.from_dict(read_config(cfg), str(cfg))
     except MinisdError as e:
         raise InputError(f"--image-encoder: {e}") from None
+    dim = getattr(config, adapter.encoder_field)  # Plus: hidden_size, else projection_dim
     if dim != adapter.embed_dim:
+        what = "hidden states" if adapter.plus else "image embeddings"
         raise InputError(
-            f"--image-encoder {encoder}: gives {dim}-d image embeddings (projection_dim); the "
+            f"--image-encoder {encoder}: gives {dim}-d {what} ({adapter.encoder_field}); the "
             f"IP-Adapter {weights} takes {adapter.embed_dim}-d ones"
         )
     return adapter

@@ -6,6 +6,9 @@ transformers' ``CLIPVisionModelWithProjection``: the image encoder of IP-Adapter
     x_i = CLIPEncoderLayer(x_{i-1})          (pre-LN, no mask: minisd/clip.py's encoder_layer)
     image_embeds = visual_projection(post_layernorm(x_n[:, 0]))                 (N, projection_dim)
 
+IP-Adapter takes image_embeds; IP-Adapter Plus the penultimate hidden state x_{n-1}
+(:meth:`CLIPVisionModelWithProjection.hidden_state`, transformers' ``hidden_states[-2]``).
+
 P = (image_size / patch_size)^2 patches, each a patch_size^2 pixel square (a Conv2d whose stride
 is its kernel, computed here as one GEMM on the unfolded patches). h94/IP-Adapter's
 ``models/image_encoder`` is OpenCLIP ViT-H/14 (32 layers x 1280, 16 heads, gelu, 1024-d
@@ -131,7 +134,8 @@ def embeddings(pixels, p, *, patch, positions):
 
 
 class CLIPVisionModelWithProjection:
-    """CLIP image encoder: ``enc(pixel_values)`` -> image_embeds (N, projection_dim)."""
+    """CLIP image encoder: ``enc(pixel_values)`` -> image_embeds (N, projection_dim);
+    ``enc.hidden_state(pixel_values, -2)`` -> the penultimate hidden state (N, 1 + P, D)."""
 
     def __init__(self, config, params, source="CLIPVisionModelWithProjection params"):
         """config: CLIPVisionConfig or a config.json dict; params: nested dict with the
@@ -190,8 +194,9 @@ class CLIPVisionModelWithProjection:
             return xp.asarray(emb["position_ids"])[0].astype(np.int64)  # (1 + P,)
         return xp.arange(self.config.num_positions)  # (1 + P,)
 
-    def _encode(self, x, keep_states):
-        """pre_layrnorm(embeddings) through every encoder layer: (x_n, states or None)."""
+    def _encode(self, x, keep_states, layers=None):
+        """pre_layrnorm(embeddings) through the first ``layers`` encoder layers (None: every
+        one): (x_layers, states or None)."""
         cfg, p = self.config, self.params["vision_model"]
         act = clip.ACTIVATIONS[cfg.hidden_act]
         with trace.scope("embeddings"):
@@ -201,7 +206,7 @@ class CLIPVisionModelWithProjection:
         trace.record("embeddings", x)
         x = trace.record("pre_layrnorm", ln(x, p["pre_layrnorm"], eps=cfg.layer_norm_eps))
         states = [x] if keep_states else None
-        for i in range(cfg.num_hidden_layers):
+        for i in range(cfg.num_hidden_layers if layers is None else layers):
             with trace.scope(f"encoder.layers.{i}"):
                 x = clip.encoder_layer(
                     x,
@@ -232,6 +237,19 @@ class CLIPVisionModelWithProjection:
             embeds = clip.lin(pooled, self.params["visual_projection"])  # (N, projection_dim)
             trace.record("visual_projection", embeds)
         return (embeds, tuple(states)) if output_hidden_states else embeds
+
+    def hidden_state(self, pixel_values, index=-2):
+        """transformers' ``hidden_states[index]`` alone, computing only the layers it needs:
+        IP-Adapter Plus's image features are index -2, the penultimate layer's output (diffusers'
+        ``encode_image(..., output_hidden_states=True)``). pixel_values (N, C, S, S) ->
+        (N, 1 + P, D)."""
+        n = self.config.num_hidden_layers
+        if not isinstance(index, int) or not -(n + 1) <= index <= n:
+            raise InputError(f"index={index!r}: expected an int in [{-(n + 1)}, {n}]")
+        x = self._check_pixels(pixel_values)
+        with parallel.blas_threads(), trace.scope("vision_model"):
+            x, _ = self._encode(x, False, layers=index % (n + 1))  # (N, 1 + P, D)
+        return x
 
 
 # --------------------------------------------------------------------------- preprocessing

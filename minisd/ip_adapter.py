@@ -12,9 +12,11 @@ with its own key / value projections for the image (decoupled cross-attention, e
 
     out = to_out(Attention(q, K_text, V_text) + scale * Attention(q, c_i W_k', c_i W_v'))
 
-Several images for one adapter (``image_embeds`` (N, n, D)) give 4n tokens, as diffusers
-concatenates them. ``scale`` 0 skips the image branch (diffusers does too): the UNet then
-computes exactly what it computes without the adapter.
+IP-Adapter Plus replaces the projection with a Resampler (minisd/ip_adapter_plus.py) that turns
+the image encoder's penultimate hidden states (N, P, W) into Q tokens (16 in h94's files); the
+layers are the same. Several images for one adapter (``image_embeds`` (N, n, D), Plus
+(N, n, P, W)) give 4n (Qn) tokens, as diffusers concatenates them. ``scale`` 0 skips the image
+branch (diffusers does too): the UNet then computes exactly what it computes without the adapter.
 
 Weights (.safetensors only; pickle files are refused): h94/IP-Adapter's layout
 
@@ -27,8 +29,8 @@ the odd numbers (SD1.5: 1, 3, ..., 31; SDXL base, 70 transformer blocks: 1, 3, .
 diffusers UNet's state dict after ``load_ip_adapter``
 (``encoder_hid_proj.image_projection_layers.0.image_embeds.weight``, ``<attn2 path>.processor.
 to_k_ip.0.weight``, optionally under ``unet.``) is read too (minisd/ip_adapter_files.py).
-Refused by name: IP-Adapter Plus (Resampler), Full (MLP projection), FaceID / FaceID Plus
-(MLPProjModel, perceiver resampler, LoRA) and several adapters at once.
+Refused by name: IP-Adapter Full (MLP projection), FaceID / FaceID Plus (MLPProjModel, perceiver
+resampler, LoRA) and several adapters at once.
 
 Attached (:func:`attach`), the UNet holds the image projection in ``unet.ip_adapter`` and each
 cross-attention layer's ``attn2`` params gain ``processor.to_k_ip.0.weight`` /
@@ -37,8 +39,9 @@ exactly those entries. ``unet(..., image_embeds=e)`` projects e and hands ``attn
 :class:`IPContext` (text, image tokens, scale) instead of the text alone.
 
 Traced names (diffusers' module paths): ``encoder_hid_proj`` (B, n, 4, C), ``encoder_hid_proj.
-image_projection_layers.0(.image_embeds/.norm)`` and, in each attn2 while the scale is not 0,
-``processor.to_k_ip.0`` / ``processor.to_v_ip.0`` (B, n, 4, inner).
+image_projection_layers.0(.image_embeds/.norm)`` (Plus: the Resampler's modules) and, in each
+attn2 while the scale is not 0, ``processor.to_k_ip.0`` / ``processor.to_v_ip.0`` (B, n, 4,
+inner); Plus: Q instead of 4.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from .blocks import attention, lin, ln
 from .config import is_number
 from .errors import InputError, WeightsError
 from .ip_adapter_files import NUM_TOKENS, IPAdapter, read_ip_adapter
+from .ip_adapter_plus import resampler
 
 __all__ = ["Attached", "IPAdapter", "IPContext", "attach", "detach", "image_projection"]
 __all__ += ["ip_attention", "ip_context", "processor_paths", "read_ip_adapter", "set_scale"]
@@ -60,11 +64,13 @@ _rec = trace.record
 
 class IPContext(NamedTuple):
     """What a cross-attention layer attends to with an IP-Adapter attached: the text
-    embedding (B, Lt, Ct), the image tokens (B, 4n, C) and the adapter's scale."""
+    embedding (B, Lt, Ct), the image tokens (B, Tn, C), the adapter's scale and T, the tokens
+    per image (4; Plus: its Resampler's queries)."""
 
     text: object
     tokens: object
     scale: float
+    num_tokens: int = NUM_TOKENS
 
 
 @dataclasses.dataclass
@@ -76,6 +82,11 @@ class Attached:
     image_proj: dict
     scale: float
     paths: tuple
+
+    @property
+    def plus(self) -> bool:
+        """IP-Adapter Plus: the UNet takes the encoder's penultimate hidden states."""
+        return "latents" in self.image_proj
 
 
 # --------------------------------------------------------------------------- layers
@@ -112,7 +123,7 @@ def ip_attention(x, p, *, heads, context, chunk_size=None, upcast=False):
     """IPAdapterAttnProcessor2_0 on an ``attn2`` layer (eq. 5 of the paper):
     to_out(attn(q, to_k(text), to_v(text)) + scale * attn(q, to_k_ip(c), to_v_ip(c))).
     x (B, L, C), context an :class:`IPContext` -> (B, L, C)."""
-    text, tokens, scale = context
+    text, tokens, scale, per_image = context
     if scale == 0:  # diffusers skips the image branch: the plain cross-attention, bit for bit
         return attention(x, p, heads=heads, context=text, chunk_size=chunk_size, upcast=upcast)
     q = _rec("to_q", lin(x, p["to_q"]))  # (B, L, inner)
@@ -122,9 +133,9 @@ def ip_attention(x, p, *, heads, context, chunk_size=None, upcast=False):
     ip = p["processor"]
     k_ip = lin(tokens, ip["to_k_ip"][0])  # (B, 4n, inner)
     v_ip = lin(tokens, ip["to_v_ip"][0])  # (B, 4n, inner)
-    if trace.active():  # diffusers projects the (B, n, 4, C) tokens
-        _rec("processor.to_k_ip.0", k_ip.reshape(k_ip.shape[0], -1, NUM_TOKENS, k_ip.shape[-1]))
-        _rec("processor.to_v_ip.0", v_ip.reshape(v_ip.shape[0], -1, NUM_TOKENS, v_ip.shape[-1]))
+    if trace.active():  # diffusers projects the (B, n, T, C) tokens
+        _rec("processor.to_k_ip.0", k_ip.reshape(k_ip.shape[0], -1, per_image, k_ip.shape[-1]))
+        _rec("processor.to_v_ip.0", v_ip.reshape(v_ip.shape[0], -1, per_image, v_ip.shape[-1]))
     o = o + scale * _attend(q, k_ip, v_ip, heads, chunk_size, upcast)  # (B, L, inner)
     return _rec("to_out.0", lin(o, p["to_out"][0]))  # (B, L, C)
 
@@ -171,7 +182,7 @@ def resolve(adapter, unet) -> dict:
     for _, width in shapes.values():
         if adapter.cross_attention_dim != width:  # diffusers: both are cross_attention_dim
             raise WeightsError(
-                f"{adapter.source}: key 'image_proj.norm.weight': the image tokens are "
+                f"{adapter.source}: key {adapter.width_key!r}: the image tokens are "
                 f"{adapter.cross_attention_dim} wide, this UNet's cross-attention takes {width} "
                 "(an IP-Adapter made for another model: SD1.x 768, SD2.x 1024, SDXL 2048)"
             )
@@ -266,9 +277,10 @@ def set_scale(unet, scale) -> None:
 
 def ip_context(unet, text, image_embeds):
     """The cross-attention context for ``unet(..., image_embeds=)``: the text (B, Lt, Ct)
-    alone without an adapter, else an IPContext with the projected image tokens (B, 4n, C).
-    image_embeds: (B, D) or (B, n, D) CLIP image embeddings (``encoder_hid_proj`` as diffusers'
-    MultiIPAdapterImageProjection: n images per row give 4n tokens)."""
+    alone without an adapter, else an IPContext with the projected image tokens (B, Tn, C).
+    image_embeds: (B, D) or (B, n, D) CLIP image embeddings; Plus: (B, P, W) or (B, n, P, W)
+    penultimate hidden states (``encoder_hid_proj`` as diffusers' MultiIPAdapterImageProjection:
+    n images per row give Tn tokens)."""
     state = getattr(unet, "ip_adapter", None)
     if state is None:
         if image_embeds is not None:
@@ -279,19 +291,33 @@ def ip_context(unet, text, image_embeds):
             f"image_embeds: an IP-Adapter is loaded ({state.source}); pass the image "
             "embeddings (pipe(..., ip_adapter_image=...)) or unload it"
         )
-    proj = state.image_proj
-    e = to_device(image_embeds, device_of(text), proj["proj"]["weight"].dtype)
-    e = e[:, None] if e.ndim == 2 else e  # (B, n, D)
-    d = proj["proj"]["weight"].shape[1]
-    if e.ndim != 3 or e.shape[0] != text.shape[0] or e.shape[2] != d:
-        raise InputError(
-            f"image_embeds: expected shape ({text.shape[0]}, {d}) or ({text.shape[0]}, n, {d}), "
-            f"got {tuple(image_embeds.shape)}"
-        )
+    e = _embeds(state, image_embeds, text)  # (B, n, D) or (B, n, P, W)
     b, n = e.shape[:2]
+    e = e.reshape(b * n, *e.shape[2:])  # (B*n, D) or (B*n, P, W)
+    project = resampler if state.plus else image_projection
     with trace.scope("encoder_hid_proj"), trace.scope("image_projection_layers.0"):
-        c = image_projection(e.reshape(b * n, d), proj)  # (B*n, 4, C)
+        c = project(e, state.image_proj)  # (B*n, T, C)
     with trace.scope("encoder_hid_proj"):
         _rec("image_projection_layers.0", c)
-    _rec("encoder_hid_proj", c.reshape(b, n, *c.shape[1:]))  # (B, n, 4, C)
-    return IPContext(text, c.reshape(b, n * c.shape[1], -1), state.scale)  # tokens (B, 4n, C)
+    _rec("encoder_hid_proj", c.reshape(b, n, *c.shape[1:]))  # (B, n, T, C)
+    tokens = c.reshape(b, n * c.shape[1], -1)  # (B, Tn, C)
+    return IPContext(text, tokens, state.scale, c.shape[1])
+
+
+def _embeds(state, image_embeds, text):
+    """image_embeds on the text's device in the adapter's dtype, with the images axis:
+    (B, n, D), Plus (B, n, P, W); checked against the batch and the projection's input width."""
+    w = state.image_proj["proj_in" if state.plus else "proj"]["weight"]  # (H, W) / (4C, D)
+    e = to_device(image_embeds, device_of(text), w.dtype)
+    ndim = 4 if state.plus else 3
+    e = e[:, None] if e.ndim == ndim - 1 else e  # (B, n, ...)
+    b, d = text.shape[0], w.shape[1]
+    if e.ndim != ndim or e.shape[0] != b or e.shape[-1] != d:
+        want = (
+            f"({b}, P, {d}) or ({b}, n, P, {d})" if state.plus else f"({b}, {d}) or ({b}, n, {d})"
+        )
+        what = " (the image encoder's penultimate hidden states)" if state.plus else ""
+        raise InputError(
+            f"image_embeds: expected shape {want}{what}, got {tuple(image_embeds.shape)}"
+        )
+    return e

@@ -1,8 +1,9 @@
 """IP-Adapter in the pipeline (Ye et al. 2023; minisd/ip_adapter.py has the model), as diffusers'
 ``IPAdapterMixin`` (loaders/ip_adapter.py) and StableDiffusion(XL)Pipeline's ``encode_image`` /
-``prepare_ip_adapter_image_embeds`` do it for one base IP-Adapter, on SD1.x / SD2.x and on SDXL
-(minisd.StableDiffusionXL: h94's ip-adapter_sdxl with the ViT-bigG encoder, ip-adapter_sdxl_vit-h
-with ViT-H; the same code, the tokens 2048 wide):
+``prepare_ip_adapter_image_embeds`` do it for one base or Plus IP-Adapter, on SD1.x / SD2.x and
+on SDXL (minisd.StableDiffusionXL: h94's ip-adapter_sdxl with the ViT-bigG encoder,
+ip-adapter_sdxl_vit-h and ip-adapter-plus(-face)_sdxl_vit-h with ViT-H; the same code, the
+tokens 2048 wide):
 
     pipe.load_ip_adapter(weights, image_encoder, scale=1.0)   # .safetensors + CLIP vision folder
     pipe(prompt, ip_adapter_image=image)                       # the image prompts with the text
@@ -12,7 +13,10 @@ Once per run the image is encoded (``pipe.image_encoder``, minisd/clip_vision.py
 CLIPImageProcessor's preprocessing at the encoder's image_size), repeated for every image of
 the batch; with classifier-free guidance the unconditional rows get zero embeddings,
 [zeros; embeds] in the order of the prompt embeddings. Every step the UNet projects them to 4
-tokens per image (``unet(..., image_embeds=)``).
+tokens per image (``unet(..., image_embeds=)``). IP-Adapter Plus takes the encoder's penultimate
+hidden states (N, 257, 1280 for ViT-H) instead, and its unconditional rows are those of an
+all-zeros input (zero pixel values after the normalization), as diffusers' ``encode_image`` with
+``output_hidden_states=True``; its Resampler makes 16 tokens per image.
 
 ``ip_adapter_image``: one image (PIL / uint8 (H, W, 3) array) for every prompt; ``[image]``
 likewise; ``[[a, b, ...]]``: several images, all seen by every prompt (their tokens are
@@ -21,6 +25,8 @@ takes only one list entry per adapter).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .clip_vision import CLIPVisionModelWithProjection, preprocess
 from .errors import InputError, WeightsError
@@ -44,11 +50,12 @@ def load_ip_adapter(pipe, weights, image_encoder, scale=1.0):
         encoder = CLIPVisionModelWithProjection.from_pretrained(
             image_encoder, dtype=pipe.dtype, device=pipe.device
         )
-    dim = encoder.config.projection_dim
+    dim = getattr(encoder.config, adapter.encoder_field)
     if dim != adapter.embed_dim:
+        what = "hidden states" if adapter.plus else "image embeddings"
         raise WeightsError(
-            f"{adapter.source}: key 'image_proj.proj.weight' takes {adapter.embed_dim}-d image "
-            f"embeddings; the image encoder gives {dim}-d ones (projection_dim)"
+            f"{adapter.source}: key {adapter.embed_key!r} takes {adapter.embed_dim}-d {what}; "
+            f"the image encoder gives {dim}-d ones ({adapter.encoder_field})"
         )
     state = attach(pipe.unet, adapter, scale)
     pipe.image_encoder = encoder
@@ -105,17 +112,26 @@ def _groups(image):
     return list(image), len(image) == 1
 
 
-def encode(pipe, images):
+def encode(pipe, images, cfg=True):
     """diffusers' ``encode_image``: CLIPImageProcessor at the encoder's image size, then the
-    image encoder's image_embeds (M, D) on ``pipe.xp`` in ``pipe.dtype``."""
+    image encoder's image_embeds (M, D), on ``pipe.xp`` in ``pipe.dtype``; the unconditional
+    rows' embedding: None (zeros). Plus: the penultimate hidden states (M, P, W), and with
+    ``cfg`` those of all-zeros pixel values (1, P, W) (the same for every image; else None)."""
     enc = pipe.image_encoder
     pixels = preprocess(images, size=enc.config.image_size)  # (M, 3, S, S) float32
-    return enc(pixels).astype(pipe.dtype)  # (M, D)
+    if not pipe.unet.ip_adapter.plus:
+        return enc(pixels).astype(pipe.dtype), None  # (M, D)
+    h = enc.hidden_state(pixels, -2).astype(pipe.dtype)  # (M, P, W)
+    if not cfg:
+        return h, None
+    zeros = enc.hidden_state(np.zeros_like(pixels[:1]), -2).astype(pipe.dtype)  # (1, P, W)
+    return h, zeros
 
 
 def prepare(pipe, ip_adapter_image, *, batch, nipp, cfg):
     """The run's image embeddings for ``unet(..., image_embeds=)``: (B, n, D) for a batch of B
-    = prompts * nipp images, n images per row; with CFG (2B, n, D) as [zeros; embeds]. None
+    = prompts * nipp images, n images per row; with CFG (2B, n, D) as [uncond; embeds]
+    (base: zeros; Plus: (B, n, P, W) hidden states, the all-zeros input's for uncond). None
     without an image."""
     if ip_adapter_image is None:
         return None
@@ -127,12 +143,14 @@ def prepare(pipe, ip_adapter_image, *, batch, nipp, cfg):
             f"ip_adapter_image: {len(images)} images for {prompts} prompt(s); give one image, "
             "one per prompt, or [[a, b, ...]] for several images seen by every prompt"
         )
-    e = xp.asarray(encode(pipe, images))  # (M, D)
+    e, uncond = encode(pipe, images, cfg)
+    e = xp.asarray(e)  # (M, D) or (M, P, W)
     if shared:
-        e = xp.broadcast_to(e[None], (batch, *e.shape))  # (B, n, D)
+        e = xp.broadcast_to(e[None], (batch, *e.shape))  # (B, n, ...)
     else:
-        e = xp.repeat(e[:, None], nipp, axis=0)  # (B, 1, D): prompt 0, prompt 0, prompt 1, ...
+        e = xp.repeat(e[:, None], nipp, axis=0)  # (B, 1, ...): prompt 0, prompt 0, prompt 1, ...
     e = xp.ascontiguousarray(e)
     if cfg:
-        e = xp.concatenate([xp.zeros_like(e), e], axis=0)  # (2B, n, D): [uncond; text]
+        u = xp.zeros_like(e) if uncond is None else xp.broadcast_to(xp.asarray(uncond), e.shape)
+        e = xp.concatenate([u, e], axis=0)  # (2B, n, ...): [uncond; text]
     return e

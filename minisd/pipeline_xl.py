@@ -46,10 +46,12 @@ What differs from SD1.x / SD2.x (everything else is StableDiffusion's, pipeline_
   ``full_adapter_xl``, whose fourth feature goes to the mid block, as diffusers'
   StableDiffusionXLAdapterPipeline (sizes from the adapter image round down to multiples of 16).
 - IP-Adapter (``load_ip_adapter``, ``ip_adapter_image=``; minisd/pipeline_ip.py): h94's plain
-  SDXL adapters with their ViT-bigG or ViT-H image encoder.
-Not supported here: IP-Adapter Plus / FaceID, inpainting's ``padding_mask_crop`` and
-``masked_image_latents``; and the invisible watermark diffusers adds when the
-``invisible-watermark`` package is installed (minisd never marks images).
+  SDXL adapters with their ViT-bigG or ViT-H image encoder, and IP-Adapter Plus
+  (ip-adapter-plus(-face)_sdxl_vit-h, minisd/ip_adapter_plus.py).
+- Inpainting's ``padding_mask_crop`` (minisd/mask_crop.py).
+Not supported here: IP-Adapter FaceID, inpainting's ``masked_image_latents``; and the invisible
+watermark diffusers adds when the ``invisible-watermark`` package is installed (minisd never
+marks images).
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ class StableDiffusionXL(StableDiffusion):
         (``sdxl_models/image_encoder``), or ``ip-adapter_sdxl_vit-h.safetensors`` with ViT-H
         (``models/image_encoder``); then ``pipe(..., ip_adapter_image=)``. The image tokens are
         as wide as the UNet's cross-attention (2048); an adapter for another UNet (SD1.x: 768)
-        is refused naming the file and both widths. IP-Adapter Plus (Resampler) is refused.
-        minisd/pipeline_ip.py"""
+        is refused naming the file and both widths. IP-Adapter Plus
+        (``ip-adapter-plus(-face)_sdxl_vit-h``, with ViT-H) loads too. minisd/pipeline_ip.py"""
         from .pipeline_ip import load_ip_adapter
 
         return load_ip_adapter(self, weights, image_encoder, scale)

@@ -16,6 +16,7 @@ from PIL import Image
 from pipelines import build
 from refharness import need, randomize_
 from test_ip_adapter import adapter_state_dict
+from test_ip_adapter_plus import plus_state_dict
 from test_pipeline_adapter import ADAPTERS
 from test_pipeline_ip import VISION, WEIGHTS
 
@@ -117,6 +118,22 @@ def test_ip_adapter_is_the_api_s_result(model, plain, tmp_path):
                "--ip-adapter-scale", "0.6")  # fmt: skip
     _same(img, expect)
     assert f"IP-Adapter: {model / WEIGHTS}:0.6" in img.info["parameters"]
+
+
+def test_ip_adapter_plus_is_the_api_s_result(model, tmp_path):
+    """IP-Adapter Plus through --ip-adapter: its Resampler takes the encoder's hidden states,
+    so the encoder's hidden_size (16) is checked, not its projection_dim (12)."""
+    diffusers = need("diffusers")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(model / "unet"))
+    plus = tmp_path / "ip-adapter-plus.safetensors"
+    save_file(plus_state_dict(unet, seed=6, width=VISION["hidden_size"]), plus)
+    pipe = minisd.StableDiffusion.from_pretrained(model)
+    pipe.load_ip_adapter(plus, model / "image_encoder", scale=0.6)
+    expect = pipe("a cat", ip_adapter_image=_open(model / "cond.png"), **KW)[0]
+    img = _cli(model, tmp_path / "ip.png", "--ip-adapter", plus, "--image-encoder",
+               model / "image_encoder", "--ip-adapter-image", model / "cond.png",
+               "--ip-adapter-scale", "0.6")  # fmt: skip
+    _same(img, expect)
 
 
 @pytest.mark.parametrize(

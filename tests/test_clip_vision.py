@@ -92,6 +92,30 @@ def test_every_layer_matches_transformers(tiny, dtype):
     print(f"{folder.name} {dtype}: max rel. error {max(errs.values()):.2e} over {len(errs)}")
 
 
+def test_hidden_state_alone(tiny):
+    """``hidden_state(x, i)`` (IP-Adapter Plus takes -2) is ``hidden_states[i]`` of the full
+    call, bit for bit, computing only the layers it needs; bad indices are refused."""
+    _, _, folder = tiny
+    ours = CLIPVisionModelWithProjection.from_pretrained(folder, dtype="float64")
+    x = pixels(ours.config, n=2)
+    _, states = ours(x, output_hidden_states=True)
+    n = ours.config.num_hidden_layers
+    for i in (-2, -1, 0, 1, -(n + 1)):
+        with minisd.trace() as acts:
+            got = ours.hidden_state(x, i)
+        np.testing.assert_array_equal(got, states[i])
+        last = i % (n + 1) - 1
+        assert (
+            f"vision_model.encoder.layers.{last + 1}" not in acts
+            and "visual_projection" not in acts
+        )
+        if last >= 0:
+            assert f"vision_model.encoder.layers.{last}" in acts
+    for bad in (n + 1, -(n + 2), 1.0):
+        with pytest.raises(InputError, match="index"):
+            ours.hidden_state(x, bad)
+
+
 def test_every_key_is_read(tiny):
     _, _, folder = tiny
     enc = CLIPVisionModelWithProjection.from_pretrained(folder, dtype="float64")

@@ -129,9 +129,6 @@ def test_ip_adapter_sd15_size(tmp_path):
 
 LAYER = {"ip_adapter.1.to_k_ip.weight": (320, 768), "ip_adapter.1.to_v_ip.weight": (320, 768)}
 VARIANTS = {
-    "plus": ({"image_proj.latents": (1, 16, 768), "image_proj.proj_in.weight": (768, 1280),
-              "image_proj.proj_out.weight": (768, 768), "image_proj.norm_out.weight": (768,)},
-             "IP-Adapter Plus (Resampler)", 1280),
     "full": ({"image_proj.proj.0.weight": (1024, 1024), "image_proj.proj.2.weight": (768, 1024),
               "image_proj.proj.3.weight": (768,)},
              "IP-Adapter Full (MLP image projection)", 1024),
@@ -149,7 +146,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_ip_adapter_variants_are_named_unsupported(name, tmp_path, capsys):
-    """Plus / Full / FaceID / FaceID Plus files: named by their keys (as minisd refuses them
+    """Full / FaceID / FaceID Plus files: named by their keys (as minisd refuses them
     when loading), still described; FaceID's LoRA keys do not make it a LoRA."""
     keys, variant, embed = VARIANTS[name]
     path = tmp_path / f"{name}.safetensors"
@@ -161,7 +158,54 @@ def test_ip_adapter_variants_are_named_unsupported(name, tmp_path, capsys):
     assert (ip["cross_attention_dim"], ip["image_embed_dim"], ip["layers"]) == (768, embed, 1)
     assert report["family"] == "sd1"
     text, _ = _inspect_cli(path, capsys)
-    assert f"note: unsupported: {variant} (minisd loads the base IP-Adapter only)" in text
+    assert f"note: unsupported: {variant} (minisd loads the base and Plus IP-Adapters only)" in text
+
+
+def _plus_shapes(c=768, w=1280, h=768, queries=16, heads=12, depth=4):
+    """h94's Resampler keys and shapes (ip-adapter-plus_sd15 by default: 4 layers of 768, 12
+    heads of 64, 16 queries, on ViT-H's 1280-wide hidden states)."""
+    i = 64 * heads
+    shapes = {"image_proj.latents": (1, queries, h), "image_proj.proj_in.weight": (h, w),
+              "image_proj.proj_in.bias": (h,), "image_proj.proj_out.weight": (c, h),
+              "image_proj.proj_out.bias": (c,), "image_proj.norm_out.weight": (c,),
+              "image_proj.norm_out.bias": (c,)}  # fmt: skip
+    for n in range(depth):
+        pre = f"image_proj.layers.{n}."
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            shapes[f"{pre}{norm}.weight"] = shapes[f"{pre}{norm}.bias"] = (h,)
+        shapes.update({f"{pre}0.to_q.weight": (i, h), f"{pre}0.to_kv.weight": (2 * i, h),
+                       f"{pre}0.to_out.weight": (h, i), f"{pre}1.1.weight": (4 * h, h),
+                       f"{pre}1.3.weight": (h, 4 * h)})  # fmt: skip
+    return shapes
+
+
+def test_ip_adapter_plus_sd15_size(tmp_path, capsys):
+    """ip-adapter-plus_sd15's shapes (49,087,488 parameters, 98 MB in float16): a supported
+    Plus adapter with 16 image tokens, on 1280-wide hidden states; without its layers' to_q it
+    is still described, with minisd's loading error as a note."""
+    unet = _unet(768, meta=True)
+    shapes = _plus_shapes()
+    for n, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            inner = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+            for w in ("to_k_ip", "to_v_ip"):
+                shapes[f"ip_adapter.{n}.{w}.weight"] = (inner, 768)
+    path = _header_only(tmp_path / "ip-adapter-plus_sd15.safetensors", shapes)
+    report = wt.inspect(path)
+    ip = report["ip_adapter"]
+    assert ip["variant"] == "Plus (Resampler, 16 image tokens)" and "unsupported" not in ip
+    assert (ip["cross_attention_dim"], ip["image_embed_dim"], ip["layers"]) == (768, 1280, 16)
+    assert report["family"] == "sd1" and report["notes"] == []
+    text, _ = _inspect_cli(path, capsys)
+    assert "ip_adapter       83 tensors     49,087,488 params  F16 x83" in text, text
+    assert ("IP-Adapter: Plus (Resampler, 16 image tokens); image embeddings 1280-d; "
+            "cross_attention_dim 768; 16 cross-attention layers") in text  # fmt: skip
+    del shapes["image_proj.layers.0.0.to_q.weight"]
+    report = wt.inspect(_header_only(tmp_path / "broken.safetensors", shapes))
+    assert report["ip_adapter"]["variant"] == "Plus (Resampler, 16 image tokens)"
+    assert report["notes"] == [
+        "minisd would not load it: missing key 'image_proj.layers.0.0.to_q.weight'"
+    ]
 
 
 def test_broken_base_ip_adapter_is_described_with_a_note(tmp_path):

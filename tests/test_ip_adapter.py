@@ -308,7 +308,6 @@ def test_file_errors(adapted, tmp_path):
     assert read_ip_adapter(path.parent).source == str(path)  # a folder with one file
     flat = _flat(path)
     variants = {
-        "image_proj.latents": "IP-Adapter Plus",
         "image_proj.proj.3.weight": "IP-Adapter Full",
         "image_proj.perceiver_resampler.proj_in.weight": "FaceID Plus",
         "ip_adapter.1.to_k_lora.down.weight": "FaceID",
@@ -316,6 +315,9 @@ def test_file_errors(adapted, tmp_path):
     for key, kind in variants.items():
         with pytest.raises(WeightsError, match=f"{key}.*{kind}"):
             read_ip_adapter({**flat, key: np.zeros((1, 4, 8), np.float32)})
+    # IP-Adapter Plus is read (tests/test_ip_adapter_plus.py): latents make it a Resampler file
+    with pytest.raises(WeightsError, match="missing key 'image_proj.proj_in.weight'"):
+        read_ip_adapter({**flat, "image_proj.latents": np.zeros((1, 16, 8), np.float32)})
     faceid = {k: v for k, v in flat.items() if not k.startswith("image_proj.proj.")}
     faceid["image_proj.proj.0.weight"] = np.zeros((8, 4), np.float32)
     with pytest.raises(WeightsError, match="FaceID"):

@@ -184,10 +184,20 @@ def test_errors(trio, tmp_path):
         plain.load_ip_adapter(path, folder / "image_encoder")
     with pytest.raises(WeightsError, match=r"ip-adapter_sdxl\.safetensors.*16-d.*gives 12-d"):
         plain.load_ip_adapter(folder / WEIGHTS, folder / "image_encoder_h")  # wrong encoder
-    plus = {"image_proj.latents": np.zeros((1, 16, 24), np.float32)}
+    plus = {  # IP-Adapter Plus: read, and checked key by key
+        "image_proj.latents": np.zeros((1, 16, 24), np.float32),
+        **{
+            f"ip_adapter.1.{w}.weight": np.zeros((8, 24), np.float32)
+            for w in ("to_k_ip", "to_v_ip")
+        },
+    }
     save_file(plus, tmp_path / "ip-adapter-plus_sdxl_vit-h.safetensors")
-    with pytest.raises(WeightsError, match=r"plus_sdxl_vit-h.*IP-Adapter Plus \(Resampler\)"):
+    with pytest.raises(WeightsError, match=r"plus_sdxl_vit-h.*missing key 'image_proj\.proj_in"):
         plain.load_ip_adapter(tmp_path / "ip-adapter-plus_sdxl_vit-h.safetensors", "enc")
+    faceid = {"image_proj.perceiver_resampler.latents": np.zeros((1, 4, 24), np.float32)}
+    save_file(faceid, tmp_path / "ip-adapter-faceid-plusv2_sdxl.safetensors")
+    with pytest.raises(WeightsError, match=r"faceid-plusv2_sdxl.*FaceID Plus"):
+        plain.load_ip_adapter(tmp_path / "ip-adapter-faceid-plusv2_sdxl.safetensors", "enc")
     assert plain.unet.ip_adapter is None and plain.image_encoder is None
 
 

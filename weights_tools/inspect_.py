@@ -129,14 +129,14 @@ def _ip_adapter(shapes):
         None,
     )  # fmt: skip
     ip = {
-        "variant": refused or f"base (ImageProjection, {ip_adapter_files.NUM_TOKENS} image tokens)",
+        "variant": refused or ip_adapter_files.variant_of(shapes),
         "cross_attention_dim": widths.pop() if len(widths) == 1 else None,
         "image_embed_dim": embed,
         "layers": len(layers),
     }
     notes = []
     if refused:
-        ip["unsupported"] = f"{refused} (minisd loads the base IP-Adapter only)"
+        ip["unsupported"] = f"{refused} (minisd loads the base and Plus IP-Adapters only)"
     else:
         fake = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
         try:
