@@ -31,7 +31,7 @@ from refharness import (
     to_np,
     torch_dtype,
 )
-from test_ip_adapter import adapter_state_dict, nested
+from test_ip_adapter import adapter_state_dict, nested, set_ref_scale
 from test_unet import TINY as UNET_TINY
 from test_unet import compare_whole
 from test_unet_blocks import traced_names
@@ -171,12 +171,6 @@ def adapted(tiny, tmp_path_factory):
         return cache[name]
 
     return get
-
-
-def set_ref_scale(ref, scale):
-    for proc in ref.attn_processors.values():
-        if hasattr(proc, "scale"):
-            proc.scale = [scale]
 
 
 def inputs(cfg, n, dtype, images=None, seed=0):
