@@ -82,23 +82,31 @@ def nested(flat):
     return out
 
 
-@pytest.fixture(scope="module")
-def adapted(tiny, tmp_path_factory):
-    """name -> (float32 diffusers UNet with the IP-Adapter loaded, UNet folder, adapter file)."""
-    cache = {}
+def adapted_fixture(state_dict, file_name):
+    """A module fixture ``adapted``: name -> (float32 diffusers UNet of the module's ``tiny``
+    fixture with the IP-Adapter ``state_dict(ref, seed=5)`` loaded, UNet folder, h94 file)."""
 
-    def get(name):
-        if name not in cache:
-            ref, folder = tiny(name)
-            flat = adapter_state_dict(ref, seed=5)
-            path = tmp_path_factory.mktemp("ip") / "ip-adapter.safetensors"
-            save_file(flat, path)
-            ref = copy.deepcopy(ref)
-            ref._load_ip_adapter_weights(nested(flat))
-            cache[name] = (ref.eval(), folder, path)
-        return cache[name]
+    @pytest.fixture(scope="module")
+    def adapted(tiny, tmp_path_factory):
+        cache = {}
 
-    return get
+        def get(name):
+            if name not in cache:
+                ref, folder = tiny(name)
+                flat = state_dict(ref, seed=5)
+                path = tmp_path_factory.mktemp("ip") / file_name
+                save_file(flat, path)
+                ref = copy.deepcopy(ref)
+                ref._load_ip_adapter_weights(nested(flat))
+                cache[name] = (ref.eval(), folder, path)
+            return cache[name]
+
+        return get
+
+    return adapted
+
+
+adapted = adapted_fixture(adapter_state_dict, "ip-adapter.safetensors")
 
 
 def set_ref_scale(ref, scale):

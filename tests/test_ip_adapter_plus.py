@@ -31,7 +31,7 @@ from refharness import (
     to_np,
     torch_dtype,
 )
-from test_ip_adapter import adapter_state_dict, nested, set_ref_scale
+from test_ip_adapter import adapted_fixture, adapter_state_dict, set_ref_scale
 from test_unet import TINY as UNET_TINY
 from test_unet import compare_whole
 from test_unet_blocks import traced_names
@@ -154,23 +154,7 @@ def tiny(ref_cache):
     return diffusers_models(ref_cache, "UNet2DConditionModel", UNET_TINY, "ipplusunet", seed=1)
 
 
-@pytest.fixture(scope="module")
-def adapted(tiny, tmp_path_factory):
-    """name -> (float32 diffusers UNet with the Plus adapter loaded, UNet folder, h94 file)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            ref, folder = tiny(name)
-            flat = plus_state_dict(ref, seed=5)
-            path = tmp_path_factory.mktemp("ipplus") / "ip-adapter-plus.safetensors"
-            save_file(flat, path)
-            ref = copy.deepcopy(ref)
-            ref._load_ip_adapter_weights(nested(flat))
-            cache[name] = (ref.eval(), folder, path)
-        return cache[name]
-
-    return get
+adapted = adapted_fixture(plus_state_dict, "ip-adapter-plus.safetensors")
 
 
 def inputs(cfg, n, dtype, images=None, seed=0):
