@@ -48,7 +48,7 @@ def generate(pipe, a: SimpleNamespace):
     cn_args = _controlnet_args(pipe, a)
     pipeline_control.check(pipe, a.control_image, **cn_args)
     edit = _check_edit(pipe, a)
-    pipeline_depth.check(pipe, a)
+    depth_map = pipeline_depth.check(pipe, a)  # (N, H, W) float64, or None
     _check_adapters(pipe, a)
     rng = a.rng
     if rng is None:
@@ -65,7 +65,7 @@ def generate(pipe, a: SimpleNamespace):
     pipe._set_attention_chunk(batch * rows, height, width)
     addons = _prepare_addons(pipe, a, cn_args, batch=batch, size=(height, width), cfg=rows > 1)
     addons["image_guidance_scale"] = edit
-    addons["depth_map"] = getattr(a, "depth_map", None)
+    addons["depth_map"] = depth_map
     addons["text"] = pipe._text_extra(a, height, width)  # SDXL's second prompts and time ids
     addons.update(_experts(a))
     lat = run(

@@ -34,7 +34,8 @@ def is_depth_model(pipe) -> bool:
 
 def check(pipe, a):
     """``depth_map`` is for depth UNets, which need it and an ``image``, and take no mask and no
-    other image add-on (diffusers' depth2img pipeline has none)."""
+    other image add-on (diffusers' depth2img pipeline has none). -> the depth map as checked
+    float64 (N, H, W) (None for other UNets)."""
     depth_map = getattr(a, "depth_map", None)
     if not is_depth_model(pipe):
         if depth_map is not None:
@@ -42,7 +43,7 @@ def check(pipe, a):
                 f"depth_map: only depth UNets (in_channels = latent channels + 1) take it; this "
                 f"UNet has {pipe.unet.config.in_channels}"
             )
-        return
+        return None
     if a.image is None:
         raise InputError("image: a depth UNet (depth2img) restyles an image; give `image`")
     if depth_map is None:
@@ -55,7 +56,7 @@ def check(pipe, a):
     for name in refused:
         if getattr(a, name, None) is not None:
             raise InputError(f"{name}: not supported with a depth UNet (depth2img)")
-    as_array(depth_map)
+    return as_array(depth_map)
 
 
 def as_array(depth_map):
