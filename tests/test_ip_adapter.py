@@ -186,6 +186,12 @@ def test_processor_numbering_is_diffusers(tiny):
 @pytest.mark.parametrize("dtype", ["float32"])
 def test_array_backend(adapted, xp, dtype):
     """The IP-adapted UNet on each array backend (fake_cupy: the device code path)."""
+    compare_on_backend(adapted, inputs, xp, dtype)
+
+
+def compare_on_backend(adapted, inputs, xp, dtype):
+    """The "sd2" UNet with ``adapted``'s adapter attached at scale 0.6 on array module ``xp``
+    against diffusers', image embeddings from ``inputs``. -> minisd's UNet."""
     torch = need("torch")
     from minisd.backend import to_numpy
 
@@ -206,6 +212,7 @@ def test_array_backend(adapted, xp, dtype):
             added_cond_kwargs={"image_embeds": [torch.from_numpy(e)[:, None]]},
         ).sample
     assert_rel(to_numpy(out), to_np(r), TOL[dtype], "output")
+    return ours
 
 
 # --------------------------------------------------------------------------- attach / detach

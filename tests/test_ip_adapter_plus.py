@@ -31,7 +31,12 @@ from refharness import (
     to_np,
     torch_dtype,
 )
-from test_ip_adapter import adapted_fixture, adapter_state_dict, set_ref_scale
+from test_ip_adapter import (
+    adapted_fixture,
+    adapter_state_dict,
+    compare_on_backend,
+    set_ref_scale,
+)
 from test_unet import TINY as UNET_TINY
 from test_unet import compare_whole
 from test_unet_blocks import traced_names
@@ -197,26 +202,8 @@ def test_every_layer_matches_diffusers(adapted, name, dtype):
 @pytest.mark.parametrize("dtype", ["float32"])
 def test_array_backend(adapted, xp, dtype):
     """The Plus-adapted UNet on each array backend (fake_cupy: the device code path)."""
-    torch = need("torch")
-    from minisd.backend import to_numpy
-
-    ref, folder, path = adapted("sd2")
-    set_ref_scale(ref, 0.6)
-    device = "cpu" if xp is np else "cuda"
-    ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype, device=device)
-    attach(ours, path, scale=0.6)
+    ours = compare_on_backend(adapted, inputs, xp, dtype)
     assert isinstance(ours.ip_adapter.image_proj["layers"][0][0]["to_kv"]["weight"], xp.ndarray)
-    x, ctx, e = inputs(ours.config, 2, dtype, seed=7)
-    out = ours(xp.asarray(x), xp.asarray(np.array([7, 700])), xp.asarray(ctx), image_embeds=e)
-    assert isinstance(out, xp.ndarray)
-    with torch.no_grad():
-        r = ref(
-            torch.from_numpy(x),
-            torch.tensor([7, 700]),
-            torch.from_numpy(ctx),
-            added_cond_kwargs={"image_embeds": [torch.from_numpy(e)[:, None]]},
-        ).sample
-    assert_rel(to_numpy(out), to_np(r), TOL[dtype], "output")
 
 
 def test_read_attach_detach_and_every_key(adapted):
