@@ -34,6 +34,14 @@ def add_arguments(g):
         "--guess-mode", action="store_true", help="ControlNet on the prompt half of CFG only"
     )
     g.add_argument(
+        "--control-mode",
+        action="append",
+        type=int,
+        default=None,
+        help="union ControlNets (SDXL): the control type of each --control-image, repeated in "
+        "the same order (one union ControlNet may take several images; see its card)",
+    )
+    g.add_argument(
         "--lora",
         action="append",
         default=None,
@@ -109,12 +117,33 @@ def _paired(args, model_arg, image_arg, open_image):
     return (models[0] if one else models or None), (images[0] if one else images or None)
 
 
+def _control(args, open_image):
+    """--controlnet, --control-image (and --control-mode): one image per ControlNet, or for
+    one union ControlNet one image per mode."""
+    modes = getattr(args, "control_mode", None)
+    models = getattr(args, "controlnet", None) or []
+    if modes is None or len(models) != 1:
+        cn, images = _paired(args, "controlnet", "control_image", open_image)
+        if modes is not None and len(modes) != len(models):
+            raise InputError(
+                f"--control-mode: one per --controlnet (got {len(modes)} for {len(models)})"
+            )
+        return cn, images
+    images = getattr(args, "control_image", None) or []
+    if len(images) != len(modes):
+        raise InputError(
+            f"--control-image and --control-mode: one image per mode (got {len(images)} "
+            f"image(s) and {len(modes)} mode(s))"
+        )
+    return models[0], [open_image(i) for i in images]
+
+
 def read(args, open_image):
     """Everything the add-on arguments name, read and checked: a dict for :func:`apply`."""
     from .lora import parse_lora_arg, read_lora
     from .textual_inversion_xl import embedding_tokens
 
-    cn, control_image = _paired(args, "controlnet", "control_image", open_image)
+    cn, control_image = _control(args, open_image)
     adapter, adapter_image = _paired(args, "adapter", "adapter_image", open_image)
     for folder in getattr(args, "adapter", None) or ():
         _check_adapter(folder)
@@ -205,6 +234,8 @@ def call_kwargs(args, addons, pipe=None):
             controlnet_conditioning_scale=args.control_scale,
             guess_mode=args.guess_mode,
         )
+        if getattr(args, "control_mode", None) is not None:
+            kw["control_mode"] = list(args.control_mode)
     if addons["adapter_image"] is not None:
         kw.update(
             adapter_image=addons["adapter_image"],
@@ -231,7 +262,7 @@ def _check_accepted(pipe, kw):
     params = inspect.signature(type(pipe).__call__).parameters
     flags = {"image_guidance_scale": "--image-guidance", "adapter_image": "--adapter-image"}
     flags.update(ip_adapter_image="--ip-adapter-image", control_image="--control-image")
-    flags["depth_map"] = "--depth-map"
+    flags.update(depth_map="--depth-map", control_mode="--control-mode")
     for name in kw:
         if name not in params:
             flag = flags.get(name, name)
@@ -249,6 +280,8 @@ def parameters(args):
     for cn in getattr(args, "controlnet", None) or ():
         scale = default_scale(args.control_scale, args.init_image, args.mask)
         text += f", ControlNet: {cn}:{scale}"
+    if getattr(args, "control_mode", None):
+        text += f", Control mode: {' '.join(map(str, args.control_mode))}"
     for adapter in getattr(args, "adapter", None) or ():
         text += f", T2I-Adapter: {adapter}:{args.adapter_scale}:{args.adapter_factor}"
     if getattr(args, "ip_adapter", None):

@@ -58,8 +58,8 @@ from .unet_base import ConditionedModel
 from .unet_blocks import (
     traced,
 )
-from .unet_config import sample_input
-from .weights import refuse_pickle
+from .unet_config import load_pretrained, sample_input
+from .weights import read_config, refuse_pickle
 
 __all__ = ["ControlNetConfig", "ControlNetModel", "param_shapes"]
 
@@ -102,6 +102,17 @@ def scale_residuals(downs, mid, conditioning_scale, *, guess_mode, global_pool):
     return downs, mid
 
 
+def _union_class(config, cls):
+    """ControlNetUnionModel for a union ControlNet's config (its ``_class_name``, or the union
+    fields, which diffusers' ControlNetUnionModel configs always have), else ``cls``."""
+    union = config.get("_class_name") == "ControlNetUnionModel" or "num_control_type" in config
+    if not union or getattr(cls, "UNION", False):
+        return cls
+    from .controlnet_union import ControlNetUnionModel
+
+    return ControlNetUnionModel
+
+
 class ControlNetModel(ConditionedModel):
     """A ControlNet. ``cn(sample, t, ctx, controlnet_cond)`` -> (down residuals, mid residual)
     for ``UNet2DConditionModel(..., down_block_additional_residuals, mid_block_...)``.
@@ -125,7 +136,8 @@ class ControlNetModel(ConditionedModel):
         a single ``.safetensors`` file: an original-layout ControlNet (lllyasviel's ControlNet
         1.0 / 1.1, e.g. control_v11p_sd15_canny.safetensors; converted in memory by
         weights_tools.controlnet) or bare diffusers-layout weights (as SDXL ControlNets are
-        shared), the architecture inferred from the shapes. For single files only: ``config``
+        shared), the architecture inferred from the shapes. A union ControlNet (folder or
+        file) loads as ControlNetUnionModel. For single files only: ``config``
         (dict, folder or config.json) sets what the weights cannot show (head counts, norm
         groups), ``global_pool_conditions=True`` marks a shuffle ControlNet.
         ``weights``: "eager" | "lazy" | "stream", as for folders (minisd/weights.py)."""
@@ -142,7 +154,10 @@ class ControlNetModel(ConditionedModel):
             )
         if path.is_file():
             raise WeightsError(f"{path}: expected a ControlNet folder or a .safetensors file")
-        return super().from_pretrained(path, dtype, device, weights=weights)
+        target = _union_class(read_config(path / "config.json"), cls)
+        return load_pretrained(
+            target, target.CONFIG, path, dtype=dtype, device=device, weights=weights
+        )
 
     @classmethod
     def _from_single_file(cls, path, dtype, device, weights, config, global_pool):
@@ -150,6 +165,7 @@ class ControlNetModel(ConditionedModel):
 
         dtype = resolve_device_dtype(dtype, device)
         cfg, flat = load_single_file_controlnet(path, config, global_pool_conditions=global_pool)
+        cls = _union_class(cfg, cls)
         return cls(cfg, flat, dtype=dtype, device=device, source=str(path), weights=weights)
 
     def _inputs(self, sample, context, image):
@@ -174,6 +190,17 @@ class ControlNetModel(ConditionedModel):
         if cfg.controlnet_conditioning_channel_order == "bgr":
             img = array_module(img).ascontiguousarray(img[:, ::-1])  # BGR-trained ControlNets
         return x, ctx, img
+
+    def _encode(self, h, temb, ctx, opts):
+        """Down blocks, mid block and zero convolutions of h (N, C0, H, W) -> (the unscaled
+        down residuals, downs[k] of skip state k's shape (N, C_k, H_k, W_k); the mid one)."""
+        p = self.params
+        h, states = self._down(h, temb, ctx, opts)
+        h = self._mid(h, temb, ctx, opts)
+        # (N, C_last, H / 2^(blocks - 1), W / 2^(blocks - 1)), sizes rounded up
+        zc = p["controlnet_down_blocks"]
+        downs = [_rec(f"controlnet_down_blocks.{k}", conv(s, zc[k])) for k, s in enumerate(states)]
+        return downs, _rec("controlnet_mid_block", conv(h, p["controlnet_mid_block"]))
 
     def __call__(
         self,
@@ -206,13 +233,7 @@ class ControlNetModel(ConditionedModel):
             "controlnet_cond_embedding", cond_embedding, img, p["controlnet_cond_embedding"]
         )  # (N or 1, C0, H, W)
         h = h + emb  # (N, C0, H, W)
-        h, states = self._down(h, temb, ctx, opts)
-        h = self._mid(h, temb, ctx, opts)
-        # (N, C_last, H / 2^(blocks - 1), W / 2^(blocks - 1)), sizes rounded up
-        zc = p["controlnet_down_blocks"]
-        downs = [_rec(f"controlnet_down_blocks.{k}", conv(s, zc[k])) for k, s in enumerate(states)]
-        mid = _rec("controlnet_mid_block", conv(h, p["controlnet_mid_block"]))  # as h
-        # downs[k]: the shape of skip state k, (N, C_k, H_k, W_k)
+        downs, mid = self._encode(h, temb, ctx, opts)
         return scale_residuals(
             downs,
             mid,

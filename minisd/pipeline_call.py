@@ -194,6 +194,7 @@ def _controlnet_args(pipe, a):
         guess_mode=a.guess_mode,
         start=a.control_guidance_start,
         end=a.control_guidance_end,
+        mode=getattr(a, "control_mode", None),  # union ControlNets (SDXL pipelines only)
     )
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 from . import image as imageproc
+from . import pipeline_control_union as union
 from .config import is_number
 from .errors import ConfigError, InputError
 
@@ -91,9 +92,14 @@ def images_per_net(control_image, n):
 
 
 def first_image(pipe, control_image):
-    """The image whose size sets the output size (the first ControlNet's)."""
-    if control_image is None or len(nets(pipe)) < 2:
+    """The image whose size sets the output size (the first ControlNet's; a union
+    ControlNet's first image)."""
+    models = nets(pipe)
+    if control_image is None or not models:
         return control_image
+    if len(models) == 1:
+        many = union.is_union(models[0]) and isinstance(control_image, (list, tuple))
+        return control_image[0] if many else control_image
     return images_per_net(control_image, len(nets(pipe)))[0]
 
 
@@ -162,10 +168,20 @@ def check_fit(pipe):
             )
 
 
-def check(pipe, control_image, scale, guess_mode, start, end):
+def _plan(pipe, control_image, mode):
+    """Union ControlNets: per ControlNet (its images, its modes) (pipeline_control_union.check);
+    None for plain ControlNets."""
+    models = nets(pipe)
+    images = control_image if len(models) == 1 else images_per_net(control_image, len(models))
+    return union.check(models, images, mode)
+
+
+def check(pipe, control_image, scale, guess_mode, start, end, mode=None):
     """Refuse bad ControlNet arguments up front (InputError naming the argument), and a
     ControlNet that does not fit (ConfigError, :func:`check_fit`)."""
     if control_image is None:
+        if mode is not None:
+            raise InputError("control_mode: given without control_image")
         return
     n = len(nets(pipe))
     if n == 0:
@@ -175,15 +191,18 @@ def check(pipe, control_image, scale, guess_mode, start, end):
         )
     check_fit(pipe)
     images_per_net(control_image, n)
-    for v in per_net(scale, n, "controlnet_conditioning_scale"):
+    plan = _plan(pipe, control_image, mode)
+    if plan is not None and n == 1:  # one union ControlNet: scales and windows per image
+        count, values = len(plan[0][0]), union.per_image
+    else:
+        count, values = n, per_net
+    for v in values(scale, count, "controlnet_conditioning_scale"):
         if not (is_number(v) and math.isfinite(v)):
             raise InputError(f"controlnet_conditioning_scale={scale!r}: expected finite numbers")
     if not isinstance(guess_mode, bool):
         raise InputError(f"guess_mode={guess_mode!r}: expected True or False")
-    starts, ends = (
-        per_net(start, n, "control_guidance_start"),
-        per_net(end, n, "control_guidance_end"),
-    )
+    starts = values(start, count, "control_guidance_start")
+    ends = values(end, count, "control_guidance_end")
     for s0, e0 in zip(starts, ends):
         if not (is_number(s0) and is_number(e0) and 0 <= s0 < e0 <= 1):
             raise InputError(
@@ -192,8 +211,9 @@ def check(pipe, control_image, scale, guess_mode, start, end):
             )
 
 
-def prepare(pipe, control_image, *, scale, guess_mode, start, end, batch, nipp, size, cfg):
-    """The per-run ControlNet state: for each ControlNet its preprocessed control image,
+def prepare(pipe, control_image, *, scale, guess_mode, start, end, batch, nipp, size, cfg,
+            mode=None):  # fmt: skip
+    """The per-run ControlNet state: for each ControlNet its preprocessed control image(s),
     batched as the latents (and doubled for CFG unless in guess mode), its scale and step
     window; guess mode (from the first ControlNet's global_pool_conditions too, as diffusers)."""
     if control_image is None:
@@ -201,17 +221,25 @@ def prepare(pipe, control_image, *, scale, guess_mode, start, end, batch, nipp, 
     models = nets(pipe)
     n = len(models)
     guess = bool(guess_mode or models[0].config.global_pool_conditions)
+    plan = _plan(pipe, control_image, mode)
+
+    def batched(cn, image):
+        img = _control_batch(pipe, image, size, batch, nipp)  # (B, 3, H, W) in [0, 1]
+        img = pipe.xp.asarray(img).astype(cn.dtype)
+        return pipe.xp.concatenate([img, img]) if cfg and not guess else img  # [uncond; text]
+
+    for cn in models:
+        cn.attention_chunk_size = pipe.unet.attention_chunk_size  # the pipeline's memory policy
+    if plan is not None:
+        units = union.units(pipe.xp, models, plan, batched, scale=scale, start=start, end=end)
+        return {"units": units, "guess": guess}
     units = []
     scales = per_net(scale, n, "controlnet_conditioning_scale")
     windows = zip(
         per_net(start, n, "control_guidance_start"), per_net(end, n, "control_guidance_end")
     )
     for cn, image, s0, (a, b) in zip(models, images_per_net(control_image, n), scales, windows):
-        img = _control_batch(pipe, image, size, batch, nipp)  # (B, 3, H, W) in [0, 1]
-        cn.attention_chunk_size = pipe.unet.attention_chunk_size  # the pipeline's memory policy
-        img = pipe.xp.asarray(img).astype(cn.dtype)
-        if cfg and not guess:
-            img = pipe.xp.concatenate([img, img])  # (2B, 3, H, W): [uncond; text]
+        img = batched(cn, image)
         units.append({"net": cn, "image": img, "scale": float(s0), "start": a, "end": b})
     return {"units": units, "guess": guess}
 
@@ -236,6 +264,18 @@ def keep(i, n, start, end) -> float:
     return 1.0 - float(i / n < start or (i + 1) / n > end)
 
 
+def _run(u, x, t, ctx, i, n, guess, added):
+    """One ControlNet's (down, mid) residuals at step i of n, or None (scale 0 there)."""
+    if "modes" in u:
+        return union.run(u, x, t, ctx, i, n, guess, added, keep)
+    scale = u["scale"] * keep(i, n, u["start"], u["end"])
+    if scale == 0:
+        return None
+    return u["net"](
+        x, t, ctx, u["image"], conditioning_scale=scale, guess_mode=guess, added_cond_kwargs=added
+    )
+
+
 def _prompt_half(rows):
     """The second (prompt) half of a [negative; prompt] batch."""
     return rows[rows.shape[0] // 2 :]
@@ -257,13 +297,10 @@ def residuals(pipe, control, sched, x, x_in, t, i, n, ctx, cfg, added=None):
         added = {k: _prompt_half(v) for k, v in added.items()}  # (B, P), (B, k)
     down, mid = None, None
     for u in control["units"]:
-        scale = u["scale"] * keep(i, n, u["start"], u["end"])
-        if scale == 0:
+        out = _run(u, cx, t, cctx, i, n, control["guess"], added)
+        if out is None:
             continue  # its residuals would be zeros: adding them changes nothing
-        d, m = u["net"](
-            cx, t, cctx, u["image"], conditioning_scale=scale, guess_mode=control["guess"],
-            added_cond_kwargs=added,
-        )  # fmt: skip
+        d, m = out
         down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
     if guess_cfg and down is not None:  # the unconditional half gets no control
         xp = pipe.xp

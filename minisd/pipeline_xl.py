@@ -99,10 +99,11 @@ class StableDiffusionXL(StableDiffusion):
     def from_pretrained(cls, path, dtype=None, device="cpu", *, weights="eager", **kw):
         """Load a diffusers SDXL folder (base or refiner). ``dtype`` None: float32 on the CPU,
         float16 on "cuda". ``weights``: "eager" | "lazy" | "stream" (minisd/weights.py).
-        ``controlnet``: an SDXL ControlNet (a diffusers folder, a single .safetensors file or a
-        loaded ControlNetModel; a list: several), kept as ``self.controlnet``; ``adapter``: an
-        SDXL T2I-Adapter (``full_adapter_xl``; a list: several), kept as ``self.adapter``; one
-        that does not fit the UNet is refused (ConfigError naming it)."""
+        ``controlnet``: an SDXL ControlNet (a diffusers folder, union ones included, a single
+        .safetensors file or a loaded ControlNetModel; a list: several), kept as
+        ``self.controlnet``; ``adapter``: an SDXL T2I-Adapter (``full_adapter_xl``; a list:
+        several), kept as ``self.adapter``; one that does not fit the UNet is refused
+        (ConfigError naming it)."""
         return super().from_pretrained(path, dtype, device, weights=weights, **kw)
 
     @classmethod
@@ -242,6 +243,7 @@ class StableDiffusionXL(StableDiffusion):
         guess_mode=False,
         control_guidance_start=0.0,
         control_guidance_end=1.0,
+        control_mode=None,
         padding_mask_crop=None,
     ):
         """Generate images, with StableDiffusionXLPipeline's arguments (img2img: ``image``,
@@ -266,7 +268,10 @@ class StableDiffusionXL(StableDiffusion):
         ControlNet(s)' (StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline's ``image`` /
         ``control_image`` and the rest); ``controlnet_conditioning_scale`` None: 1.0, or 0.8
         for img2img; with a control image, img2img's ``strength`` defaults to 0.8 and
-        inpainting's ``guidance_scale`` to 5.0 (diffusers' defaults). ``padding_mask_crop``:
+        inpainting's ``guidance_scale`` to 5.0 (diffusers' defaults). ``control_mode``: for
+        union ControlNets (ControlNetUnionModel), the control type of each control image, as
+        StableDiffusionXLControlNetUnion*Pipeline's (minisd/pipeline_control_union.py); the
+        scale and the guidance window are then per image. ``padding_mask_crop``:
         inpaint only a crop around the mask and paste it back, as StableDiffusion.__call__'s."""
         from . import pipeline_xl_steps as xl
         from .pipeline_call import generate

@@ -95,12 +95,15 @@ class ConditionedModel:
             )
         return cond
 
-    def _temb(self, timestep, x, timestep_cond, added_cond_kwargs=None, class_labels=None):
+    def _temb(
+        self, timestep, x, timestep_cond, added_cond_kwargs=None, class_labels=None, extra=None
+    ):
         """The timestep embedding (N, T) for x (N, C, H, W): sinusoidal features (time_proj),
         plus LCM's guidance embedding where given, through time_embedding's MLP; plus the class
         embedding of UNets with num_class_embeds (``class_labels``); plus SDXL's
         micro-conditioning embedding for "text_time" (SDXL) UNets and ControlNets, added after
-        the MLP as diffusers' ``emb + aug_emb`` (minisd/micro_cond.py)."""
+        the MLP as diffusers' ``emb + aug_emb`` (minisd/micro_cond.py). ``extra`` (N, T): an
+        embedding added before SDXL's (a union ControlNet's control-type embedding)."""
         cfg = self.config
         t = broadcast_timesteps(timestep, x.shape[0], array_module(x))  # (N,)
         temb = time_embedding(
@@ -113,6 +116,8 @@ class ConditionedModel:
             cond=self._timestep_cond(timestep_cond, x),
         )
         temb = self._class_emb(temb, class_labels, x)  # (N, T), before SDXL's (diffusers' order)
+        if extra is not None:
+            temb = temb + extra  # (N, T)
         if getattr(cfg, "addition_embed_type", None) == "text_time":
             p = self.params["add_embedding"]
             aug = text_time_embedding(added_cond_kwargs, x, p, cfg, type(self).__name__)

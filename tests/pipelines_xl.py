@@ -133,12 +133,36 @@ def build_controlnet(unet, folder, seed=7):
     return cn
 
 
-def controlnet_pipeline(components, controlnet, task="txt2img"):
-    """diffusers' StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline (``task``: "txt2img",
-    "img2img", "inpaint") over a base folder's modules and a ControlNet (a list: several)."""
+def build_union_controlnet(unet, folder, seed=7):
+    """A union ControlNet (diffusers' ControlNetUnionModel: six control types, one attention
+    layer of 2 heads over conv_in's width) with a tiny SDXL UNet's architecture, randomized and
+    saved as build_controlnet's. Returns the diffusers module."""
+    torch, diffusers = need("torch", "diffusers")
+    keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block",
+            "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
+            "use_linear_projection", "norm_num_groups", "cross_attention_dim",
+            "addition_embed_type", "addition_time_embed_dim",
+            "projection_class_embeddings_input_dim")  # fmt: skip
+    c0 = unet.config.block_out_channels[0]
+    cn = diffusers.ControlNetUnionModel(
+        **{k: unet.config[k] for k in keys}, conditioning_embedding_out_channels=(4, 4, 8, 8),
+        num_trans_channel=c0, num_proj_channel=c0, num_trans_head=2,
+    )  # fmt: skip
+    randomize_(cn, seed=seed)
+    with torch.no_grad():
+        for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+            conv.weight.mul_(0.1)
+    cn.eval().save_pretrained(str(folder), safe_serialization=True)
+    return cn
+
+
+def controlnet_pipeline(components, controlnet, task="txt2img", union=False):
+    """diffusers' StableDiffusionXLControlNet{,Union}{,Img2Img,Inpaint}Pipeline (``task``:
+    "txt2img", "img2img", "inpaint") over a base folder's modules and a ControlNet (a list:
+    several)."""
     diffusers = need("diffusers")
     name = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[task]
-    cls = getattr(diffusers, f"StableDiffusionXLControlNet{name}Pipeline")
+    cls = getattr(diffusers, f"StableDiffusionXLControlNet{'Union' * union}{name}Pipeline")
     keys = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
     pipe = cls(**{k: components[k] for k in keys}, scheduler=components["scheduler"],
                controlnet=controlnet, **_flags("base"))  # fmt: skip

@@ -3,7 +3,9 @@
 ``control_v11p_sd15_canny.safetensors`` or ``control_..._fp16.safetensors``; and bare
 diffusers-layout weights without their config.json, the usual form of SDXL ControlNets
 (``diffusers_xl_canny_full.safetensors`` is diffusers/controlnet-canny-sdxl-1.0's
-diffusion_pytorch_model.safetensors renamed). Stability's Control-LoRAs (``lora_controlnet``
+diffusion_pytorch_model.safetensors renamed), union ones included (xinsir's
+controlnet-union-sdxl-1.0 files, with 8 attention heads assumed for their union layer).
+Stability's Control-LoRAs (``lora_controlnet``
 key: low-rank deltas, not a ControlNet) and kohya's ControlNet-LLLite are refused by name.
 
 Keys: ``control_model.`` + the UNet encoder's ldm names (``time_embed.{0,2}``,
@@ -42,6 +44,7 @@ from pathlib import Path
 
 from minisd.config import path_arg
 from minisd.controlnet_config import ControlNetConfig, param_shapes
+from minisd.controlnet_union import ControlNetUnionConfig, union_param_shapes
 from minisd.errors import ConfigError, WeightsError
 from minisd.weights import load_file, read_config, read_header, refuse_pickle
 
@@ -123,10 +126,31 @@ def _plan_diffusers(shapes, config, hints, global_pool, source):
     renamed = {k: km.rename(k, table) for k in shapes}
     own = {o: shapes[k] for k, o in renamed.items() if o is not None}
     inferred = infer_config(own, arch, hint, lambda k: _unrename(k, table), source)
+    inferred.update(_union_fields(shapes))
     cfg = _apply_overrides(inferred, config, hints, global_pool, source)
-    expected = param_shapes(ControlNetConfig.from_dict(cfg, source=f"{source} (config)"))
+    union = cfg.get("_class_name") == "ControlNetUnionModel"
+    config_cls, table_of = (ControlNetUnionConfig, union_param_shapes) if union else (
+        ControlNetConfig, param_shapes)  # fmt: skip
+    expected = table_of(config_cls.from_dict(cfg, source=f"{source} (config)"))
     check_shapes(shapes, expected, source)
     return cfg, {d: d for d in expected}
+
+
+def _union_fields(shapes):
+    """A union ControlNet's fields (xinsir's controlnet-union-sdxl-1.0 files: diffusers
+    layout plus ``task_embedding`` (K, C), ``transformer_layes.i``, ``spatial_ch_projs``,
+    ``control_add_embedding``), or {}. The heads do not show: xinsir's 8 are assumed; the
+    sinusoid width shows here (control_add_embedding's input is K x that width)."""
+    if "task_embedding" not in shapes or len(shapes["task_embedding"]) != 2:
+        return {}
+    k, c = shapes["task_embedding"]
+    width = shapes.get("control_add_embedding.linear_1.weight", (0, 256 * k))[1]
+    return {
+        "addition_time_embed_dim": width // k,
+        "_class_name": "ControlNetUnionModel", "num_control_type": k, "num_trans_channel": c,
+        "num_trans_layer": len(indices(shapes, "transformer_layes.")), "num_trans_head": 8,
+        "num_proj_channel": shapes.get("spatial_ch_projs.weight", (c,))[0],
+    }  # fmt: skip
 
 
 def _unrename(key, table):
