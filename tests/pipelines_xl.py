@@ -123,8 +123,14 @@ def build_controlnet(unet, folder, seed=7):
     diffusers' ControlNetModel.from_unet, a small conditioning embedding (still 8x the latent
     size), every parameter randomized (zero convolutions included, scaled by 0.1 to keep
     sampling well-conditioned), saved to ``folder``. Returns the diffusers module."""
-    torch, diffusers = need("torch", "diffusers")
+    diffusers = need("diffusers")
     cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 8, 8))
+    return _randomized_save(cn, folder, seed)
+
+
+def _randomized_save(cn, folder, seed):
+    """Randomize ``cn`` (zero convolutions scaled by 0.1), save it to ``folder``, return it."""
+    torch = need("torch")
     randomize_(cn, seed=seed)
     with torch.no_grad():
         for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
@@ -137,7 +143,7 @@ def build_union_controlnet(unet, folder, seed=7):
     """A union ControlNet (diffusers' ControlNetUnionModel: six control types, one attention
     layer of 2 heads over conv_in's width) with a tiny SDXL UNet's architecture, randomized and
     saved as build_controlnet's. Returns the diffusers module."""
-    torch, diffusers = need("torch", "diffusers")
+    diffusers = need("diffusers")
     keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block",
             "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
             "use_linear_projection", "norm_num_groups", "cross_attention_dim",
@@ -148,12 +154,7 @@ def build_union_controlnet(unet, folder, seed=7):
         **{k: unet.config[k] for k in keys}, conditioning_embedding_out_channels=(4, 4, 8, 8),
         num_trans_channel=c0, num_proj_channel=c0, num_trans_head=2,
     )  # fmt: skip
-    randomize_(cn, seed=seed)
-    with torch.no_grad():
-        for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
-            conv.weight.mul_(0.1)
-    cn.eval().save_pretrained(str(folder), safe_serialization=True)
-    return cn
+    return _randomized_save(cn, folder, seed)
 
 
 def controlnet_pipeline(components, controlnet, task="txt2img", union=False):

@@ -160,7 +160,6 @@ def compare_controlnet(ours, ref, x, t, ctx, img, cond, dtype, *, added=None, **
     for SDXL ControlNets, ``added`` = added_cond_kwargs, the same rule for add_time_proj, bound
     by the time ids) and the returned residuals. Returns ({name: error}, (our downs, our
     mid))."""
-    torch = need("torch")
     with minisd.trace() as acts:
         downs, mid = ours(x, t, ctx, img, timestep_cond=cond, added_cond_kwargs=added, **kw)
     tt = tensor(t) if isinstance(t, np.ndarray) else t
@@ -168,18 +167,30 @@ def compare_controlnet(ours, ref, x, t, ctx, img, cond, dtype, *, added=None, **
     if added is not None:
         islands["add_time_proj"] = added["time_ids"]
         kw["added_cond_kwargs"] = {k: tensor(v) for k, v in added.items()}
+
+    def call():
+        return ref(
+            tensor(x), tt, tensor(ctx), tensor(img), timestep_cond=tensor(cond),
+            return_dict=False, **kw,
+        )  # fmt: skip
+
+    errs = check_residuals(ref, call, acts, islands, (downs, mid), dtype)
+    return errs, (downs, mid)
+
+
+def check_residuals(ref, call, acts, islands, ours, dtype):
+    """``call()`` runs the reference (hooks on every module; in float64 it continues from
+    minisd's float32 ``islands``, each held to time_proj_bound(islands[name])); then every
+    traced module and the residuals ``ours`` = (downs, mid) are compared. -> {name: error}."""
+    torch = need("torch")
     with torch.no_grad(), collect_outputs(ref) as racts:
         hooks = []
         if dtype == "float64":  # the reference continues from minisd's float32 sinusoids
             for name in islands:
-                ours_tp = torch.from_numpy(acts[name])
-                hook = getattr(ref, name).register_forward_hook(lambda m, i, o, v=ours_tp: v)
-                hooks.append(hook)
+                v = torch.from_numpy(acts[name])
+                hooks.append(getattr(ref, name).register_forward_hook(lambda m, i, o, v=v: v))
         try:
-            rd, rm = ref(
-                tensor(x), tt, tensor(ctx), tensor(img), timestep_cond=tensor(cond),
-                return_dict=False, **kw,
-            )  # fmt: skip
+            rd, rm = call()
         finally:
             for hook in hooks:
                 hook.remove()
@@ -189,14 +200,14 @@ def compare_controlnet(ours, ref, x, t, ctx, img, cond, dtype, *, added=None, **
         err = np.abs(acts[name] - racts[name]).max()
         assert acts[name].dtype == np.float32 and err <= time_proj_bound(bound_by), name
         names.remove(name)
-    tol = TOL[dtype]
+    tol, (downs, mid) = TOL[dtype], ours
     errs = compare_traces(acts, racts, tol, names)
     assert isinstance(downs, list) and len(downs) == len(rd)
     for k, (d, r) in enumerate(zip(downs, rd)):
         errs[f"<down {k}>"] = assert_rel(d, to_np(r), tol, f"down_block_res_samples[{k}]")
         assert d.dtype == np.dtype(dtype)
     errs["<mid>"] = assert_rel(mid, to_np(rm), tol, "mid_block_res_sample")
-    return errs, (downs, mid)
+    return errs
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -18,24 +18,19 @@ import pytest
 from refharness import (
     TOL,
     assert_rel,
-    collect_outputs,
-    compare_traces,
     diffusers_models,
     need,
     rel_err,
-    to_np,
     torch_dtype,
 )
-from test_controlnet import make_inputs, tensor
+from test_controlnet import check_residuals, make_inputs, tensor
 from test_controlnet_xl import SDXL_CANNY, added_kwargs
-from test_unet_blocks import traced_names
 
 import minisd
 from minisd.controlnet_union import ControlNetUnionConfig, ControlNetUnionModel
 from minisd.controlnet_union import union_param_shapes as param_shapes
 from minisd.errors import ConfigError, InputError
 from minisd.weights import RecordingDict, load_file
-from minisd_parity.compare import time_proj_bound
 
 DTYPES = ["float64", "float32"]
 _XL = dict(
@@ -62,7 +57,6 @@ CASES = {
     "guess_two": ("union", 2, (8, 8), 300, [4, 0], {"guess_mode": True}),
     "pooled": ("pooled", 2, (8, 8), 400, [1, 2], {"conditioning_scale": [0.9, 0.3]}),
 }  # fmt: skip
-ISLANDS = ("time_proj", "add_time_proj", "control_type_proj")
 
 
 @pytest.fixture(scope="module")
@@ -87,40 +81,19 @@ def union_inputs(cfg, n, h, w, dtype, modes):
 def compare_union(ours, ref, t, inputs, modes, dtype, **kw):
     """Run both; every traced module (the three float32 islands by their own bound, the
     reference continuing from minisd's in float64) and the residuals. -> {name: error}."""
-    torch = need("torch")
     x, ctx, images, flags, added = inputs
     with minisd.trace() as acts:
-        downs, mid = ours(x, t, ctx, images, flags, modes, added_cond_kwargs=added, **kw)
-    bounds = {"time_proj": t, "add_time_proj": added["time_ids"], "control_type_proj": 1}
-    with torch.no_grad(), collect_outputs(ref) as racts:
-        hooks = []
-        if dtype == "float64":  # the reference continues from minisd's float32 sinusoids
-            for name in ISLANDS:
-                v = torch.from_numpy(acts[name])
-                hooks.append(getattr(ref, name).register_forward_hook(lambda m, i, o, v=v: v))
-        try:
-            rd, rm = ref(
-                tensor(x), tensor(t) if isinstance(t, np.ndarray) else t, tensor(ctx),
-                [tensor(i) for i in images], control_type=tensor(flags), control_type_idx=modes,
-                added_cond_kwargs={k: tensor(v) for k, v in added.items()}, return_dict=False,
-                **kw,
-            )  # fmt: skip
-        finally:
-            for hook in hooks:
-                hook.remove()
-    names = traced_names(ref, racts)
-    assert not set(acts) - set(racts), f"names no diffusers module has: {set(acts) - set(racts)}"
-    for name in ISLANDS:
-        err = np.abs(acts[name] - racts[name]).max()
-        assert acts[name].dtype == np.float32 and err <= time_proj_bound(bounds[name]), name
-        names.remove(name)
-    errs = compare_traces(acts, racts, TOL[dtype], names)
-    assert len(downs) == len(rd)
-    for k, (d, r) in enumerate(zip(downs, rd)):
-        errs[f"<down {k}>"] = assert_rel(d, to_np(r), TOL[dtype], f"down_block_res_samples[{k}]")
-        assert d.dtype == np.dtype(dtype)
-    errs["<mid>"] = assert_rel(mid, to_np(rm), TOL[dtype], "mid_block_res_sample")
-    return errs
+        out = ours(x, t, ctx, images, flags, modes, added_cond_kwargs=added, **kw)
+    islands = {"time_proj": t, "add_time_proj": added["time_ids"], "control_type_proj": 1}
+
+    def call():
+        return ref(
+            tensor(x), tensor(t) if isinstance(t, np.ndarray) else t, tensor(ctx),
+            [tensor(i) for i in images], control_type=tensor(flags), control_type_idx=modes,
+            added_cond_kwargs={k: tensor(v) for k, v in added.items()}, return_dict=False, **kw,
+        )  # fmt: skip
+
+    return check_residuals(ref, call, acts, islands, out, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
