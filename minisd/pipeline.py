@@ -49,6 +49,7 @@ _CLASS_TO_NAME = {
     "TCDScheduler": "tcd",
     "EDMEulerScheduler": "edm_euler",
     "EDMDPMSolverMultistepScheduler": "edm_dpmpp_2m",  # Playground v2.5's
+    "DPMSolverSDEScheduler": "dpmpp_sde",
 }
 
 

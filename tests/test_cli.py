@@ -135,9 +135,9 @@ def test_generate_weights_modes_give_the_same_image(demo_model, tmp_path):
 
 def test_unknown_scheduler_refused_before_building_anything(tmp_path, capsys):
     cache = tmp_path / "cache"
-    assert main(["demo", "--cache", str(cache), "--scheduler", "dpmpp_sde"]) == 2
+    assert main(["demo", "--cache", str(cache), "--scheduler", "dpmpp_3m"]) == 2
     err = capsys.readouterr().err
-    assert "--scheduler 'dpmpp_sde': expected one of" in err and "dpmpp_2m_sde" in err
+    assert "--scheduler 'dpmpp_3m': expected one of" in err and "dpmpp_2m_sde" in err
     assert not cache.exists()  # no demo model built
 
 

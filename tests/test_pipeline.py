@@ -264,7 +264,7 @@ def test_default_scheduler_is_the_checkpoint_s_own(pair):
 
 def test_every_scheduler_class_has_a_default_name(caplog):
     """A checkpoint naming any scheduler class minisd implements gets it as its default; an
-    unknown class (diffusers' DPMSolverSDEScheduler needs torchsde) warns and uses pndm."""
+    unknown class (diffusers' FlowMatchEulerDiscreteScheduler, for SD3) warns and uses pndm."""
     from minisd import schedulers
     from minisd.pipeline import _default_scheduler_name
 
@@ -273,8 +273,8 @@ def test_every_scheduler_class_has_a_default_name(caplog):
         assert NAMES[name][0] == cls_name, cls_name
     assert not caplog.records
     assert _default_scheduler_name(None) == "pndm" and not caplog.records
-    assert _default_scheduler_name("DPMSolverSDEScheduler") == "pndm"
-    assert "DPMSolverSDEScheduler is not implemented" in caplog.text
+    assert _default_scheduler_name("FlowMatchEulerDiscreteScheduler") == "pndm"
+    assert "FlowMatchEulerDiscreteScheduler is not implemented" in caplog.text
 
 
 def test_callback_and_pil(pair):

@@ -272,7 +272,7 @@ def test_sample_loop_runs_every_scheduler(name, xp):
     assert out.shape == x.shape and out.dtype == np.float32
     assert bool(xp.isfinite(out).all())
     assert seen == list(range(len(s.timesteps)))
-    two_calls = name == "heun" or name.startswith("dpm2")  # 2n - 1 model calls
+    two_calls = name == "heun" or name.startswith(("dpm2", "dpmpp_sde"))  # 2n - 1 calls
     assert len(s.timesteps) == (11 if two_calls else {"plms": 7, "pndm": 7}.get(name, 6))
     if xp is not np:  # cupy == numpy (the same draws: noise is drawn on the host)
         ref = ms.sample_loop(ms.get_scheduler(name, cfg), standin, x, num_inference_steps=6,

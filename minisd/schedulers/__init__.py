@@ -8,9 +8,9 @@ Loop protocol (every scheduler): one model call per entry of ``scheduler.timeste
         eps = model(s.scale_model_input(x, t), t)
         x = s.step(eps, t, x, eta=..., rng=...).prev_sample
 
-Heun, PNDM's PRK warm-up and PLMS's first (pseudo improved Euler) step need two model calls per
-solver step; they list the extra timesteps in ``timesteps`` and keep their own state, so the
-loop above never changes. :func:`sample_loop` is that loop.
+Heun, DPM2, DPM++ SDE, PNDM's PRK warm-up and PLMS's first (pseudo improved Euler) step need
+two model calls per solver step; they list the extra timesteps in ``timesteps`` and keep their
+own state, so the loop above never changes. :func:`sample_loop` is that loop.
 """
 
 from importlib import import_module
@@ -27,6 +27,7 @@ _CLASSES = {
     "HeunDiscreteScheduler": "heun",
     "KDPM2DiscreteScheduler": "kdpm2",
     "KDPM2AncestralDiscreteScheduler": "kdpm2",
+    "DPMSolverSDEScheduler": "dpm_sde",
     "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpm_solver",
     "DPMSolverSinglestepScheduler": "dpm_singlestep",
@@ -52,6 +53,9 @@ NAMES = {
     "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    # DPM++ SDE (k-diffusion's sample_dpmpp_sde): two calls per step, Brownian noise
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m": (
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
