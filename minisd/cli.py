@@ -362,8 +362,9 @@ def _upscale_kwargs(args, image, mask, addons):
     given = {"--mask": mask, "--size": args.size, "--strength": getattr(args, "strength", None)}
     given["--guidance-rescale"] = args.guidance_rescale or None
     given["--image-guidance"] = getattr(args, "image_guidance", None)
-    for k in ("control_image", "adapter_image", "ip_adapter_image", "depth_map"):
-        given[f"--{k.replace('_', '-')}"] = addons[k]
+    images = ("control_image", "adapter_image", "ip_adapter_image", "ip_adapter_embeds")
+    for k in (*images, "depth_map"):
+        given[f"--{k.replace('_', '-')}"] = addons.get(k)
     for flag, value in given.items():
         if value is not None:
             raise InputError(f"{flag}: not supported by the x4 upscaler (StableDiffusionUpscale)")

@@ -85,6 +85,13 @@ def add_image_prompt_arguments(g):
     g.add_argument("--ip-adapter", default=None, help="an IP-Adapter .safetensors (h94 layout)")
     g.add_argument("--image-encoder", default=None, help="the IP-Adapter's CLIP vision folder")
     g.add_argument("--ip-adapter-image", default=None, help="the image prompt (IP-Adapter)")
+    g.add_argument(
+        "--ip-adapter-embeds",
+        default=None,
+        help="precomputed IP-Adapter embeddings (.npy) instead of --ip-adapter-image, e.g. "
+        "IP-Adapter FaceID's face embedding (insightface): (2, n, 512) [negative; positive], "
+        "or (1, n, 512) with --guidance 1",
+    )
     g.add_argument("--ip-adapter-scale", type=float, default=1.0, help="IP-Adapter weight")
     g.add_argument(
         "--image-guidance",
@@ -148,9 +155,14 @@ def read(args, open_image):
     for folder in getattr(args, "adapter", None) or ():
         _check_adapter(folder)
     ip = [getattr(args, k, None) for k in ("ip_adapter", "image_encoder", "ip_adapter_image")]
-    if any(ip) and not all(ip):
+    embeds = getattr(args, "ip_adapter_embeds", None)
+    if embeds is not None and (not ip[0] or ip[2]):
+        raise InputError("--ip-adapter-embeds: give it with --ip-adapter, instead of "
+                         "--ip-adapter-image")  # fmt: skip
+    if embeds is None and any(ip) and not all(ip):
         raise InputError("--ip-adapter, --image-encoder, --ip-adapter-image: give all three")
-    if all(ip):
+    loaded = all(ip) or embeds is not None
+    if loaded:
         ip[0] = _read_ip_adapter(*ip[:2])  # the IPAdapter, for load_ip_adapter
     loras = [parse_lora_arg(v) for v in getattr(args, "lora", None) or ()]
     embeddings = [parse_embedding_arg(v) for v in getattr(args, "embedding", None) or ()]
@@ -160,8 +172,9 @@ def read(args, open_image):
         "control_image": control_image,
         "adapter": adapter,
         "adapter_image": adapter_image,
-        "ip_adapter": (*ip[:2], getattr(args, "ip_adapter_scale", 1.0)) if all(ip) else None,
+        "ip_adapter": (*ip[:2], getattr(args, "ip_adapter_scale", 1.0)) if loaded else None,
         "ip_adapter_image": open_image(ip[2]) if all(ip) else None,
+        "ip_adapter_embeds": None if embeds is None else _read_embeds(embeds),
         "loras": [(read_lora(path), scale) for path, scale in loras],
         "embeddings": [(p, t) for p, t in embeddings if embedding_tokens(p, t)],  # checked
         "depth_map": read_depth_map(getattr(args, "depth_map", None)),
@@ -192,6 +205,8 @@ def _read_ip_adapter(weights, encoder):
         adapter = read_ip_adapter(weights)
     except MinisdError as e:
         raise InputError(f"--ip-adapter: {e}") from None
+    if encoder is None:  # --ip-adapter-embeds without an image encoder
+        return adapter
     cfg = Path(encoder) / "config.json"
     if not cfg.is_file():
         what = "no config.json in it" if Path(encoder).is_dir() else "no such folder"
@@ -205,12 +220,22 @@ def _read_ip_adapter(weights, encoder):
         raise InputError(f"--image-encoder: {e}") from None
     dim = getattr(config, adapter.encoder_field)  # Plus: hidden_size, else projection_dim
     if dim != adapter.embed_dim:
-        what = "hidden states" if adapter.plus else "image embeddings"
+        what = "hidden states" if adapter.hidden_states else "image embeddings"
         raise InputError(
             f"--image-encoder {encoder}: gives {dim}-d {what} ({adapter.encoder_field}); the "
             f"IP-Adapter {weights} takes {adapter.embed_dim}-d ones"
         )
     return adapter
+
+
+def _read_embeds(path):
+    """--ip-adapter-embeds: a NumPy .npy array (no pickles)."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--ip-adapter-embeds {path}: not a readable .npy array ({e})") from None
 
 
 def apply(pipe, addons):
@@ -244,6 +269,8 @@ def call_kwargs(args, addons, pipe=None):
         )
     if addons["ip_adapter_image"] is not None:
         kw["ip_adapter_image"] = addons["ip_adapter_image"]
+    if addons.get("ip_adapter_embeds") is not None:
+        kw["ip_adapter_image_embeds"] = addons["ip_adapter_embeds"]
     if getattr(args, "image_guidance", None) is not None:
         kw["image_guidance_scale"] = args.image_guidance
     if addons["depth_map"] is not None:
@@ -263,6 +290,7 @@ def _check_accepted(pipe, kw):
     flags = {"image_guidance_scale": "--image-guidance", "adapter_image": "--adapter-image"}
     flags.update(ip_adapter_image="--ip-adapter-image", control_image="--control-image")
     flags.update(depth_map="--depth-map", control_mode="--control-mode")
+    flags["ip_adapter_image_embeds"] = "--ip-adapter-embeds"
     for name in kw:
         if name not in params:
             flag = flags.get(name, name)

@@ -12,11 +12,20 @@ with its own key / value projections for the image (decoupled cross-attention, e
 
     out = to_out(Attention(q, K_text, V_text) + scale * Attention(q, c_i W_k', c_i W_v'))
 
-IP-Adapter Plus replaces the projection with a Resampler (minisd/ip_adapter_plus.py) that turns
-the image encoder's penultimate hidden states (N, P, W) into Q tokens (16 in h94's files); the
-layers are the same. Several images for one adapter (``image_embeds`` (N, n, D), Plus
-(N, n, P, W)) give 4n (Qn) tokens, as diffusers concatenates them. ``scale`` 0 skips the image
-branch (diffusers does too): the UNet then computes exactly what it computes without the adapter.
+The other kinds replace the projection; the layers are the same:
+
+    Plus    a Resampler (minisd/ip_adapter_plus.py): the image encoder's penultimate hidden
+            states (N, P, W) -> Q tokens (16 in h94's files)
+    Full    an MLP (minisd/ip_adapter_mlp.py): the same hidden states -> P tokens, one per
+            hidden-state token (257 with ViT-H)
+    FaceID  an MLP (ip_adapter_mlp.py): a face ID embedding (N, 512) from insightface, which
+            the caller computes -> T tokens (4); its file also holds LoRA layers for every
+            attention layer, merged while the adapter is attached (minisd/ip_adapter_lora.py)
+
+Several images for one adapter (``image_embeds`` (N, n, D), Plus / Full (N, n, P, W)) give 4n
+(Qn, Pn, Tn) tokens, as diffusers concatenates them. ``scale`` 0 skips the image branch
+(diffusers does too): the UNet then computes exactly what it computes without the adapter (but
+for FaceID's LoRA, which diffusers keeps too).
 
 Weights (.safetensors only; pickle files are refused): h94/IP-Adapter's layout
 
@@ -29,19 +38,21 @@ the odd numbers (SD1.5: 1, 3, ..., 31; SDXL base, 70 transformer blocks: 1, 3, .
 diffusers UNet's state dict after ``load_ip_adapter``
 (``encoder_hid_proj.image_projection_layers.0.image_embeds.weight``, ``<attn2 path>.processor.
 to_k_ip.0.weight``, optionally under ``unet.``) is read too (minisd/ip_adapter_files.py).
-Refused by name: IP-Adapter Full (MLP projection), FaceID / FaceID Plus (MLPProjModel, perceiver
-resampler, LoRA) and several adapters at once.
+Refused by name: FaceID Plus / PlusV2 (perceiver resampler fed by the face embedding and the CLIP
+hidden states) and several adapters at once.
 
 Attached (:func:`attach`), the UNet holds the image projection in ``unet.ip_adapter`` and each
 cross-attention layer's ``attn2`` params gain ``processor.to_k_ip.0.weight`` /
-``processor.to_v_ip.0.weight``, where diffusers' state dict has them; :func:`detach` removes
-exactly those entries. ``unet(..., image_embeds=e)`` projects e and hands ``attn2`` an
+``processor.to_v_ip.0.weight``, where diffusers' state dict has them (FaceID: its LoRA is merged
+into to_q / to_k / to_v / to_out.0); :func:`detach` removes exactly those entries (and puts the
+original weights back). ``unet(..., image_embeds=e)`` projects e and hands ``attn2`` an
 :class:`IPContext` (text, image tokens, scale) instead of the text alone.
 
 Traced names (diffusers' module paths): ``encoder_hid_proj`` (B, n, 4, C), ``encoder_hid_proj.
-image_projection_layers.0(.image_embeds/.norm)`` (Plus: the Resampler's modules) and, in each
-attn2 while the scale is not 0, ``processor.to_k_ip.0`` / ``processor.to_v_ip.0`` (B, n, 4,
-inner); Plus: Q instead of 4.
+image_projection_layers.0(.image_embeds/.norm)`` (Plus: the Resampler's modules; Full / FaceID:
+``ff.net.0.proj``, ``ff.net.2``, ``ff``, ``norm``) and, in each attn2 while the scale is not 0,
+``processor.to_k_ip.0`` / ``processor.to_v_ip.0`` (B, n, 4, inner); Plus: Q instead of 4, Full:
+P, FaceID: T.
 """
 
 from __future__ import annotations
@@ -49,23 +60,25 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from . import ops, trace
+from . import ip_adapter_lora, ops, trace
 from .backend import device_of, to_device
 from .blocks import attention, lin, ln
 from .config import is_number
 from .errors import InputError, WeightsError
-from .ip_adapter_files import NUM_TOKENS, IPAdapter, read_ip_adapter
+from .ip_adapter_files import INPUTS, KEYS, NUM_TOKENS, IPAdapter, read_ip_adapter
+from .ip_adapter_mlp import faceid_projection, full_projection, kind_of
 from .ip_adapter_plus import resampler
 
 __all__ = ["Attached", "IPAdapter", "IPContext", "attach", "detach", "image_projection"]
-__all__ += ["ip_attention", "ip_context", "processor_paths", "read_ip_adapter", "set_scale"]
+__all__ += ["input_shape", "ip_attention", "ip_context", "processor_paths", "read_ip_adapter"]
+__all__ += ["set_scale"]
 _rec = trace.record
 
 
 class IPContext(NamedTuple):
     """What a cross-attention layer attends to with an IP-Adapter attached: the text
     embedding (B, Lt, Ct), the image tokens (B, Tn, C), the adapter's scale and T, the tokens
-    per image (4; Plus: its Resampler's queries)."""
+    per image (4; Plus: its Resampler's queries; Full: P; FaceID: T)."""
 
     text: object
     tokens: object
@@ -76,17 +89,29 @@ class IPContext(NamedTuple):
 @dataclasses.dataclass
 class Attached:
     """``unet.ip_adapter`` while an adapter is attached: the image projection (model dtype,
-    device), the scale and the attn2 paths that gained ``processor`` entries."""
+    device), the scale, the attn2 paths that gained ``processor`` entries and FaceID's merged
+    LoRA weights ((param key, original, merged), ...; ip_adapter_lora.merge)."""
 
     source: str
     image_proj: dict
     scale: float
     paths: tuple
+    lora: tuple = ()
+
+    @property
+    def kind(self) -> str:
+        """The kind: "base", "plus", "full" or "faceid" (minisd/ip_adapter_files.py)."""
+        return kind_of(self.image_proj)
 
     @property
     def plus(self) -> bool:
-        """IP-Adapter Plus: the UNet takes the encoder's penultimate hidden states."""
-        return "latents" in self.image_proj
+        """IP-Adapter Plus: a Resampler on the encoder's penultimate hidden states."""
+        return self.kind == "plus"
+
+    @property
+    def hidden_states(self) -> bool:
+        """Plus and Full take the image encoder's penultimate hidden states."""
+        return self.kind in ("plus", "full")
 
 
 # --------------------------------------------------------------------------- layers
@@ -175,8 +200,9 @@ def _key(n, w):
 
 def resolve(adapter, unet) -> dict:
     """{attn2 path: {"to_k_ip": w, "to_v_ip": w}} for ``unet``, after checking that the image
-    tokens are as wide as the text, and that the file has one pair for each cross-attention
-    layer and nothing else, in the layer's shapes."""
+    tokens are as wide as the text, that the file has one pair for each cross-attention
+    layer and nothing else, in the layer's shapes, and that FaceID's LoRA fits
+    (:func:`lora_targets`)."""
     cross = {i: p for i, p in enumerate(processor_paths(unet.params)) if p.endswith(".attn2")}
     shapes = {p: _to_k_shape(unet.params, p) for p in cross.values()}  # (inner, text width)
     for _, width in shapes.values():
@@ -207,7 +233,15 @@ def resolve(adapter, unet) -> dict:
             raise WeightsError(
                 f"{adapter.source}: missing key {_key(n if h94 else path, 'to_k_ip')!r}"
             )
+    lora_targets(adapter, unet)
     return layers
+
+
+def lora_targets(adapter, unet) -> dict:
+    """{UNet param key: (up, down)} of the adapter's LoRA layers (FaceID; else empty), checked
+    against the UNet's attention layers (minisd/ip_adapter_lora.py)."""
+    paths = processor_paths(unet.params)
+    return ip_adapter_lora.targets(adapter.lora, paths, unet.params, adapter.source)
 
 
 def _to_k_shape(params, path):
@@ -235,9 +269,11 @@ def attach(unet, adapter, scale=1.0) -> Attached:
     """Attach ``adapter`` (an IPAdapter, a path or a state dict) to ``unet`` (replacing an
     attached one): the image projection goes to ``unet.ip_adapter``, each cross-attention
     layer's pair to its ``attn2`` params as ``processor.to_k_ip.0`` / ``processor.to_v_ip.0``,
-    cast to the UNet's dtype and device. Every check runs before the first change."""
+    cast to the UNet's dtype and device; FaceID's LoRA is merged into the attention weights.
+    Every check runs before the first change."""
     adapter, scale = read_ip_adapter(adapter), check_scale(scale)
     layers = resolve(adapter, unet)
+    merges = lora_targets(adapter, unet)
     dtype, device = unet.dtype, unet.device
 
     def cast(tree):
@@ -251,16 +287,19 @@ def attach(unet, adapter, scale=1.0) -> Attached:
     detach(unet)
     for path, entry in entries.items():
         dict.__setitem__(_node(unet.params, path), "processor", entry)
-    unet.ip_adapter = Attached(adapter.source, proj, scale, tuple(entries))
+    changes = ip_adapter_lora.merge(unet.params, merges)
+    unet.ip_adapter = Attached(adapter.source, proj, scale, tuple(entries), changes)
     return unet.ip_adapter
 
 
 def detach(unet) -> bool:
-    """Remove an attached IP-Adapter: the UNet's params are again exactly what they were.
-    Returns whether one was attached."""
+    """Remove an attached IP-Adapter: the UNet's params are again exactly what they were
+    (FaceID: the weights its LoRA changed too; InputError, changing nothing, if a LoRA merged
+    since changed them again). Returns whether one was attached."""
     state = getattr(unet, "ip_adapter", None)
     if state is None:
         return False
+    ip_adapter_lora.restore(unet.params, state.lora, state.source)
     for path in state.paths:
         dict.__delitem__(_node(unet.params, path), "processor")
     unet.ip_adapter = None
@@ -275,12 +314,21 @@ def set_scale(unet, scale) -> None:
     state.scale = check_scale(scale)
 
 
+PROJECTIONS = {  # kind -> the image projection (diffusers' image_projection_layers.0)
+    "base": image_projection,
+    "plus": resampler,
+    "full": full_projection,
+    "faceid": faceid_projection,
+}
+
+
 def ip_context(unet, text, image_embeds):
     """The cross-attention context for ``unet(..., image_embeds=)``: the text (B, Lt, Ct)
     alone without an adapter, else an IPContext with the projected image tokens (B, Tn, C).
-    image_embeds: (B, D) or (B, n, D) CLIP image embeddings; Plus: (B, P, W) or (B, n, P, W)
-    penultimate hidden states (``encoder_hid_proj`` as diffusers' MultiIPAdapterImageProjection:
-    n images per row give Tn tokens)."""
+    image_embeds: (B, D) or (B, n, D) CLIP image embeddings; Plus / Full: (B, P, W) or
+    (B, n, P, W) penultimate hidden states; FaceID: (B, 512), (B, n, 512) or (B, n, 1, 512)
+    face embeddings (``encoder_hid_proj`` as diffusers' MultiIPAdapterImageProjection: n images
+    per row give Tn tokens)."""
     state = getattr(unet, "ip_adapter", None)
     if state is None:
         if image_embeds is not None:
@@ -289,14 +337,14 @@ def ip_context(unet, text, image_embeds):
     if image_embeds is None:
         raise InputError(
             f"image_embeds: an IP-Adapter is loaded ({state.source}); pass the image "
-            "embeddings (pipe(..., ip_adapter_image=...)) or unload it"
+            "embeddings (pipe(..., ip_adapter_image=...) or ip_adapter_image_embeds=...) or "
+            "unload it"
         )
     e = _embeds(state, image_embeds, text)  # (B, n, D) or (B, n, P, W)
     b, n = e.shape[:2]
-    e = e.reshape(b * n, *e.shape[2:])  # (B*n, D) or (B*n, P, W)
-    project = resampler if state.plus else image_projection
+    e = e.reshape(b * n, *e.shape[2:])  # (B*n, D) or (B*n, P, W) (FaceID: or (B*n, 1, D))
     with trace.scope("encoder_hid_proj"), trace.scope("image_projection_layers.0"):
-        c = project(e, state.image_proj)  # (B*n, T, C)
+        c = PROJECTIONS[state.kind](e, state.image_proj)  # (B*n, T, C)
     with trace.scope("encoder_hid_proj"):
         _rec("image_projection_layers.0", c)
     _rec("encoder_hid_proj", c.reshape(b, n, *c.shape[1:]))  # (B, n, T, C)
@@ -304,20 +352,36 @@ def ip_context(unet, text, image_embeds):
     return IPContext(text, tokens, state.scale, c.shape[1])
 
 
+def input_shape(state):
+    """(axes of one image's input, their last size, what it is) for the attached adapter
+    ``state``: base (1, D, CLIP image embeddings), Plus / Full (2, W, hidden states), FaceID
+    (1, 512, face ID embeddings)."""
+    axes, what = INPUTS[state.kind]
+    return axes, _first_weight(state).shape[1], what
+
+
+def _first_weight(state):
+    """The image projection's first weight (out, in): proj, Plus proj_in, Full / FaceID proj.0."""
+    node = state.image_proj
+    for part in KEYS[state.kind][0].split("."):
+        node = node[int(part) if part.isdigit() else part]
+    return node
+
+
 def _embeds(state, image_embeds, text):
     """image_embeds on the text's device in the adapter's dtype, with the images axis:
-    (B, n, D), Plus (B, n, P, W); checked against the batch and the projection's input width."""
-    w = state.image_proj["proj_in" if state.plus else "proj"]["weight"]  # (H, W) / (4C, D)
-    e = to_device(image_embeds, device_of(text), w.dtype)
-    ndim = 4 if state.plus else 3
+    (B, n, D), Plus / Full (B, n, P, W); checked against the batch and the projection's input
+    width. FaceID also takes diffusers' (B, n, 1, D), kept so (its projection's trace too)."""
+    axes, d, what = input_shape(state)
+    e = to_device(image_embeds, device_of(text), _first_weight(state).dtype)
+    ndim = axes + 2
     e = e[:, None] if e.ndim == ndim - 1 else e  # (B, n, ...)
-    b, d = text.shape[0], w.shape[1]
-    if e.ndim != ndim or e.shape[0] != b or e.shape[-1] != d:
-        want = (
-            f"({b}, P, {d}) or ({b}, n, P, {d})" if state.plus else f"({b}, {d}) or ({b}, n, {d})"
-        )
-        what = " (the image encoder's penultimate hidden states)" if state.plus else ""
+    faceid = state.kind == "faceid" and e.ndim == 4 and e.shape[2] == 1  # (B, n, 1, D)
+    b = text.shape[0]
+    if (e.ndim != ndim and not faceid) or e.shape[0] != b or e.shape[-1] != d:
+        one = f"P, {d}" if axes == 2 else f"{d}"
         raise InputError(
-            f"image_embeds: expected shape {want}{what}, got {tuple(image_embeds.shape)}"
+            f"image_embeds: expected shape ({b}, {one}) or ({b}, n, {one}) ({what}), got "
+            f"{tuple(image_embeds.shape)}"
         )
     return e

@@ -44,7 +44,7 @@ from .blocks import attention, lin, ln
 from .errors import WeightsError
 from .weights import check_keys
 
-__all__ = ["DIM_HEAD", "RENAMES", "check_resampler", "from_diffusers", "resampler"]
+__all__ = ["DIM_HEAD", "RENAMES", "check_resampler", "from_diffusers", "key_shape", "resampler"]
 _rec = trace.record
 
 DIM_HEAD = 64  # the width of the Resampler's attention heads (h94's dim_head; diffusers' too)
@@ -129,8 +129,9 @@ def resampler(features, p, *, eps=EPS):
 # --------------------------------------------------------------------------- files
 
 
-def _size(proj, key, ndim, source):
-    """The shape of ``proj[key]``, which must exist with ``ndim`` axes."""
+def key_shape(proj, key, ndim, source):
+    """The shape of ``proj[key]``, which must exist with ``ndim`` axes (``proj``: flat h94
+    keys without ``image_proj.``; also minisd/ip_adapter_mlp.py's)."""
     if key not in proj:
         raise WeightsError(f"{source}: missing key {'image_proj.' + key!r}")
     shape = tuple(proj[key].shape)
@@ -144,11 +145,11 @@ def _size(proj, key, ndim, source):
 def expected_shapes(proj, source) -> dict:
     """{key: shape} of the Resampler whose sizes ``proj``'s latents, proj_in, norm_out, layer 0's
     to_q and feed-forward give (flat h94 keys without ``image_proj.``)."""
-    _, q, h = _size(proj, "latents", 3, source)
-    w = _size(proj, "proj_in.weight", 2, source)[1]
-    c = _size(proj, "norm_out.weight", 1, source)[0]
-    inner = _size(proj, "layers.0.0.to_q.weight", 2, source)[0]
-    ff = _size(proj, "layers.0.1.1.weight", 2, source)[0]
+    _, q, h = key_shape(proj, "latents", 3, source)
+    w = key_shape(proj, "proj_in.weight", 2, source)[1]
+    c = key_shape(proj, "norm_out.weight", 1, source)[0]
+    inner = key_shape(proj, "layers.0.0.to_q.weight", 2, source)[0]
+    ff = key_shape(proj, "layers.0.1.1.weight", 2, source)[0]
     if inner % DIM_HEAD:
         raise WeightsError(
             f"{source}: key 'image_proj.layers.0.0.to_q.weight' has {inner} rows; the "

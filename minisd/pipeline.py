@@ -258,6 +258,7 @@ class StableDiffusion(AddOns):
         adapter_conditioning_scale=1.0,
         adapter_conditioning_factor=1.0,
         ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
         depth_map=None,
         padding_mask_crop=None,
     ):
@@ -280,8 +281,10 @@ class StableDiffusion(AddOns):
         T2I-Adapter guidance with diffusers' StableDiffusionAdapterPipeline's meaning (its
         ``image`` is ``adapter_image`` here; needs ``self.adapter``, minisd/pipeline_adapter.py).
         ``ip_adapter_image``: the image prompt of a loaded IP-Adapter (``load_ip_adapter``,
-        minisd/pipeline_ip.py). ``depth_map``: depth UNets only (stable-diffusion-2-depth),
-        which restyle ``image`` keeping its depth layout (minisd/pipeline_depth.py).
+        minisd/pipeline_ip.py); ``ip_adapter_image_embeds``: precomputed embeddings instead
+        (diffusers' argument and meaning; IP-Adapter FaceID's face embedding).
+        ``depth_map``: depth UNets only (stable-diffusion-2-depth), which restyle ``image``
+        keeping its depth layout (minisd/pipeline_depth.py).
         ``padding_mask_crop`` (pixels): inpaint only a crop around the mask, grown by that
         margin and widened to height:width, at (height, width) (default: the model's size),
         then paste it back into ``image`` through the mask (diffusers' argument of that name;

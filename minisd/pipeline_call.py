@@ -205,8 +205,8 @@ def _check_edit(pipe, a):
         control_image=a.control_image, guidance_rescale=a.guidance_rescale,
     )  # fmt: skip
     if edit is not None:
-        for name in ("adapter_image", "ip_adapter_image"):
-            if getattr(a, name) is not None:
+        for name in ("adapter_image", "ip_adapter_image", "ip_adapter_image_embeds"):
+            if getattr(a, name, None) is not None:
                 raise InputError(f"{name}: not supported with an InstructPix2Pix UNet")
     return edit
 
@@ -221,10 +221,12 @@ def _check_adapters(pipe, a):
             pipe, a.adapter_image,
             scale=a.adapter_conditioning_scale, factor=a.adapter_conditioning_factor,
         )  # fmt: skip
-    if a.ip_adapter_image is not None or getattr(pipe, "image_encoder", None) is not None:
+    embeds = getattr(a, "ip_adapter_image_embeds", None)
+    loaded = getattr(pipe.unet, "ip_adapter", None) is not None
+    if a.ip_adapter_image is not None or embeds is not None or loaded:
         from . import pipeline_ip
 
-        pipeline_ip.check(pipe, a.ip_adapter_image)
+        pipeline_ip.check(pipe, a.ip_adapter_image, embeds)
 
 
 def _prepare_addons(pipe, a, cn_args, *, batch, size, cfg):
@@ -241,11 +243,12 @@ def _prepare_addons(pipe, a, cn_args, *, batch, size, cfg):
             pipe, a.adapter_image, scale=a.adapter_conditioning_scale,
             factor=a.adapter_conditioning_factor, batch=batch, nipp=nipp, size=size, cfg=cfg,
         )  # fmt: skip
-    if a.ip_adapter_image is not None:
+    embeds = getattr(a, "ip_adapter_image_embeds", None)
+    if a.ip_adapter_image is not None or embeds is not None:
         from . import pipeline_ip
 
         addons["image_embeds"] = pipeline_ip.prepare(
-            pipe, a.ip_adapter_image, batch=batch, nipp=nipp, cfg=cfg
+            pipe, a.ip_adapter_image, batch=batch, nipp=nipp, cfg=cfg, embeds=embeds
         )
     return addons
 

@@ -53,6 +53,7 @@ def check(pipe, a):
             "as an array (H, W) or (N, H, W), or a grayscale image)"
         )
     refused = ("mask_image", "control_image", "adapter_image", "ip_adapter_image")
+    refused += ("ip_adapter_image_embeds",)
     for name in refused:
         if getattr(a, name, None) is not None:
             raise InputError(f"{name}: not supported with a depth UNet (depth2img)")

@@ -235,6 +235,7 @@ class StableDiffusionXL(StableDiffusion):
         denoising_start=None,
         denoising_end=None,
         ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
         adapter_image=None,
         adapter_conditioning_scale=1.0,
         adapter_conditioning_factor=1.0,
@@ -259,7 +260,8 @@ class StableDiffusionXL(StableDiffusion):
         output_type="latent"); the refiner takes those latents as ``image`` and starts there,
         adding no noise (``strength`` is then unused; inpainting: a 4-channel UNet blends
         the image outside the mask in as usual). ``ip_adapter_image``: the image prompt of a
-        loaded IP-Adapter (``load_ip_adapter``; as StableDiffusion.__call__'s).
+        loaded IP-Adapter (``load_ip_adapter``; as StableDiffusion.__call__'s), or
+        ``ip_adapter_image_embeds`` instead.
         ``adapter_image`` (+ ``adapter_conditioning_scale`` / ``_factor``): the condition image
         of a T2I-Adapter loaded with ``from_pretrained(..., adapter=)`` (an SDXL one,
         full_adapter_xl), as StableDiffusionXLAdapterPipeline's ``image``; minisd/

@@ -16,6 +16,7 @@ from PIL import Image
 from pipelines import build
 from refharness import need, randomize_
 from test_ip_adapter import adapter_state_dict
+from test_ip_adapter_faceid import EMBED, faceid_state_dict
 from test_ip_adapter_plus import plus_state_dict
 from test_pipeline_adapter import ADAPTERS
 from test_pipeline_ip import VISION, WEIGHTS
@@ -251,3 +252,42 @@ def test_image_prompt_errors_name_the_flag(model, tmp_path, args, message, capsy
     err = capsys.readouterr().err
     assert message.format(m=model, tmp=tmp_path) in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_ip_adapter_faceid_embeds_is_the_api_s_result(model, tmp_path, capsys):
+    """IP-Adapter FaceID through --ip-adapter-embeds (no --image-encoder): the .npy face
+    embedding as the API's ip_adapter_image_embeds; its LoRA merged the same way."""
+    faceid = tmp_path / "ip-adapter-faceid.safetensors"
+    unet = build("sd1", tmp_path / "ref").unet
+    save_file(faceid_state_dict(unet, seed=3), faceid)
+    e = np.random.default_rng(0).standard_normal((2, 1, EMBED)).astype(np.float32)
+    e[0] = 0
+    np.save(tmp_path / "face.npy", e)
+    pipe = minisd.StableDiffusion.from_pretrained(model)
+    pipe.load_ip_adapter(faceid, None, scale=0.6)
+    expect = pipe("a cat", ip_adapter_image_embeds=e, **KW)[0]
+    img = _cli(model, tmp_path / "faceid.png", "--ip-adapter", faceid, "--ip-adapter-embeds",
+               tmp_path / "face.npy", "--ip-adapter-scale", "0.6")  # fmt: skip
+    _same(img, expect)
+    args = [
+        "generate",
+        "a cat",
+        "--model",
+        str(model),
+        "--steps",
+        "2",
+        "--size",
+        "64x64",
+        "--ip-adapter",
+        str(faceid),
+        "--image-encoder",
+        str(model / "image_encoder"),
+        "--ip-adapter-embeds",
+        str(tmp_path / "face.npy"),
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    assert main(args) == 2
+    assert "IP-Adapter FaceID takes no image encoder" in capsys.readouterr().err
+    assert main([*args[:8], *args[-4:]]) == 2  # --ip-adapter-embeds without --ip-adapter
+    assert "--ip-adapter-embeds: give it with --ip-adapter" in capsys.readouterr().err

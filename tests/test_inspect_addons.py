@@ -128,15 +128,19 @@ def test_ip_adapter_sd15_size(tmp_path):
 
 
 LAYER = {"ip_adapter.1.to_k_ip.weight": (320, 768), "ip_adapter.1.to_v_ip.weight": (320, 768)}
-VARIANTS = {
+SUPPORTED = {  # partial key sets: described, with minisd's loading error as a note
     "full": ({"image_proj.proj.0.weight": (1024, 1024), "image_proj.proj.2.weight": (768, 1024),
               "image_proj.proj.3.weight": (768,)},
-             "IP-Adapter Full (MLP image projection)", 1024),
+             "Full (MLP projection, one image token per hidden-state token)", 1024,
+             "missing key 'image_proj.proj.0.bias'"),
     "faceid": ({"image_proj.proj.0.weight": (1024, 512), "image_proj.proj.2.weight": (3072, 1024),
                 "image_proj.norm.weight": (768,),
                 "ip_adapter.1.to_k_lora.down.weight": (128, 320),
                 "ip_adapter.1.to_k_lora.up.weight": (320, 128)},
-               "IP-Adapter FaceID (MLPProjModel)", 512),
+               "FaceID (MLPProjModel, 4 image tokens)", 512,
+               "missing key 'ip_adapter.1.to_q_lora.down.weight'"),
+}  # fmt: skip
+VARIANTS = {
     "faceid_plus": ({"image_proj.perceiver_resampler.latents": (1, 4, 768),
                      "image_proj.proj.0.weight": (1024, 512),
                      "ip_adapter.1.to_q_lora.down.weight": (128, 320)},
@@ -146,8 +150,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_ip_adapter_variants_are_named_unsupported(name, tmp_path, capsys):
-    """Full / FaceID / FaceID Plus files: named by their keys (as minisd refuses them
-    when loading), still described; FaceID's LoRA keys do not make it a LoRA."""
+    """FaceID Plus files: named by their keys (as minisd refuses them when loading), still
+    described; FaceID's LoRA keys do not make it a LoRA."""
     keys, variant, embed = VARIANTS[name]
     path = tmp_path / f"{name}.safetensors"
     save_file({k: np.zeros(s, np.float16) for k, s in {**keys, **LAYER}.items()}, path)
@@ -158,7 +162,22 @@ def test_ip_adapter_variants_are_named_unsupported(name, tmp_path, capsys):
     assert (ip["cross_attention_dim"], ip["image_embed_dim"], ip["layers"]) == (768, embed, 1)
     assert report["family"] == "sd1"
     text, _ = _inspect_cli(path, capsys)
-    assert f"note: unsupported: {variant} (minisd loads the base and Plus IP-Adapters only)" in text
+    assert f"note: unsupported: {variant} (minisd loads the base, Plus, Full and FaceID" in text
+
+
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_ip_adapter_full_and_faceid_are_described(name, tmp_path):
+    """Full / FaceID files: their variant and widths; FaceID's LoRA keys do not make it a LoRA;
+    these partial files get minisd's loading error as a note."""
+    keys, variant, embed, error = SUPPORTED[name]
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: np.zeros(s, np.float16) for k, s in {**keys, **LAYER}.items()}, path)
+    report = wt.inspect(path)
+    assert report["kind"] == "ip-adapter" and "lora" not in report
+    ip = report["ip_adapter"]
+    assert ip["variant"] == variant and "unsupported" not in ip
+    assert (ip["cross_attention_dim"], ip["image_embed_dim"], ip["layers"]) == (768, embed, 1)
+    assert report["family"] == "sd1" and error in report["notes"][0]
 
 
 def _plus_shapes(c=768, w=1280, h=768, queries=16, heads=12, depth=4):

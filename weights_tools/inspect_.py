@@ -136,7 +136,7 @@ def _ip_adapter(shapes):
     }
     notes = []
     if refused:
-        ip["unsupported"] = f"{refused} (minisd loads the base and Plus IP-Adapters only)"
+        ip["unsupported"] = f"{refused} (minisd loads the base, Plus, Full and FaceID IP-Adapters)"
     else:
         fake = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
         try:
