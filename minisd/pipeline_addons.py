@@ -51,11 +51,12 @@ class AddOns:
         """Turn FreeU off; the pipeline then computes exactly what it did before."""
         self.unet.disable_freeu()
 
-    def load_ip_adapter(self, weights, image_encoder, scale=1.0):
+    def load_ip_adapter(self, weights, image_encoder=None, scale=1.0):
         """Attach an IP-Adapter (Ye et al. 2023): ``weights`` its .safetensors file (h94's
         layout), ``image_encoder`` the folder of its CLIP vision model; then
-        ``pipe(..., ip_adapter_image=)`` prompts with an image too. diffusers'
-        ``load_ip_adapter`` + ``set_ip_adapter_scale(scale)``; see minisd/pipeline_ip.py."""
+        ``pipe(..., ip_adapter_image=)`` prompts with an image too. ``image_encoder=None``:
+        the run takes precomputed ``ip_adapter_image_embeds`` instead (FaceID always does).
+        diffusers' ``load_ip_adapter`` + ``set_ip_adapter_scale(scale)``; minisd/pipeline_ip.py."""
         from .pipeline_ip import load_ip_adapter
 
         return load_ip_adapter(self, weights, image_encoder, scale)

@@ -185,7 +185,7 @@ class StableDiffusionXL(StableDiffusion):
 
         return load_textual_inversion_xl(self, source, token, text_encoder, tokenizer)
 
-    def load_ip_adapter(self, weights, image_encoder, scale=1.0):
+    def load_ip_adapter(self, weights, image_encoder=None, scale=1.0):
         """Attach an SDXL IP-Adapter (Ye et al. 2023) as StableDiffusion.load_ip_adapter does:
         h94's ``sdxl_models/ip-adapter_sdxl.safetensors`` with its ViT-bigG image encoder
         (``sdxl_models/image_encoder``), or ``ip-adapter_sdxl_vit-h.safetensors`` with ViT-H
