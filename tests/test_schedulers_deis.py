@@ -193,8 +193,7 @@ def test_img2img_flow(start):
 
 
 def test_options_and_errors():
-    for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
-                "use_dynamic_shifting"):  # fmt: skip
+    for key in ("use_flow_sigmas", "use_dynamic_shifting"):
         with pytest.raises(ConfigError, match=key):
             DEISMultistepScheduler.from_config({key: True})
     bad = [

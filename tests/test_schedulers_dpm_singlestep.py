@@ -333,8 +333,8 @@ def test_sd_config_and_aliases(caplog):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
-        ({"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ({"use_exponential_sigmas": True, "use_beta_sigmas": True},
+         "use_exponential_sigmas=True and use_beta_sigmas=True: only one"),
         ({"use_flow_sigmas": True}, "use_flow_sigmas"),
         ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
         ({"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction'"),

@@ -192,8 +192,8 @@ def test_unsupported_options_are_config_errors():
         )
     with pytest.raises(ConfigError, match="final_sigmas_type='zero'.*'sde-dpmsolver'"):
         ms.DPMSolverMultistepScheduler.from_config({"algorithm_type": "sde-dpmsolver"})
-    with pytest.raises(ConfigError, match="use_exponential_sigmas"):
-        ms.EulerDiscreteScheduler.from_config({"use_exponential_sigmas": True})
+    with pytest.raises(ConfigError, match="use_flow_sigmas"):
+        ms.UniPCMultistepScheduler.from_config({"use_flow_sigmas": True})
     with pytest.raises(ConfigError, match="solver_p"):
         ms.UniPCMultistepScheduler.from_config({"solver_p": object()})
 

@@ -19,15 +19,21 @@ from ..config import check_numbers
 from ..errors import ConfigError, InputError
 from ..rng import standard_normal
 from .tables import (  # noqa: F401
+    SIGMA_SPACING_DEFAULTS,
+    beta_ppf,
+    beta_sigmas,
     betas_for_alpha_bar,
     check_num_steps,
     cumprod_f32,
+    exponential_sigmas,
     karras_sigmas,
     linspace_f32,
     make_betas,
     rescale_zero_terminal_snr,
     rounded_timesteps,
+    sigma_spacing,
     sigma_to_t,
+    spaced_sigmas,
     spaced_timesteps,
     train_sigmas,
 )
@@ -40,7 +46,8 @@ KNOWN_ELSEWHERE = {
     "skip_prk_steps", "set_alpha_to_one", "clip_sample", "clip_sample_range", "steps_offset",
     "variance_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
     "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-    "interpolation_type", "timestep_type", "final_sigmas_type", "sigma_min", "sigma_max",
+    "noise_sampler_seed", "interpolation_type", "timestep_type", "final_sigmas_type",
+    "sigma_min", "sigma_max",
     "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
     "lambda_min_clipped", "predict_x0", "disable_corrector", "solver_p", "use_flow_sigmas",
     "flow_shift", "rescale_betas_zero_snr", "use_dynamic_shifting", "time_shift_type",
@@ -211,6 +218,7 @@ class Scheduler:
         cfg = split_config(type(self).__name__, self.DEFAULTS, config)
         self.config = Config(cfg)
         self._validate()
+        sigma_spacing(self.config)  # at most one of use_karras / exponential / beta_sigmas
         self.betas = make_betas(self.config)  # (T,) float32
         self.alphas = np.float32(1.0) - self.betas  # (T,)
         self.alphas_cumprod = cumprod_f32(self.alphas)  # alpha_bar_t, (T,)

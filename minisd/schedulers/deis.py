@@ -21,7 +21,9 @@ from ..config import is_int, is_number
 from ..errors import ConfigError, InputError
 from .base import (
     COMMON_DEFAULTS,
+    SIGMA_SPACING_DEFAULTS,
     SchedulerOutput,
+    sigma_spacing,
     threshold_sample,
     train_sigmas,
 )
@@ -78,9 +80,10 @@ class DEISMultistepScheduler(DPMSolverMultistepScheduler):
     ``solver_type="logrho"``, the only ones diffusers has; its aliases map onto them).
 
     Timesteps and sigmas come from DPMSolverMultistepScheduler's ``set_timesteps`` (same
-    spacings and Karras code), with DEIS' own ends: Karras timesteps are always rounded, and
-    the sigma after the last step is the smallest training sigma, or with Karras sigmas the
-    last Karras sigma again (so that last step leaves the sample as it is, as in diffusers).
+    spacings and Karras / exponential / beta code), with DEIS' own ends: Karras timesteps are
+    always rounded, and the sigma after the last step is the smallest training sigma, or with
+    respaced sigmas their last one again (so that last step leaves the sample as it is, as in
+    diffusers).
     """
 
     DEFAULTS = {
@@ -93,14 +96,13 @@ class DEISMultistepScheduler(DPMSolverMultistepScheduler):
         "algorithm_type": "deis",
         "solver_type": "logrho",
         "lower_order_final": True,
-        "use_karras_sigmas": False,
+        **SIGMA_SPACING_DEFAULTS,
         # Not in diffusers' DEIS signature, but its from_config keeps them from another
-        # scheduler's config and its Karras ramp reads them (hasattr): honoured likewise.
+        # scheduler's config and its Karras / exp / beta ramps read them (hasattr): honoured.
         "sigma_min": None,
         "sigma_max": None,
     }
-    UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
-    UNSUPPORTED += ("use_dynamic_shifting",)
+    UNSUPPORTED = ("use_flow_sigmas", "use_dynamic_shifting")
 
     def __init__(self, **config):
         cfg = dict(config)
@@ -125,7 +127,7 @@ class DEISMultistepScheduler(DPMSolverMultistepScheduler):
                               f"(or {', '.join(SOLVER_ALIASES)}, mapped to it)")  # fmt: skip
         if not (is_int(cfg.solver_order) and 1 <= cfg.solver_order <= 3):
             raise ConfigError(f"{name}: solver_order={cfg.solver_order!r}: expected 1, 2 or 3")
-        for key in ("thresholding", "lower_order_final", "use_karras_sigmas"):
+        for key in ("thresholding", "lower_order_final", *SIGMA_SPACING_DEFAULTS):
             if not isinstance(cfg[key], (bool, np.bool_)):
                 raise ConfigError(f"{name}: {key}={cfg[key]!r}: expected true or false")
         for key in ("sigma_min", "sigma_max", "dynamic_thresholding_ratio", "sample_max_value"):
@@ -137,7 +139,7 @@ class DEISMultistepScheduler(DPMSolverMultistepScheduler):
     # ------------------------------------------------------------------ schedule
 
     def set_timesteps(self, num_inference_steps: int):
-        """DPM-Solver's spacings and Karras sigmas with DEIS' ends (see the class docstring).
+        """DPM-Solver's spacings and respaced sigmas with DEIS' ends (see the class docstring).
         A repeated sigma (linspace rounding, e.g. 1000 steps) is refused for orders >= 2: two
         equal interpolation nodes divide by log rho_s - log rho_s1 = 0 (NaN in diffusers)."""
         super().set_timesteps(num_inference_steps)
@@ -154,8 +156,9 @@ class DEISMultistepScheduler(DPMSolverMultistepScheduler):
         return True  # DEIS rounds Karras timesteps for every beta schedule
 
     def _final_sigma(self, sigmas) -> float:
-        """The sigma after the last step: the last Karras sigma again, else sigma at t = 0."""
-        if self.config.use_karras_sigmas:
+        """The sigma after the last step: the last Karras / exponential / beta sigma again,
+        else sigma at t = 0."""
+        if sigma_spacing(self.config):
             return float(sigmas[-1])
         return float(train_sigmas(self.alphas_cumprod[:1])[0])
 
@@ -209,7 +212,7 @@ class DEISMultistepScheduler(DPMSolverMultistepScheduler):
         eps, x0 = self._convert(model_output, sample, i)
         self.model_outputs = self.model_outputs[1:] + [eps]
         order = self._order_now(i)
-        x = sample.astype(np.float32, copy=False)
+        x = sample.astype(np.promote_types(sample.dtype, np.float32), copy=False)  # float16 up
         prev = self._first_order(x, eps, i) if order == 1 else self._multistep(x, i, order)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1

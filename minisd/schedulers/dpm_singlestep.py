@@ -39,9 +39,8 @@ from .base import (
     SchedulerOutput,
     check_num_steps,
     draw_noise,
-    karras_sigmas,
     rounded,
-    sigma_to_t,
+    sigma_spacing,
     threshold_sample,
     train_sigmas,
 )
@@ -106,12 +105,12 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
            if k not in ("timestep_spacing", "steps_offset")},  # always "linspace"
         **{k: DPMSolverMultistepScheduler.DEFAULTS[k] for k in (
             "solver_order", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
-            "algorithm_type", "solver_type", "use_karras_sigmas", "sigma_min", "sigma_max",
+            "algorithm_type", "solver_type", "use_karras_sigmas", "use_exponential_sigmas",
+            "use_beta_sigmas", "sigma_min", "sigma_max",
             "final_sigmas_type", "lambda_min_clipped", "variance_type")},
         "lower_order_final": False,  # diffusers' singlestep default (multistep: True)
     }  # fmt: skip
-    UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
-    UNSUPPORTED += ("use_dynamic_shifting",)
+    UNSUPPORTED = ("use_flow_sigmas", "use_dynamic_shifting")
     order = 1  # diffusers' value: one model call per entry of ``timesteps``
 
     def __init__(self, **config):
@@ -145,19 +144,17 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
 
     def set_timesteps(self, num_inference_steps: int):
         """n "linspace" timesteps from the last training step whose lambda is at least
-        ``lambda_min_clipped``, or Karras sigmas (eq. 5) mapped back to rounded timesteps;
-        then the order of every step."""
+        ``lambda_min_clipped``, or Karras (eq. 5; rounded timesteps), exponential or beta
+        sigmas mapped back to timesteps (the multistep scheduler's); then every step's order."""
         cfg = self.config
         n_train = int(cfg.num_train_timesteps)
         n = check_num_steps(num_inference_steps, n_train)
         clipped = int(np.searchsorted(self.lambda_t[::-1], cfg.lambda_min_clipped))
         ts = np.linspace(0, n_train - 1 - clipped, n + 1).round()[::-1][:-1]  # (n,)
         table = train_sigmas(self.alphas_cumprod)  # (T,) float32
-        if cfg.use_karras_sigmas:
-            lo = table[0].item() if cfg.sigma_min is None else cfg.sigma_min
-            hi = table[-1].item() if cfg.sigma_max is None else cfg.sigma_max
-            sigmas = karras_sigmas(lo, hi, n)  # (n,)
-            ts = np.array([sigma_to_t(s, np.log(table)) for s in sigmas]).round()
+        kind = sigma_spacing(cfg)
+        if kind is not None:
+            sigmas, ts = self._respaced(kind, table, n)  # (n,), (n,)
         else:
             sigmas = np.interp(ts, np.arange(n_train), table)  # (n,)
         last = self._final_sigma(sigmas)
@@ -168,6 +165,9 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
         self.model_outputs = [None] * cfg.solver_order
         self.sample = None
         self._step_index = self._begin_index = None
+
+    def _round_karras_timesteps(self) -> bool:
+        return True  # the singlestep class rounds Karras timesteps for every beta schedule
 
     def _order_list(self, n: int) -> list[int]:
         """As diffusers: a final sigma of 0 is reached by a first-order step. (diffusers also

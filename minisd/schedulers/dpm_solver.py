@@ -9,6 +9,7 @@ from ..backend import array_module
 from ..errors import ConfigError, InputError
 from .base import (
     COMMON_DEFAULTS,
+    SIGMA_SPACING_DEFAULTS,
     Scheduler,
     SchedulerOutput,
     StepIndexed,
@@ -16,9 +17,10 @@ from .base import (
     bcast,
     check_num_steps,
     draw_noise,
-    karras_sigmas,
     rounded,
+    sigma_spacing,
     sigma_to_t,
+    spaced_sigmas,
     threshold_sample,
     train_sigmas,
 )
@@ -85,7 +87,7 @@ class DPMSolverMultistepScheduler(StepIndexed, Scheduler):
         "solver_type": "midpoint",
         "lower_order_final": True,
         "euler_at_final": False,
-        "use_karras_sigmas": False,
+        **SIGMA_SPACING_DEFAULTS,
         "sigma_min": None,
         "sigma_max": None,
         "final_sigmas_type": "zero",
@@ -94,8 +96,7 @@ class DPMSolverMultistepScheduler(StepIndexed, Scheduler):
         "rescale_betas_zero_snr": False,
     }
 
-    UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-    UNSUPPORTED += ("use_flow_sigmas", "use_dynamic_shifting")
+    UNSUPPORTED = ("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
 
     def __init__(self, **config):
         # Configs of related samplers (UniPC's solver types, DEIS' algorithm type) are mapped
@@ -147,13 +148,9 @@ class DPMSolverMultistepScheduler(StepIndexed, Scheduler):
             raise ConfigError(f"timestep_spacing={cfg.timestep_spacing!r}: expected "
                               "'linspace', 'leading' or 'trailing'")  # fmt: skip
         table = train_sigmas(self.alphas_cumprod)  # (T,)
-        if cfg.use_karras_sigmas:  # Karras eq. 5, then back to (rounded) timesteps
-            lo = cfg.sigma_min if cfg.sigma_min is not None else table[0].item()
-            hi = cfg.sigma_max if cfg.sigma_max is not None else table[-1].item()
-            sigmas = karras_sigmas(lo, hi, n)
-            ts = np.array([sigma_to_t(s, np.log(table)) for s in sigmas])
-            if self._round_karras_timesteps():
-                ts = ts.round()
+        kind = sigma_spacing(cfg)
+        if kind is not None:
+            sigmas, ts = self._respaced(kind, table, n)
         else:
             sigmas = np.interp(ts, np.arange(0, len(table)), table)
         self.sigmas = np.concatenate([sigmas, [self._final_sigma(sigmas)]]).astype(np.float32)
@@ -174,10 +171,11 @@ class DPMSolverMultistepScheduler(StepIndexed, Scheduler):
         ts = self.timesteps
         if len(ts) > 1 and ts[0] == ts[1] == as_index(timestep):
             raise InputError(
-                f"{type(self).__name__}: the schedule starts with timestep {ts[0]} twice (Karras "
-                "sigmas above the training table's largest, e.g. sigma_max too high or the "
-                "cosine schedule), so the first step would be taken as the second and the run "
-                "would step past the end (as in diffusers); lower sigma_max or use fewer steps"
+                f"{type(self).__name__}: the schedule starts with timestep {ts[0]} twice "
+                "(Karras, exponential or beta sigmas crowded at the top of the training table, "
+                "e.g. sigma_max too high or the cosine schedule), so the first step would be "
+                "taken as the second and the run would step past the end (as in diffusers); "
+                "lower sigma_max or use fewer steps"
             )
         self._step_index = self._index_of(timestep)
 
@@ -186,6 +184,17 @@ class DPMSolverMultistepScheduler(StepIndexed, Scheduler):
         if len(hits) == 0:
             return len(self.timesteps) - 1
         return int(hits[1] if len(hits) > 1 else hits[0])
+
+    def _respaced(self, kind: str, table, n: int):
+        """(sigmas, timesteps) (n,) float64 of Karras (eq. 5), exponential or beta spacing over
+        the whole training table (or the config's sigma_min / sigma_max), mapped back to
+        fractional timesteps; diffusers rounds Karras ones (``_round_karras_timesteps``), not
+        the others, which ``set_timesteps``' int64 cast then truncates (as torch's)."""
+        sigmas = spaced_sigmas(kind, table[::-1], n, self.config)
+        ts = np.array([sigma_to_t(s, np.log(table)) for s in sigmas])
+        if kind == "karras" and self._round_karras_timesteps():
+            ts = ts.round()
+        return sigmas, ts
 
     def _round_karras_timesteps(self) -> bool:
         return self.config.beta_schedule != "squaredcos_cap_v2"

@@ -8,12 +8,14 @@ import numpy as np
 from ..errors import ConfigError
 from .base import (
     COMMON_DEFAULTS,
+    SIGMA_SPACING_DEFAULTS,
     SchedulerOutput,
     SigmaScheduler,
     check_num_steps,
     draw_noise,
-    karras_sigmas,
+    sigma_spacing,
     sigma_to_t,
+    spaced_sigmas,
     train_sigmas,
 )
 
@@ -36,38 +38,37 @@ def float_timesteps(cfg, n: int) -> np.ndarray:
 
 
 def sigma_schedule(sched, n: int):
-    """(timesteps, sigmas without the final entry) as float arrays, optionally Karras-spaced.
+    """(timesteps, sigmas without the final entry) as float arrays, optionally respaced.
 
-    sigma(t) interpolates the training table linearly in t; Karras sigmas (eq. 5, rho = 7) span
-    [sigma_min, sigma_max] of that interpolated schedule (or the config's bounds) and are
-    mapped back to fractional timesteps through log sigma.
+    sigma(t) interpolates the training table linearly in t. Karras (eq. 5, rho = 7), exponential
+    or beta sigmas (``tables.spaced_sigmas``) span [sigma_min, sigma_max] of that interpolated
+    schedule, or the config's bounds (diffusers' LMS Karras ramp ignores them:
+    ``KARRAS_CONFIG_BOUNDS``), and are mapped back to fractional timesteps through log sigma.
     """
     cfg = sched.config
     ts = float_timesteps(cfg, n)
     table = train_sigmas(sched.alphas_cumprod)  # (T,) float32
     log_table = np.log(table)
     sigmas = np.interp(ts, np.arange(0, len(table)), table)  # (n,) float64
-    if cfg.get("use_karras_sigmas"):
-        lo = cfg.get("sigma_min") if cfg.get("sigma_min") is not None else sigmas[-1].item()
-        hi = cfg.get("sigma_max") if cfg.get("sigma_max") is not None else sigmas[0].item()
-        sigmas = karras_sigmas(lo, hi, n)
+    kind = sigma_spacing(cfg)
+    if kind is not None:
+        bounds = kind != "karras" or getattr(sched, "KARRAS_CONFIG_BOUNDS", True)
+        sigmas = spaced_sigmas(kind, sigmas, n, cfg, config_bounds=bounds)
         ts = np.array([sigma_to_t(s, log_table) for s in sigmas])  # (n,) float64
     return ts, sigmas
 
 
-# sigma spacings of diffusers' Euler, Heun and LMS that minisd does not implement
+# sigma spacings of diffusers' DPM++ SDE that minisd's (dpm_sde.py) does not implement yet
 SIGMA_UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas")
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
     """Karras et al. 2022, Algorithm 2 with s_churn = 0 by default (deterministic Euler)."""
 
-    UNSUPPORTED = SIGMA_UNSUPPORTED
-
     DEFAULTS = {
         **SIGMA_DEFAULTS,
         "interpolation_type": "linear",
-        "use_karras_sigmas": False,
+        **SIGMA_SPACING_DEFAULTS,
         "sigma_min": None,
         "sigma_max": None,
         "timestep_type": "discrete",
@@ -124,7 +125,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
         elif kind == "epsilon":
             x0 = x - sigma_hat * model_output
         else:  # v_prediction: x_0 = -sigma / sqrt(sigma^2+1) v + x / (sigma^2 + 1)
-            x0 = model_output * (-sigma / np.sqrt(sigma * sigma + 1)) + x / (sigma * sigma + 1)
+            # x / (sigma^2 + 1) in x's float32, as torch's float32 tensor over a 0-d scalar
+            c = x.dtype.type(sigma * sigma + 1)
+            x0 = model_output * (-sigma / np.sqrt(sigma * sigma + 1)) + x / c
         d = (x - x0) / sigma_hat
         dt = self.sigmas[self._step_index + 1] - sigma_hat
         prev = (x + d * dt).astype(out_dtype, copy=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .base import SchedulerOutput, SigmaScheduler, check_num_steps
-from .euler import SIGMA_DEFAULTS, SIGMA_UNSUPPORTED, sigma_schedule
+from .base import SIGMA_SPACING_DEFAULTS, SchedulerOutput, SigmaScheduler, check_num_steps
+from .euler import SIGMA_DEFAULTS, sigma_schedule
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
@@ -22,13 +22,12 @@ class HeunDiscreteScheduler(SigmaScheduler):
         **SIGMA_DEFAULTS,
         "beta_start": 0.00085,
         "beta_end": 0.012,
-        "use_karras_sigmas": False,
-        "sigma_min": None,  # Karras bounds: diffusers' Heun reads them when a config has them
+        **SIGMA_SPACING_DEFAULTS,
+        "sigma_min": None,  # Karras / exp / beta bounds: diffusers' Heun reads them if present
         "sigma_max": None,
         "clip_sample": False,
         "clip_sample_range": 1.0,
     }
-    UNSUPPORTED = SIGMA_UNSUPPORTED
     order = 2
 
     def set_timesteps(self, num_inference_steps: int):

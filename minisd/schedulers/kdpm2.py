@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from .base import (
+    SIGMA_SPACING_DEFAULTS,
     SchedulerOutput,
     SigmaScheduler,
     as_index_f,
@@ -30,7 +31,7 @@ from .base import (
     sigma_to_t,
     train_sigmas,
 )
-from .euler import SIGMA_DEFAULTS, SIGMA_UNSUPPORTED, sigma_schedule
+from .euler import SIGMA_DEFAULTS, sigma_schedule
 
 
 def log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -69,11 +70,10 @@ class _DPM2Base(SigmaScheduler):
         **SIGMA_DEFAULTS,
         "beta_start": 0.00085,
         "beta_end": 0.012,
-        "use_karras_sigmas": False,
-        "sigma_min": None,  # Karras bounds: diffusers' KDPM2 reads them when a config has them
+        **SIGMA_SPACING_DEFAULTS,
+        "sigma_min": None,  # Karras / exp / beta bounds: diffusers' KDPM2 reads them if present
         "sigma_max": None,
     }
-    UNSUPPORTED = SIGMA_UNSUPPORTED
     PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers: "sample" not implemented
     order = 2
 
@@ -83,9 +83,9 @@ class _DPM2Base(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps: int):
         n = check_num_steps(num_inference_steps, int(self.config.num_train_timesteps))
-        ts, sigmas = sigma_schedule(self, n)  # (n,) float32, or float64 for Karras
-        if self.config.use_karras_sigmas:
-            ts = np.round(ts)  # diffusers' KDPM2 rounds its Karras timesteps (Euler does not)
+        ts, sigmas = sigma_schedule(self, n)  # (n,) float32, float64 if respaced
+        if self.config.use_karras_sigmas:  # diffusers' KDPM2 rounds its Karras timesteps
+            ts = np.round(ts)  # (not Euler's, nor its own exponential / beta ones)
         sig = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (n + 1,) ..., sigma_n = 0
         target, up = self._targets(sig)  # (n,), (n,)
         mid = log_midpoint(sig[:-1], target)  # (n,); 0 on the last step: Euler, one call

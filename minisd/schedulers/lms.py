@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SchedulerOutput, SigmaScheduler, check_num_steps
-from .euler import SIGMA_DEFAULTS, SIGMA_UNSUPPORTED, sigma_schedule
+from .base import SIGMA_SPACING_DEFAULTS, SchedulerOutput, SigmaScheduler, check_num_steps
+from .euler import SIGMA_DEFAULTS, sigma_schedule
 
 
 def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
@@ -28,8 +28,16 @@ class LMSDiscreteScheduler(SigmaScheduler):
     """x_{i+1} = x_i + sum_j c_j d_{i-j}, d = (x - x_0) / sigma, with c_j the integrated
     Lagrange weights of the last ``order`` (<= 4) slopes on the nonuniform sigma grid."""
 
-    DEFAULTS = {**SIGMA_DEFAULTS, "use_karras_sigmas": False}
-    UNSUPPORTED = SIGMA_UNSUPPORTED
+    DEFAULTS = {
+        **SIGMA_DEFAULTS,
+        **SIGMA_SPACING_DEFAULTS,
+        # Not in diffusers' LMS signature, but its from_config keeps them from another
+        # scheduler's config and its exponential / beta ramps read them (hasattr); its Karras
+        # ramp does not (always the schedule's own ends).
+        "sigma_min": None,
+        "sigma_max": None,
+    }
+    KARRAS_CONFIG_BOUNDS = False
 
     def set_timesteps(self, num_inference_steps: int):
         n = check_num_steps(num_inference_steps, int(self.config.num_train_timesteps))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .base import SchedulerOutput, rounded
+from .base import SchedulerOutput, rounded, sigma_spacing
 from .dpm_solver import (
     DPMSolverMultistepScheduler,
     alpha_sigma,
@@ -32,8 +32,7 @@ class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
         "disable_corrector": [],
         "solver_p": None,
     }  # fmt: skip
-    UNSUPPORTED = ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
-    UNSUPPORTED += ("use_dynamic_shifting", "shift_terminal")
+    UNSUPPORTED = ("use_flow_sigmas", "use_dynamic_shifting", "shift_terminal")
 
     def __init__(self, **config):
         cfg = dict(config)
@@ -52,8 +51,8 @@ class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
         return True  # UniPC rounds Karras timesteps for every beta schedule
 
     def _final_sigma(self, sigmas) -> float:
-        if self.config.final_sigmas_type == "sigma_min" and self.config.use_karras_sigmas:
-            return float(sigmas[-1])  # diffusers' UniPC: the last Karras sigma
+        if self.config.final_sigmas_type == "sigma_min" and sigma_spacing(self.config):
+            return float(sigmas[-1])  # diffusers' UniPC: the last Karras / exp / beta sigma
         return super()._final_sigma(sigmas)
 
     def set_timesteps(self, num_inference_steps: int):
@@ -86,19 +85,20 @@ class UniPCMultistepScheduler(DPMSolverMultistepScheduler):
             rk = (l_i - l_s) / h
             rks.append(rk)
             d1s.append((self.model_outputs[-(k + 1)] - m0) / rk)
-        rks.append(np.float32(1.0))
-        rks = np.array(rks, dtype=np.float32)  # (order,)
+        dtype = np.result_type(h)  # the sigma table's: float32 (float64 tables: float64)
+        rks.append(dtype.type(1.0))
+        rks = np.array(rks, dtype=dtype)  # (order,)
         hh = -h if self.config.predict_x0 else h
         h_phi_1 = rounded(np.expm1, hh)
-        h_phi_k = h_phi_1 / hh - np.float32(1)
+        h_phi_k = h_phi_1 / hh - dtype.type(1)
         b_h = hh if self.config.solver_type == "bh1" else rounded(np.expm1, hh)
         R, b, fact = [], [], 1
         for k in range(1, order + 1):
-            R.append(rks ** np.float32(k - 1))
-            b.append(h_phi_k * np.float32(fact) / b_h)
+            R.append(rks ** dtype.type(k - 1))
+            b.append(h_phi_k * dtype.type(fact) / b_h)
             fact *= k + 1
-            h_phi_k = h_phi_k / hh - np.float32(1 / fact)
-        R, b = np.stack(R), np.array(b, dtype=np.float32)  # (order, order), (order,)
+            h_phi_k = h_phi_k / hh - dtype.type(1 / fact)
+        R, b = np.stack(R), np.array(b, dtype=dtype)  # (order, order), (order,)
         return (a_t, s_t, a_s, s_s), h_phi_1, b_h, R, b, d1s, m0
 
     def _update(self, x, coefs, h_phi_1, b_h, m0, res):
