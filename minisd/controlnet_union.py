@@ -189,6 +189,7 @@ class ControlNetUnionModel(ControlNetModel):
     param_shapes = staticmethod(union_param_shapes)
 
     def _control_type(self, control_type, n, dtype):
+        """The flags (N or 1, K) or (K,) on the device, checked -> (N, K)."""
         k = self.config.num_control_type
         ct = to_device(control_type, self.device, dtype)
         if ct.ndim == 1:
@@ -196,7 +197,7 @@ class ControlNetUnionModel(ControlNetModel):
         if ct.ndim != 2 or ct.shape[0] not in (1, n) or ct.shape[1] != k:
             raise InputError(
                 f"control_type: expected shape ({n}, {k}) (a 0/1 flag per control type), got "
-                f"{tuple(control_type.shape)}"
+                f"{tuple(ct.shape)}"
             )
         return array_module(ct).broadcast_to(ct, (n, k))
 
