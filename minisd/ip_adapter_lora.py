@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import re
 
-from .errors import InputError, WeightsError
-from .lora import merged_weight
+from .errors import WeightsError
+from .lora import merged_weight, param_slot, put_back
 from .weights import CastOnRead
 
 __all__ = ["KEY", "MODULES", "merge", "restore", "split_lora", "targets"]
@@ -72,15 +72,6 @@ def split_lora(flat, source):
     return rest, lora
 
 
-def _slot(params, key):
-    """(the dict holding a dotted key's leaf, the leaf's name); no CastOnRead casts."""
-    node = params
-    parts = [int(p) if p.isdigit() else p for p in key.split(".")]
-    for p in parts[:-1]:
-        node = dict.__getitem__(node, p)
-    return node, parts[-1]
-
-
 def targets(lora, paths, params, source) -> dict:
     """{UNet param key: (up, down)} for ``lora`` ({n: factors}, :func:`split_lora`) on a UNet
     whose attention layers are ``paths`` (processor order), after checking that every n names
@@ -94,7 +85,7 @@ def targets(lora, paths, params, source) -> dict:
             )
         for name, module in MODULES.items():
             key = f"{paths[n]}.{module}.weight"
-            node, leaf = _slot(params, key)
+            node, leaf = param_slot(params, key)
             shape = tuple(dict.__getitem__(node, leaf).shape)  # (out, in)
             up, down = factors[name, "up"], factors[name, "down"]  # (out, r), (r, in)
             if up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != shape:
@@ -112,7 +103,7 @@ def merge(params, lora_targets) -> tuple:
     Returns ((key, original, merged), ...) for :func:`restore`."""
     changes = []
     for key, (up, down) in lora_targets.items():
-        node, leaf = _slot(params, key)
+        node, leaf = param_slot(params, key)
         w = dict.__getitem__(node, leaf)  # stored array (file dtype under CastOnRead)
         dtype = node.dtype if isinstance(node, CastOnRead) else w.dtype
         new = merged_weight(w, dtype, up, down, 1.0)  # (out, in)
@@ -124,14 +115,10 @@ def merge(params, lora_targets) -> tuple:
 def restore(params, changes, source) -> None:
     """Put back the arrays :func:`merge` replaced; every weight is checked first, so that a
     weight changed since (a LoRA merged later) leaves everything as it is."""
-    slots = []
-    for key, original, merged in changes:
-        node, leaf = _slot(params, key)
-        if dict.__getitem__(node, leaf) is not merged:
-            raise InputError(
-                f"unload_ip_adapter: {key} was changed after the IP-Adapter {source} merged its "
-                "LoRA into it (a LoRA loaded later?); remove that first"
-            )
-        slots.append((node, leaf, original))
-    for node, leaf, original in slots:
-        dict.__setitem__(node, leaf, original)
+    put_back(
+        [(params, key, original, merged) for key, original, merged in changes],
+        lambda i: (
+            f"unload_ip_adapter: {changes[i][0]} was changed after the IP-Adapter "
+            f"{source} merged its LoRA into it (a LoRA loaded later?); remove that first"
+        ),
+    )

@@ -269,13 +269,27 @@ def _fit_shape(f: Factors, shape, source):
 # --------------------------------------------------------------------------- merging
 
 
-def _slot(params, key):
+def param_slot(params, key):
     """(dict holding the leaf, leaf name) of a dotted key; no CastOnRead casts on the way."""
     node = params
     parts = [int(p) if p.isdigit() else p for p in key.split(".")]
     for p in parts[:-1]:
         node = dict.__getitem__(node, p)
     return node, parts[-1]
+
+
+def put_back(items, why):
+    """Undo merges: ``items`` are (params, key, original array, merged array). Every slot is
+    checked first: if one no longer holds its merged array (merged over again since),
+    InputError(why(i)) and nothing changes; else every original is put back."""
+    slots = []
+    for i, (params, key, original, merged) in enumerate(items):
+        node, leaf = param_slot(params, key)
+        if dict.__getitem__(node, leaf) is not merged:
+            raise InputError(why(i))
+        slots.append((node, leaf, original))
+    for node, leaf, original in slots:
+        dict.__setitem__(node, leaf, original)
 
 
 def merged_weight(w, dtype, up, down, factor):
@@ -301,7 +315,7 @@ def apply_lora(pipe, lora, scale=1.0) -> LoraHandle:
     changes = []
     try:
         for (component, key), (up, down, aor) in targets.items():
-            node, leaf = _slot(getattr(pipe, component).params, key)
+            node, leaf = param_slot(getattr(pipe, component).params, key)
             w = dict.__getitem__(node, leaf)  # stored array (file dtype under CastOnRead)
             dtype = node.dtype if isinstance(node, CastOnRead) else w.dtype
             new = merged_weight(w, dtype, up, down, aor * float(scale))
@@ -309,7 +323,7 @@ def apply_lora(pipe, lora, scale=1.0) -> LoraHandle:
             changes.append((component, key, w, new))
     except BaseException:  # e.g. out of GPU memory: leave the model as it was
         for component, key, w, _ in changes:
-            dict.__setitem__(*_slot(getattr(pipe, component).params, key), w)
+            dict.__setitem__(*param_slot(getattr(pipe, component).params, key), w)
         raise
     conv_fast.clear_cache()  # derived conv weights of the originals are not needed any more
     handle = LoraHandle(lora.source, float(scale), changes)
@@ -335,17 +349,14 @@ def remove_lora(pipe, handle=None) -> None:
 def _restore(pipe, handle, applied):
     if not any(h is handle for h in applied):
         raise InputError(f"remove_lora: {handle.source} is not applied to this pipeline")
-    slots = []
-    for component, key, original, merged in handle.changes:
-        node, leaf = _slot(getattr(pipe, component).params, key)
-        if dict.__getitem__(node, leaf) is not merged:
-            raise InputError(
-                f"remove_lora: {component} {key} was changed after {handle.source} was "
-                "applied (another LoRA?); remove the later LoRAs first"
-            )
-        slots.append((node, leaf, original))
-    for node, leaf, original in slots:
-        dict.__setitem__(node, leaf, original)
+    changes = handle.changes
+    put_back(
+        [(getattr(pipe, c).params, key, original, merged) for c, key, original, merged in changes],
+        lambda i: (
+            f"remove_lora: {changes[i][0]} {changes[i][1]} was changed after "
+            f"{handle.source} was applied (another LoRA?); remove the later LoRAs first"
+        ),
+    )
     applied[:] = [h for h in applied if h is not handle]
     conv_fast.clear_cache()
 
