@@ -115,11 +115,44 @@ def set_ref_scale(ref, scale):
             proc.scale = [scale]
 
 
-def inputs(cfg, n, dtype, images=None, seed=0):
-    x = rand(n, cfg.in_channels, 8, 12, seed=seed).astype(dtype)
-    ctx = rand(n, 7, cfg.cross_attention_dim[0], seed=seed + 1).astype(dtype)
-    shape = (n, EMBED_DIM) if images is None else (n, images, EMBED_DIM)
-    return x, ctx, rand(*shape, seed=seed + 2).astype(dtype)
+def inputs_of(one, each=None):
+    """``inputs(cfg, n, dtype, images=None, seed=0)`` -> latents, text and image inputs of
+    shape (n, *one) (one image per row) or (n, images, *each) (``each`` None: ``one``)."""
+
+    def inputs(cfg, n, dtype, images=None, seed=0):
+        x = rand(n, cfg.in_channels, 8, 12, seed=seed).astype(dtype)
+        ctx = rand(n, 7, cfg.cross_attention_dim[0], seed=seed + 1).astype(dtype)
+        shape = (n, *one) if images is None else (n, images, *(each or one))
+        return x, ctx, rand(*shape, seed=seed + 2).astype(dtype)
+
+    return inputs
+
+
+inputs = inputs_of((EMBED_DIM,))  # CLIP image embeddings (n, D) or (n, images, D)
+
+
+def compare_adapted(ref, folder, path, inputs, name, dtype, scale=0.6):
+    """``ref``: an adapted diffusers UNet in ``dtype``; ours: ``folder``'s UNet with the adapter
+    ``path`` attached, both at ``scale``, fed ``inputs`` (sd1: one image per row, sd2: two).
+    Every layer is compared (compare_whole). -> (ours, {name: error})."""
+    torch = need("torch")
+    set_ref_scale(ref, scale)
+    ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
+    attach(ours, path, scale=scale)
+    single = name == "sd1"
+    x, ctx, e = inputs(ours.config, 2, dtype, images=None if single else 2)
+    t = np.array([3, 800])
+    embeds = e[:, None] if single else e  # diffusers: a list of (N, n, ...), one per adapter
+    kw = {"added_cond_kwargs": {"image_embeds": [torch.from_numpy(embeds)]}}
+    errs = compare_whole(
+        functools.partial(ours, image_embeds=e),
+        ref,
+        [x, t, ctx],
+        [torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)],
+        dtype,
+        ref_kwargs=kw,
+    )
+    return ours, errs
 
 
 # --------------------------------------------------------------------------- parity
@@ -130,24 +163,9 @@ def inputs(cfg, n, dtype, images=None, seed=0):
 @pytest.mark.parametrize("name", MODELS)
 def test_every_layer_matches_diffusers(adapted, name, scale, dtype):
     """(N, D) embeddings for sd1, (N, 2, D) (two images: 8 tokens) for sd2."""
-    torch = need("torch")
     ref, folder, path = adapted(name)
     ref = copy.deepcopy(ref).to(torch_dtype(dtype))
-    set_ref_scale(ref, scale)
-    ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
-    attach(ours, path, scale=scale)
-    x, ctx, e = inputs(ours.config, 2, dtype, images=None if name == "sd1" else 2)
-    t = np.array([3, 800])
-    embeds = e[:, None] if e.ndim == 2 else e  # diffusers: a list of (N, n, D), one per adapter
-    kw = {"added_cond_kwargs": {"image_embeds": [torch.from_numpy(embeds)]}}
-    errs = compare_whole(
-        functools.partial(ours, image_embeds=e),
-        ref,
-        [x, t, ctx],
-        [torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)],
-        dtype,
-        ref_kwargs=kw,
-    )
+    ours, errs = compare_adapted(ref, folder, path, inputs, name, dtype, scale)
     ip_names = [k for k in errs if "_ip.0" in k or "encoder_hid_proj" in k]
     assert len(ip_names) == (4 + 2 * len(ours.ip_adapter.paths) if scale else 4)
     print(f"{name} scale={scale} {dtype}: max rel. error {max(errs.values()):.2e}")

@@ -15,7 +15,6 @@ and pipeline tests run diffusers' unfused PEFT layers, as ``load_ip_adapter`` le
 from __future__ import annotations
 
 import copy
-import functools
 import re
 
 import numpy as np
@@ -35,12 +34,12 @@ from refharness import (
 from test_ip_adapter import (
     adapted_fixture,
     adapter_state_dict,
+    compare_adapted,
     compare_on_backend,
+    inputs_of,
     nested,
-    set_ref_scale,
 )
 from test_unet import TINY as UNET_TINY
-from test_unet import compare_whole
 from test_unet_blocks import traced_names
 
 import minisd
@@ -179,12 +178,7 @@ def faceid(adapted):
     return get
 
 
-def inputs(cfg, n, dtype, images=None, seed=0):
-    """Latents, text and face embeddings (n, EMBED), or diffusers' (n, images, 1, EMBED)."""
-    x = rand(n, cfg.in_channels, 8, 12, seed=seed).astype(dtype)
-    ctx = rand(n, 7, cfg.cross_attention_dim[0], seed=seed + 1).astype(dtype)
-    shape = (n, EMBED) if images is None else (n, images, 1, EMBED)
-    return x, ctx, rand(*shape, seed=seed + 2).astype(dtype)
+inputs = inputs_of((EMBED,), (1, EMBED))  # face embeddings (n, D), or diffusers' (n, images, 1, D)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -192,24 +186,8 @@ def inputs(cfg, n, dtype, images=None, seed=0):
 def test_every_layer_matches_diffusers(faceid, name, dtype):
     """sd1: one face per row (3 image tokens); sd2: two, as (N, 2, 1, D). Every projection
     module, every attention projection the LoRA changed and every to_k_ip / to_v_ip."""
-    torch = need("torch")
     ref, folder, path = faceid(name)
-    ref = fused(ref, dtype)
-    set_ref_scale(ref, 0.6)
-    ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
-    attach(ours, path, scale=0.6)
-    x, ctx, e = inputs(ours.config, 2, dtype, images=None if name == "sd1" else 2)
-    embeds = e[:, None] if e.ndim == 2 else e  # diffusers: a list of (N, n, D) / (N, n, 1, D)
-    kw = {"added_cond_kwargs": {"image_embeds": [torch.from_numpy(embeds)]}}
-    t = np.array([3, 800])
-    errs = compare_whole(
-        functools.partial(ours, image_embeds=e),
-        ref,
-        [x, t, ctx],
-        [torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)],
-        dtype,
-        ref_kwargs=kw,
-    )
+    ours, errs = compare_adapted(fused(ref, dtype), folder, path, inputs, name, dtype)
     assert len([k for k in errs if "image_projection_layers.0." in k]) == 5
     assert len([k for k in errs if "_ip.0" in k]) == 2 * len(ours.ip_adapter.paths)
     assert len(ours.ip_adapter.lora) == 4 * len(processor_paths(ours.params))

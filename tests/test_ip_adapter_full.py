@@ -15,7 +15,6 @@ conversion backwards), so the names are checked by diffusers' loader.
 from __future__ import annotations
 
 import copy
-import functools
 import re
 
 import numpy as np
@@ -32,9 +31,14 @@ from refharness import (
     to_np,
     torch_dtype,
 )
-from test_ip_adapter import adapted_fixture, adapter_state_dict, compare_on_backend, set_ref_scale
+from test_ip_adapter import (
+    adapted_fixture,
+    adapter_state_dict,
+    compare_adapted,
+    compare_on_backend,
+    inputs_of,
+)
 from test_unet import TINY as UNET_TINY
-from test_unet import compare_whole
 from test_unet_blocks import traced_names
 
 import minisd
@@ -116,12 +120,7 @@ def tiny(ref_cache):
 adapted = adapted_fixture(full_state_dict, "ip-adapter-full-face.safetensors")
 
 
-def inputs(cfg, n, dtype, images=None, seed=0):
-    """Latents, text and penultimate hidden states (n, TOKENS, WIDTH) or (n, images, ...)."""
-    x = rand(n, cfg.in_channels, 8, 12, seed=seed).astype(dtype)
-    ctx = rand(n, 7, cfg.cross_attention_dim[0], seed=seed + 1).astype(dtype)
-    shape = (n, TOKENS, WIDTH) if images is None else (n, images, TOKENS, WIDTH)
-    return x, ctx, rand(*shape, seed=seed + 2).astype(dtype)
+inputs = inputs_of((TOKENS, WIDTH))  # penultimate hidden states (n, [images,] TOKENS, WIDTH)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -129,24 +128,9 @@ def inputs(cfg, n, dtype, images=None, seed=0):
 def test_every_layer_matches_diffusers(adapted, name, dtype):
     """sd1: one image per row (9 image tokens); sd2: two (18). Every projection module and
     every attn2's to_k_ip / to_v_ip (B, n, 9, inner) is compared."""
-    torch = need("torch")
     ref, folder, path = adapted(name)
     ref = copy.deepcopy(ref).to(torch_dtype(dtype))
-    set_ref_scale(ref, 0.6)
-    ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
-    attach(ours, path, scale=0.6)
-    x, ctx, e = inputs(ours.config, 2, dtype, images=None if name == "sd1" else 2)
-    embeds = e[:, None] if e.ndim == 3 else e  # diffusers: a list of (N, n, P, W)
-    kw = {"added_cond_kwargs": {"image_embeds": [torch.from_numpy(embeds)]}}
-    t = np.array([3, 800])
-    errs = compare_whole(
-        functools.partial(ours, image_embeds=e),
-        ref,
-        [x, t, ctx],
-        [torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)],
-        dtype,
-        ref_kwargs=kw,
-    )
+    ours, errs = compare_adapted(ref, folder, path, inputs, name, dtype)
     assert len([k for k in errs if "image_projection_layers.0." in k]) == 5
     assert len([k for k in errs if "_ip.0" in k]) == 2 * len(ours.ip_adapter.paths)
     print(f"Full {name} {dtype}: max rel. error {max(errs.values()):.2e}")

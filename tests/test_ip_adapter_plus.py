@@ -14,7 +14,6 @@ diffusers' loader, depth 4; the alone-test also runs other depths and feed-forwa
 from __future__ import annotations
 
 import copy
-import functools
 import re
 
 import numpy as np
@@ -34,11 +33,11 @@ from refharness import (
 from test_ip_adapter import (
     adapted_fixture,
     adapter_state_dict,
+    compare_adapted,
     compare_on_backend,
-    set_ref_scale,
+    inputs_of,
 )
 from test_unet import TINY as UNET_TINY
-from test_unet import compare_whole
 from test_unet_blocks import traced_names
 
 import minisd
@@ -162,12 +161,7 @@ def tiny(ref_cache):
 adapted = adapted_fixture(plus_state_dict, "ip-adapter-plus.safetensors")
 
 
-def inputs(cfg, n, dtype, images=None, seed=0):
-    """Latents, text and penultimate hidden states (n, TOKENS, WIDTH) or (n, images, ...)."""
-    x = rand(n, cfg.in_channels, 8, 12, seed=seed).astype(dtype)
-    ctx = rand(n, 7, cfg.cross_attention_dim[0], seed=seed + 1).astype(dtype)
-    shape = (n, TOKENS, WIDTH) if images is None else (n, images, TOKENS, WIDTH)
-    return x, ctx, rand(*shape, seed=seed + 2).astype(dtype)
+inputs = inputs_of((TOKENS, WIDTH))  # penultimate hidden states (n, [images,] TOKENS, WIDTH)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -175,24 +169,9 @@ def inputs(cfg, n, dtype, images=None, seed=0):
 def test_every_layer_matches_diffusers(adapted, name, dtype):
     """sd1: one image per row; sd2: two (10 image tokens). Every Resampler module and every
     attn2's to_k_ip / to_v_ip (B, n, 5, inner) is compared."""
-    torch = need("torch")
     ref, folder, path = adapted(name)
     ref = copy.deepcopy(ref).to(torch_dtype(dtype))
-    set_ref_scale(ref, 0.6)
-    ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
-    attach(ours, path, scale=0.6)
-    x, ctx, e = inputs(ours.config, 2, dtype, images=None if name == "sd1" else 2)
-    t = np.array([3, 800])
-    embeds = e[:, None] if e.ndim == 3 else e  # diffusers: a list of (N, n, P, W)
-    kw = {"added_cond_kwargs": {"image_embeds": [torch.from_numpy(embeds)]}}
-    errs = compare_whole(
-        functools.partial(ours, image_embeds=e),
-        ref,
-        [x, t, ctx],
-        [torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)],
-        dtype,
-        ref_kwargs=kw,
-    )
+    ours, errs = compare_adapted(ref, folder, path, inputs, name, dtype)
     resampler_names = [k for k in errs if "image_projection_layers.0." in k]
     assert len(resampler_names) == 3 + 4 * 14  # proj_in, proj_out, norm_out; 14 per layer
     assert len([k for k in errs if "_ip.0" in k]) == 2 * len(ours.ip_adapter.paths)
